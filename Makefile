@@ -1,0 +1,21 @@
+# The two commands: `make demo` (the tiny end-to-end recipe) and `make test` (the whole test suite).
+PYTHON ?= python3
+VENV ?= .venv
+export PYTHON VENV
+
+.PHONY: demo test install install-dev lint
+
+install:
+	bash tools/install.sh
+
+install-dev:
+	bash tools/install.sh dev
+
+demo: install
+	bash recipes/run_tiny.sh
+
+test: install-dev
+	$(VENV)/bin/python -m pytest -q tests
+
+lint: install-dev
+	$(VENV)/bin/ruff check speechlm alignment recipes tools tests

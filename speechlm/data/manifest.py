@@ -1,0 +1,170 @@
+"""The one manifest format: JSON Lines, one utterance per line, read with validation, written atomically.
+
+A row::
+
+    {"id": "lee-0001-en-us", "audio": "audio/lee-0001-en-us.wav", "sample_rate": 16000,
+     "duration_s": 2.61, "text": "The cat sat.", "split": "train", "speaker": "en-us+m3",
+     "words": [["The", 0.08, 0.21], ["cat", 0.21, 0.55], ["sat.", 0.55, 1.02]],
+     "token_boundaries": [4, 11, 20, 21], "boundary_frame_rate_hz": 50.0}
+
+``audio`` may be relative: it is resolved against the manifest's folder. ``words`` (reference word
+timings in seconds) and ``token_boundaries`` (inclusive end frame of each LLM token of ``text``, at
+``boundary_frame_rate_hz``) are optional.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speechlm.atomic import atomic_path
+from speechlm.errors import ManifestError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("id", "audio", "sample_rate", "duration_s", "text", "split")
+
+
+@dataclass
+class WordTiming:
+    word: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Utterance:
+    id: str
+    audio: str
+    sample_rate: int
+    duration_s: float
+    text: str
+    split: str
+    speaker: str | None = None
+    words: list[WordTiming] | None = None
+    token_boundaries: list[int] | None = None
+    boundary_frame_rate_hz: float | None = None
+    #: Folder the manifest was read from; relative ``audio`` paths resolve against it.
+    root: Path | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def audio_path(self) -> Path:
+        p = Path(self.audio)
+        return p if p.is_absolute() or self.root is None else self.root / p
+
+    def to_json(self) -> dict:
+        row = {k: getattr(self, k) for k in REQUIRED}
+        if self.speaker is not None:
+            row["speaker"] = self.speaker
+        if self.words is not None:
+            row["words"] = [[w.word, round(w.start_s, 4), round(w.end_s, 4)] for w in self.words]
+        if self.token_boundaries is not None:
+            row["token_boundaries"] = list(self.token_boundaries)
+            row["boundary_frame_rate_hz"] = self.boundary_frame_rate_hz
+        return row
+
+
+def _parse_row(row: object, where: str, root: Path | None) -> Utterance:
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED if k not in row or row[k] is None]
+    if missing:
+        raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+    if not isinstance(row["id"], str) or not row["id"]:
+        raise ManifestError(f"{where}: 'id' must be a non-empty string")
+    if not isinstance(row["audio"], str) or not row["audio"]:
+        raise ManifestError(f"{where}: 'audio' must be a non-empty path string")
+    if not isinstance(row["text"], str) or not row["text"].strip():
+        raise ManifestError(f"{where}: empty transcript for id {row['id']!r}")
+    try:
+        sample_rate = int(row["sample_rate"])
+        duration_s = float(row["duration_s"])
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: sample_rate/duration_s not numeric ({e})") from None
+    if sample_rate <= 0 or not math.isfinite(duration_s) or duration_s <= 0:
+        raise ManifestError(f"{where}: sample_rate and duration_s must be positive (id {row['id']!r})")
+    words = None
+    if row.get("words") is not None:
+        words = []
+        prev_end = 0.0
+        for i, w in enumerate(row["words"]):
+            if not (isinstance(w, (list, tuple)) and len(w) == 3):
+                raise ManifestError(f"{where}: words[{i}] must be [word, start_s, end_s]")
+            word, start, end = str(w[0]), float(w[1]), float(w[2])
+            if not (0 <= start <= end <= duration_s + 1e-3) or start < prev_end - 1e-3:
+                raise ManifestError(
+                    f"{where}: words[{i}] {word!r} [{start}, {end}] is not ordered inside the audio "
+                    f"(duration {duration_s} s)"
+                )
+            prev_end = end
+            words.append(WordTiming(word, start, end))
+    boundaries = None
+    rate = row.get("boundary_frame_rate_hz")
+    if row.get("token_boundaries") is not None:
+        boundaries = [int(b) for b in row["token_boundaries"]]
+        if rate is None or float(rate) <= 0:
+            raise ManifestError(f"{where}: token_boundaries given without a positive boundary_frame_rate_hz")
+        if any(b < 0 for b in boundaries) or any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):
+            raise ManifestError(f"{where}: token_boundaries must be non-negative and non-decreasing")
+        rate = float(rate)
+    return Utterance(
+        id=row["id"], audio=row["audio"], sample_rate=sample_rate, duration_s=duration_s,
+        text=row["text"], split=str(row["split"]), speaker=row.get("speaker"), words=words,
+        token_boundaries=boundaries, boundary_frame_rate_hz=rate if boundaries is not None else None,
+        root=root,
+    )
+
+
+def iter_manifest(path: str | Path, skip_bad: bool = False, bad_rows: list[str] | None = None
+                  ) -> Iterator[Utterance]:
+    """Stream the rows of a manifest without loading it whole.
+
+    A bad row raises :class:`ManifestError` naming ``file:line``; with ``skip_bad`` it is logged,
+    appended to ``bad_rows`` (when given) and skipped instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
+                utt = _parse_row(row, where, path.parent)
+                if utt.id in seen:
+                    raise ManifestError(f"{where}: duplicate id {utt.id!r}")
+                seen.add(utt.id)
+            except ManifestError as e:
+                if not skip_bad:
+                    raise
+                log.warning("skipping bad row: %s", e)
+                if bad_rows is not None:
+                    bad_rows.append(str(e))
+                continue
+            yield utt
+
+
+def read_manifest(path: str | Path, skip_bad: bool = False, bad_rows: list[str] | None = None
+                  ) -> list[Utterance]:
+    """Read a whole manifest (see :func:`iter_manifest` for validation and ``skip_bad``)."""
+    return list(iter_manifest(path, skip_bad=skip_bad, bad_rows=bad_rows))
+
+
+def write_manifest(path: str | Path, rows: Iterable[Utterance]) -> int:
+    """Write ``rows`` to ``path`` atomically; returns the number written."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for utt in rows:
+            f.write(json.dumps(utt.to_json(), ensure_ascii=False) + "\n")
+            n += 1
+    return n
