@@ -1,0 +1,39 @@
+"""SLAM-LLM-style baseline: a strided convolution over k frames (= concatenation + linear), then an MLP.
+
+    features (B, L, T, D_enc) -> fusion (B, T, D_enc) -> Conv1d(kernel k, stride k) (B, ceil(T/k), hidden)
+    -> ReLU -> Linear (B, N, d_llm)
+
+With k=5 at 50 Hz this gives 10 vectors a second. Boundaries are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speechlm.models.connectors.base import ConvConfig, Connector, ConnectorOutput, LayerFusion, frame_mask
+
+
+class ConvConnector(Connector):
+    def __init__(self, cfg: ConvConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.fusion = LayerFusion(cfg.n_enc_layers)
+        self.conv = nn.Conv1d(cfg.d_enc, cfg.hidden, kernel_size=cfg.stack, stride=cfg.stack)
+        self.out = nn.Linear(cfg.hidden, cfg.d_llm)
+
+    @property
+    def output_rate_hz(self) -> float:
+        return self.cfg.frame_rate_hz / self.cfg.stack
+
+    def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor, boundaries: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None) -> ConnectorOutput:
+        k = self.cfg.stack
+        x = self.fusion(features)  # (B, T, D_enc)
+        x = x * frame_mask(frame_lengths, x.shape[1])[:, :, None].to(x.dtype)  # padding frames read as zeros
+        x = F.pad(x.transpose(1, 2), (0, (-x.shape[1]) % k))  # (B, D_enc, k*ceil(T/k))
+        x = F.relu(self.conv(x)).transpose(1, 2)  # (B, N, hidden)
+        mask = frame_mask(torch.div(frame_lengths + k - 1, k, rounding_mode="floor"), x.shape[1])  # (B, N)
+        embeds = self.out(x) * mask[:, :, None].to(x.dtype)  # (B, N, d_llm)
+        return ConnectorOutput(embeds=embeds, mask=mask)
