@@ -220,7 +220,8 @@ def check_encoder(cfg: ConnectorConfig, encoder: Any, where: str) -> None:
     if abs(float(encoder.frame_rate_hz) - cfg.frame_rate_hz) > 1e-6:
         raise ModelError(f"{where}: connector expects {cfg.frame_rate_hz} Hz frames, encoder "
                          f"{encoder.name!r} gives {encoder.frame_rate_hz} Hz")
-    if cfg.encoder_name and cfg.encoder_name != encoder.name:
+    # Compare folder names only: the same converted encoder may live in another cache folder.
+    if cfg.encoder_name and Path(cfg.encoder_name).name != Path(str(encoder.name)).name:
         raise ModelError(f"{where}: connector was trained on encoder {cfg.encoder_name!r}, not {encoder.name!r}")
     if cfg.encoder_layers and list(cfg.encoder_layers) != list(encoder.layers):
         raise ModelError(f"{where}: connector was trained on encoder layers {cfg.encoder_layers}, "
