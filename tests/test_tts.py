@@ -63,3 +63,35 @@ def test_english_voices_listed():
     voices = list_english_voices()
     assert {"en-us", "en", "en-gb-x-rp", "en-029", "en-gb-scotland"} <= set(voices)
     assert "m3" in list_english_voices(variants=True)
+
+
+def test_merged_function_words_split_at_their_own_phonemes():
+    # eSpeak speaks "of the" as one word group; the boundary must fall where "the" (D) starts.
+    from speechlm.data.tts import _split_group
+
+    assert _split_group(["V", "v", "D", "I", ";"], [["V", "v"], ["D", "@"]]) == [0, 2]
+    assert _split_group(["n", "0", "t", "a", "v"], [["n", "0", "t"], ["h", "a", "v"]]) == [0, 3]  # h dropped
+    assert _split_group(["D", "e@", "r", "A@"], [["D", "e@"], ["A@"]]) == [0, 3]  # linking r
+    assert _split_group(["@", "v", "a", "r-"], [["0", "v"], ["eI"]]) == [0, 2]
+
+
+def test_merged_group_boundary_is_the_phoneme_event_time():
+    # Independent check of the derived timing: "the" must start exactly at the D phoneme that
+    # eSpeak reports inside the "of the" group (times relative to the first phoneme + LEAD_S).
+    from speechlm.data import tts
+
+    text = "They sat in the garden of the house."
+    syn = synthesize(text, voice="en-us")
+    with tts._LOCK:
+        engine = tts._Engine()
+        try:
+            _, phonemes, word_positions = engine.run(text, "en-us", 175, 50)
+        finally:
+            engine.close()
+    of_pos = text.index(" of ") + 2  # 1-based position of "of"
+    assert of_pos in word_positions and text.index(" the house") + 2 not in word_positions  # merged
+    first = next(p.time_s for p in phonemes if not p.is_pause)
+    d_time = next(p.time_s for p in phonemes if p.text_position == of_pos and p.name == "D")
+    the = syn.words[6]
+    assert the.word == "the" and abs(the.start_s - (d_time - first + tts.LEAD_S)) < 2e-3
+    assert syn.words[5].end_s == the.start_s

@@ -195,16 +195,70 @@ def _word_spans(text: str) -> list[tuple[str, int, int]]:
     return spans
 
 
-_PHONEME_COUNTS: dict[tuple[str, str, int, int], int] = {}
+_ALONE: dict[tuple[str, str, int, int], list[str]] = {}
 
 
-def _phoneme_count(engine: _Engine, word: str, voice: str, rate_wpm: int, pitch: int) -> int:
-    """Non-pause phonemes eSpeak speaks for ``word`` alone (at least 1); cached."""
+def _bare(name: str) -> str:
+    """Phoneme name without stress marks or variant suffixes ("'a2" -> "a", "a#" -> "a"), for matching.
+
+    A name that is only a digit is a phoneme of its own ("0", the LOT vowel) and stays.
+    """
+    name = name.lstrip("',%=")
+    stripped = name.rstrip("0123456789#")
+    return stripped or name
+
+
+def _phonemes_alone(engine: _Engine, word: str, voice: str, rate_wpm: int, pitch: int) -> list[str]:
+    """Bare names of the phonemes eSpeak speaks for ``word`` on its own; cached."""
     key = (word, voice, rate_wpm, pitch)
-    if key not in _PHONEME_COUNTS:
+    if key not in _ALONE:
         _, phonemes, _ = engine.run(word, voice, rate_wpm, pitch)
-        _PHONEME_COUNTS[key] = max(1, sum(1 for p in phonemes if not p.is_pause))
-    return _PHONEME_COUNTS[key]
+        _ALONE[key] = [_bare(p.name) for p in phonemes if not p.is_pause]
+    return _ALONE[key]
+
+
+def _split_group(names: list[str], alone: list[list[str]]) -> list[int]:
+    """Index of the first phoneme of each word in a merged word group.
+
+    ``names``: the group's phonemes as spoken; ``alone``: each word's phonemes spoken alone.
+    Context changes a few phonemes ("of" V v -> @ v, "have" loses its h, "the" D@ -> DI), so the
+    two sequences are aligned by edit distance; each word starts at its first aligned phoneme.
+    """
+    ref = [n for seq in alone for n in seq]
+    label = [k for k, seq in enumerate(alone) for _ in seq]
+    n, m = len(names), len(ref)
+    cost = np.zeros((n + 1, m + 1))
+    cost[:, 0], cost[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            sub = cost[i - 1, j - 1] + (0 if names[i - 1] == ref[j - 1] else 1)
+            cost[i, j] = min(sub, cost[i - 1, j] + 1, cost[i, j - 1] + 1)
+    owner: list[int | None] = [None] * n
+    i, j = n, m
+    # Backtrack; on ties prefer a match, then an inserted phoneme (which joins the word before it,
+    # like a linking "r-"), then a substitution.
+    while i > 0 and j > 0:
+        if names[i - 1] == ref[j - 1] and cost[i, j] == cost[i - 1, j - 1]:
+            owner[i - 1] = label[j - 1]
+            i, j = i - 1, j - 1
+        elif cost[i, j] == cost[i - 1, j] + 1:
+            i -= 1
+        elif cost[i, j] == cost[i - 1, j - 1] + 1:
+            owner[i - 1] = label[j - 1]
+            i, j = i - 1, j - 1
+        else:
+            j -= 1
+    # An inserted phoneme (e.g. a linking ";") belongs to the word before it.
+    prev = 0
+    for i in range(n):
+        prev = owner[i] = prev if owner[i] is None else owner[i]
+    n_words = len(alone)
+    cuts = [0]
+    for k in range(1, n_words):
+        first = next((i for i in range(n) if owner[i] >= k), n)
+        # Every word keeps at least one phoneme.
+        cuts.append(min(max(first, cuts[-1] + 1), n - (n_words - k)))
+    return cuts
 
 
 def _word_times(engine: _Engine, text: str, phonemes: list[_Phoneme], duration_s: float, voice: str, rate_wpm: int,
@@ -216,11 +270,11 @@ def _word_times(engine: _Engine, text: str, phonemes: list[_Phoneme], duration_s
     # Each spoken phoneme belongs to the word containing its group's first character; a word eSpeak
     # split into several groups ("1995" -> "nineteen ninety-five") collects all of them.
     word_starts = [start for _, start, _ in spans]
-    per_word: list[list[tuple[float, float]]] = [[] for _ in spans]
+    per_word: list[list[tuple[float, float, str]]] = [[] for _ in spans]  # (start_s, end_s, name)
     for p, end in zip(phonemes, ends):
         if not p.is_pause and end > p.time_s:
             w = max(0, int(np.searchsorted(word_starts, p.text_position, side="right")) - 1)
-            per_word[w].append((p.time_s, end))
+            per_word[w].append((p.time_s, end, p.name))
     if not any(per_word):
         raise SynthesisError(f"eSpeak produced no speech for {text[:80]!r}")
     # Clusters: a word with phonemes plus the following words without (merged into its group);
@@ -240,17 +294,10 @@ def _word_times(engine: _Engine, text: str, phonemes: list[_Phoneme], duration_s
         if len(word_ids) == 1:
             times[word_ids[0]] = (members[0][0], members[-1][1])
             continue
-        counts = [_phoneme_count(engine, spans[i][0], voice, rate_wpm, pitch) for i in word_ids]
         n = len(members)
         if n >= len(word_ids):
-            # Boundaries at the phoneme indices the per-word counts predict, scaled to this group's
-            # phoneme count (context can add or drop a phoneme), each word keeping at least one.
-            total, cum, cuts = sum(counts), 0, [0]
-            for k, c in enumerate(counts[:-1]):
-                cum += c
-                lo, hi = cuts[-1] + 1, n - (len(counts) - 1 - k)
-                cuts.append(min(max(round(cum * n / total), lo), hi))
-            cuts.append(n)
+            alone = [_phonemes_alone(engine, spans[i][0], voice, rate_wpm, pitch) for i in word_ids]
+            cuts = _split_group([_bare(name) for _, _, name in members], alone) + [n]
             for k, i in enumerate(word_ids):
                 seg = members[cuts[k]:cuts[k + 1]]
                 times[i] = (seg[0][0], seg[-1][1])
