@@ -27,3 +27,7 @@ class CheckpointError(SpeechLMError):
 
 class ConfigError(SpeechLMError):
     """A config file or a key=value override is invalid."""
+
+
+class FeatureCacheError(SpeechLMError):
+    """A feature cache is incomplete, stale, or was built by another encoder (message names the folder)."""
