@@ -179,7 +179,7 @@ def test_layer_fusion():
 
 def test_bad_boundaries_raise():
     conn = small("ssr")
-    feats, lengths, bnd, tmask = batch()
+    feats, lengths, _, tmask = batch()
     with pytest.raises(AlignmentError, match="row 1"):
         conn(feats, lengths, torch.tensor([[5, 10, 10, 30, 52], [3, 20, 37, 0, 0]]), tmask)  # 37 >= 37 frames
     with pytest.raises(AlignmentError, match="decreasing"):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechlm.models.connectors.base import ConvConfig, Connector, ConnectorOutput, LayerFusion, frame_mask
+from speechlm.models.connectors.base import Connector, ConnectorOutput, ConvConfig, LayerFusion, frame_mask
 
 
 class ConvConnector(Connector):

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from speechlm.models.connectors.base import Connector, ConnectorOutput, LayerFusion, StackConfig, frame_mask, stack_frames
+from speechlm.models.connectors.base import (
+    Connector,
+    ConnectorOutput,
+    LayerFusion,
+    StackConfig,
+    frame_mask,
+    stack_frames,
+)
 
 
 class StackConnector(Connector):
