@@ -1,0 +1,176 @@
+"""The alignment API: encoder frames (+ transcript) -> one boundary per LLM token, forced or free.
+
+* **forced**: the transcript is known (training data); its labels are aligned to the CTC posteriors.
+* **free**: no transcript (test time); the aligner decodes its own output (greedy or beam CTC), then
+  aligns what it decoded exactly like a forced transcript. Results say which mode made them.
+
+    aligner = Aligner.from_pretrained(folder, llm_tokenizer)
+    results = aligner.align(features, lengths, texts=[text_or_None, ...], utt_ids=[...])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignment.ctc_model import CTCAligner
+from alignment.decoders import DECODERS, LabelSpans, align_labels, beam_decode, greedy_decode
+from alignment.tokens import (
+    char_spans_from_normalized,
+    convert_boundaries,
+    normalize_for_alignment,
+    token_boundaries,
+    token_char_spans,
+    words_from_char_spans,
+)
+from speechlm.errors import AlignmentError, ModelError
+
+MODES = ("forced", "free")
+
+
+@dataclass
+class WordAlignment:
+    word: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class AlignmentResult:
+    utt_id: str
+    text: str                      # the transcript aligned (forced: given; free: decoded)
+    mode: str                      # "forced" | "free"
+    words: list[WordAlignment]     # whitespace words of ``text`` that carry audio, in order
+    token_ids: list[int]           # LLM tokens of ``text`` (no special tokens)
+    token_boundaries: list[int]    # (N_tokens,) inclusive end frame per LLM token at ``frame_rate_hz``
+    frame_rate_hz: float           # rate of ``token_boundaries`` (the connector encoder's)
+    num_frames: int                # frames of the utterance at ``frame_rate_hz``
+    score: float                   # mean log-probability of the alignment path (confidence)
+    label_spans: LabelSpans        # the aligner's own label spans (aligner frame rate), for plots
+
+    @property
+    def token_end_s(self) -> list[float]:
+        return [(b + 1) / self.frame_rate_hz for b in self.token_boundaries]
+
+
+class Aligner:
+    """A CTC aligner model + the LLM tokenizer whose tokens get boundaries."""
+
+    def __init__(self, model: CTCAligner, llm_tokenizer, decoder: str = "ctc_segmentation",
+                 sub_tokenizer=None, beam_size: int = 0, device: str | torch.device = "cpu"):
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
+        if model.config.kind == "subCTC" and sub_tokenizer is None:
+            raise ModelError("a subCTC aligner needs the tokenizer it was trained with (sub_tokenizer)")
+        self.model = model.to(device).eval()
+        self.llm_tokenizer = llm_tokenizer
+        self.sub_tokenizer = sub_tokenizer
+        self.decoder = decoder
+        self.beam_size = beam_size
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, llm_tokenizer, **kw) -> "Aligner":
+        model = CTCAligner.from_pretrained(folder)
+        sub = CTCAligner.load_tokenizer(folder) if model.config.kind == "subCTC" else None
+        return cls(model, llm_tokenizer, sub_tokenizer=sub, **kw)
+
+    @property
+    def frame_rate_hz(self) -> float:
+        return self.model.frame_rate_hz
+
+    @torch.no_grad()
+    def log_probs(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, L, T, D)`` frames -> ``(B, T, V)`` CTC log-posteriors (CPU)."""
+        return self.model(features.to(self.device), lengths.to(self.device)).float().cpu()
+
+    def align(self, features: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str | None],
+              utt_ids: Sequence[str] | None = None, target_frame_rate_hz: float | None = None,
+              target_num_frames: Sequence[int] | None = None) -> list[AlignmentResult]:
+        """Align a batch. ``texts[i] = None`` means free mode for utterance i.
+
+        ``target_frame_rate_hz`` / ``target_num_frames``: the connector encoder's frame rate and each
+        utterance's frame count there (default: the aligner's own frames).
+        """
+        lp = self.log_probs(features, lengths)
+        ids = list(utt_ids) if utt_ids is not None else [str(i) for i in range(len(texts))]
+        out = []
+        for i, text in enumerate(texts):
+            t = int(lengths[i])
+            n_target = None if target_num_frames is None else int(target_num_frames[i])
+            out.append(self.align_posteriors(lp[i, :t], text, ids[i], target_frame_rate_hz, n_target))
+        return out
+
+    def align_posteriors(self, log_probs: torch.Tensor, text: str | None, utt_id: str = "?",
+                         target_frame_rate_hz: float | None = None, target_num_frames: int | None = None
+                         ) -> AlignmentResult:
+        """One utterance's ``(T, V)`` log-posteriors (+ transcript, or None for free mode) -> result."""
+        mode = "forced" if text is not None else "free"
+        if text is None:
+            text = self.decode(log_probs)
+            if not normalize_for_alignment(text).text:
+                raise AlignmentError(f"utterance {utt_id!r}: free mode decoded no speech")
+        num_frames = int(log_probs.shape[0])
+        rate = self.frame_rate_hz
+        char_start, char_end, spans = self._char_frames(log_probs, text, utt_id)
+        llm_ids, llm_spans = token_char_spans(self.llm_tokenizer, text)
+        bounds = token_boundaries(llm_spans, char_start, char_end, num_frames)
+        to_hz = target_frame_rate_hz or rate
+        n_target = target_num_frames or max(1, int(np.ceil(num_frames * to_hz / rate - 1e-6)))
+        bounds = convert_boundaries(bounds, rate, to_hz, n_target)
+        words = [WordAlignment(*w) for w in words_from_char_spans(text, char_start, char_end, rate)
+                 if w is not None]
+        return AlignmentResult(utt_id, text, mode, words, llm_ids, bounds, to_hz, n_target, spans.score, spans)
+
+    def decode(self, log_probs: torch.Tensor) -> str:
+        """Free mode: the aligner's own transcript of ``(T, V)`` log-posteriors."""
+        labels = beam_decode(log_probs, self.beam_size) if self.beam_size > 1 else greedy_decode(log_probs)
+        if self.model.config.kind == "charCTC":
+            return " ".join(self.model.labels_to_text(labels).split())
+        return self.sub_tokenizer.decode([x - 1 for x in labels], skip_special_tokens=True).strip()
+
+    def _char_frames(self, log_probs: torch.Tensor, text: str, utt_id: str
+                     ) -> tuple[list[int | None], list[int | None], LabelSpans]:
+        """Start/end aligner frame of every character of ``text`` (None: not spoken)."""
+        norm = normalize_for_alignment(text)
+        if not norm.text:
+            raise AlignmentError(f"utterance {utt_id!r}: transcript {text!r} has nothing to speak")
+        if self.model.config.kind == "charCTC":
+            labels = self.model.text_to_labels(norm.text)
+            spans = align_labels(log_probs, labels, self.frame_rate_hz, self.decoder, utt_id)
+            starts, ends = char_spans_from_normalized(norm, len(text), spans.start_frames, spans.end_frames)
+            return starts, ends, spans
+        # subCTC: each subword's frames go to the spoken characters it covers.
+        sub_ids, sub_spans = token_char_spans(self.sub_tokenizer, text)
+        spans = align_labels(log_probs, [x + 1 for x in sub_ids], self.frame_rate_hz, self.decoder, utt_id)
+        spoken = {s for s in norm.source if s >= 0}
+        starts: list[int | None] = [None] * len(text)
+        ends: list[int | None] = [None] * len(text)
+        for k, (a, b) in enumerate(sub_spans):
+            for c in range(a, b):
+                if c in spoken:
+                    starts[c], ends[c] = int(spans.start_frames[k]), int(spans.end_frames[k])
+        return starts, ends, spans
+
+    def align_waves(self, encoder, waves: Sequence[torch.Tensor], texts: Sequence[str | None],
+                    utt_ids: Sequence[str] | None = None, **kw) -> list[AlignmentResult]:
+        """Run the (matching) frozen encoder on 1-D waveforms, then :meth:`align`."""
+        check_encoder(self.model, encoder)
+        with torch.no_grad():
+            enc = encoder(list(waves))
+        return self.align(enc.features, enc.lengths, texts, utt_ids, **kw)
+
+
+def check_encoder(model: CTCAligner, encoder) -> None:
+    """Raise :class:`ModelError` unless ``encoder`` yields the frames ``model`` was trained on."""
+    c = model.config
+    if abs(float(encoder.frame_rate_hz) - c.frame_rate_hz) > 1e-6 or int(encoder.hidden_size) != c.input_dim \
+            or len(encoder.layers) != c.num_input_layers:
+        raise ModelError(
+            f"aligner trained on {c.encoder_name!r} ({c.input_dim}-dim, {c.num_input_layers} layer(s), "
+            f"{c.frame_rate_hz} Hz) cannot use encoder {encoder.name!r} ({encoder.hidden_size}-dim, "
+            f"{len(encoder.layers)} layer(s), {encoder.frame_rate_hz} Hz)")

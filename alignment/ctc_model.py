@@ -1,0 +1,155 @@
+"""CTC aligner models on frozen speech-encoder frames: ``charCTC`` (characters) and ``subCTC`` (LLM subwords).
+
+Each is a small Transformer over the encoder frames plus a linear CTC layer (blank = label 0). A
+trained aligner is a folder: ``config.json`` (encoder name/layers/frame rate, vocabulary) +
+``model.safetensors`` (+ ``tokenizer/`` for subCTC); loading never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alignment.tokens import CHAR_ALPHABET
+from speechlm.atomic import atomic_path
+from speechlm.errors import ModelError
+
+KINDS = ("charCTC", "subCTC")
+BLANK_TOKEN = "<blank>"
+
+
+@dataclass
+class CTCAlignerConfig:
+    kind: str = "charCTC"              # "charCTC" | "subCTC"
+    input_dim: int = 512               # encoder hidden size D
+    num_input_layers: int = 1          # L encoder layers fed in (mixed by learned softmax weights)
+    d_model: int = 256
+    layers: int = 2
+    heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.1
+    #: charCTC: the labels 1..V-1 as strings (label 0 is the blank). subCTC: empty (tokenizer ids + 1).
+    vocab: list[str] = field(default_factory=list)
+    vocab_size: int = 0                # V including the blank
+    encoder_name: str = ""             # what produced the frames (SpeechEncoder name_or_path)
+    encoder_layers: list[int] = field(default_factory=lambda: [-1])
+    frame_rate_hz: float = 50.0        # encoder frame rate = the aligner's frame rate
+    tokenizer: str = ""                # subCTC: the tokenizer the subword labels come from
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModelError(f"aligner kind {self.kind!r} is not one of {KINDS}")
+
+
+def char_ctc_config(**kw) -> CTCAlignerConfig:
+    """Config of a charCTC aligner: blank, word separator ' ', apostrophe, a-z."""
+    vocab = list(CHAR_ALPHABET)
+    return CTCAlignerConfig(kind="charCTC", vocab=vocab, vocab_size=len(vocab) + 1, **kw)
+
+
+def sub_ctc_config(tokenizer, **kw) -> CTCAlignerConfig:
+    """Config of a subCTC aligner over ``tokenizer``'s vocabulary (label = token id + 1)."""
+    return CTCAlignerConfig(kind="subCTC", vocab=[], vocab_size=len(tokenizer) + 1,
+                            tokenizer=str(getattr(tokenizer, "name_or_path", "")), **kw)
+
+
+class CTCAligner(nn.Module):
+    """Encoder frames ``(B, L, T, D)`` or ``(B, T, D)`` -> CTC log-posteriors ``(B, T, V)``."""
+
+    def __init__(self, config: CTCAlignerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.layer_weights = nn.Parameter(torch.zeros(c.num_input_layers))
+        self.in_norm = nn.LayerNorm(c.input_dim)
+        self.in_proj = nn.Linear(c.input_dim, c.d_model)
+        layer = nn.TransformerEncoderLayer(c.d_model, c.heads, c.ff_mult * c.d_model, c.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
+        self.out_norm = nn.LayerNorm(c.d_model)
+        self.ctc_head = nn.Linear(c.d_model, c.vocab_size)
+
+    @property
+    def frame_rate_hz(self) -> float:
+        return self.config.frame_rate_hz
+
+    def mix_layers(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, L, T, D)`` -> ``(B, T, D)`` by the learned softmax layer weights; ``(B, T, D)`` passes."""
+        if features.dim() == 3:
+            if self.config.num_input_layers != 1:
+                raise ModelError(f"aligner expects {self.config.num_input_layers} encoder layers, got one")
+            return features
+        if features.shape[1] != self.config.num_input_layers:
+            raise ModelError(f"aligner expects {self.config.num_input_layers} encoder layers, "
+                             f"got {features.shape[1]}")
+        w = self.layer_weights.softmax(0)
+        return torch.einsum("l,bltd->btd", w, features)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.mix_layers(features.float())                         # (B, T, D)
+        if x.shape[-1] != self.config.input_dim:
+            raise ModelError(f"aligner expects {self.config.input_dim}-dim frames from "
+                             f"{self.config.encoder_name!r}, got {x.shape[-1]}")
+        x = self.in_proj(self.in_norm(x))                              # (B, T, d_model)
+        pad = None
+        if lengths is not None:
+            t = torch.arange(x.shape[1], device=x.device)
+            pad = t[None, :] >= lengths.to(x.device)[:, None]          # (B, T) True = padding
+        x = self.transformer(x, src_key_padding_mask=pad)
+        return self.ctc_head(self.out_norm(x)).log_softmax(-1)         # (B, T, V)
+
+    # ------------------------------------------------------------------ labels
+    def text_to_labels(self, text: str) -> list[int]:
+        """charCTC: normalised text (``CHAR_ALPHABET`` only) -> label ids (1-based)."""
+        if self.config.kind != "charCTC":
+            raise ModelError("text_to_labels is for charCTC; subCTC labels are token ids + 1")
+        index = {ch: i + 1 for i, ch in enumerate(self.config.vocab)}
+        return [index[ch] for ch in text if ch in index]
+
+    def labels_to_text(self, labels: list[int]) -> str:
+        """charCTC: label ids -> text."""
+        return "".join(self.config.vocab[i - 1] for i in labels if 0 < i <= len(self.config.vocab))
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
+        """Write ``folder`` atomically: config.json, model.safetensors (+ tokenizer/ for subCTC)."""
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> "CTCAligner":
+        folder = Path(folder)
+        cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+        if not cfg_path.is_file() or not weights.is_file():
+            raise ModelError(f"{folder}: not an aligner folder (config.json and model.safetensors needed)")
+        try:
+            config = CTCAlignerConfig(**json.loads(cfg_path.read_text()))
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{cfg_path}: invalid aligner config ({e})") from None
+        model = cls(config)
+        try:
+            model.load_state_dict(load_file(str(weights), device=map_location))
+        except RuntimeError as e:
+            raise ModelError(f"{weights}: weights do not match the config ({e})") from None
+        model.eval()
+        return model
+
+    @staticmethod
+    def load_tokenizer(folder: str | Path):
+        """The tokenizer saved with a subCTC aligner (``folder/tokenizer``)."""
+        from transformers import AutoTokenizer
+
+        path = Path(folder) / "tokenizer"
+        if not path.is_dir():
+            raise ModelError(f"{folder}: subCTC aligner folder has no tokenizer/")
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
