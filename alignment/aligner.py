@@ -74,7 +74,7 @@ class Aligner:
         self.device = torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, llm_tokenizer, **kw) -> "Aligner":
+    def from_pretrained(cls, folder: str | Path, llm_tokenizer, **kw) -> Aligner:
         model = CTCAligner.from_pretrained(folder)
         sub = CTCAligner.load_tokenizer(folder) if model.config.kind == "subCTC" else None
         return cls(model, llm_tokenizer, sub_tokenizer=sub, **kw)

@@ -127,7 +127,7 @@ class CTCAligner(nn.Module):
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> "CTCAligner":
+    def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> CTCAligner:
         folder = Path(folder)
         cfg_path, weights = folder / "config.json", folder / "model.safetensors"
         if not cfg_path.is_file() or not weights.is_file():

@@ -9,6 +9,7 @@ the label that spiked); the last label ends at its last emitted frame.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class LabelSpans:
 
 def min_frames_needed(labels: Sequence[int], decoder: str) -> int:
     """Frames CTC needs for ``labels``: one per label plus one blank between equal neighbours."""
-    repeats = sum(1 for a, b in zip(labels, labels[1:]) if a == b)
+    repeats = sum(1 for a, b in itertools.pairwise(labels) if a == b)
     return len(labels) + repeats
 
 
@@ -165,7 +166,7 @@ def beam_decode(log_probs: np.ndarray | torch.Tensor, beam_size: int = 8) -> lis
         cand = set(row.topk(top_k).indices.tolist()) | {BLANK}
         nxt: dict[tuple[int, ...], list[float]] = {}
 
-        def add(prefix: tuple[int, ...], pb: float, pnb: float) -> None:
+        def add(prefix: tuple[int, ...], pb: float, pnb: float, nxt: dict = nxt) -> None:
             cur = nxt.setdefault(prefix, [-np.inf, -np.inf])
             cur[0] = np.logaddexp(cur[0], pb)
             cur[1] = np.logaddexp(cur[1], pnb)

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 #: The character aligner's alphabet besides the blank: word separator, apostrophe, a-z.
 CHAR_ALPHABET = " '" + "abcdefghijklmnopqrstuvwxyz"
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _SCALES = ((10**9, "billion"), (10**6, "million"), (1000, "thousand"), (100, "hundred"))
 _SYMBOLS = {"&": " and ", "%": " percent ", "+": " plus ", "@": " at "}
 _APOSTROPHES = "'’‘`´"

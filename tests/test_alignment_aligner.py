@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from alignment_helpers import byte_level_bpe, peaky_posteriors, sentencepiece_llama

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from alignment_helpers import byte_level_bpe, sentencepiece_llama
 
@@ -60,7 +62,7 @@ def test_every_token_gets_one_boundary_by_the_rule(tokenizer, text):
     bounds = token_boundaries(spans, char_start, char_end, num_frames)
     assert len(bounds) == len(ids)
     assert all(0 <= b < num_frames for b in bounds)
-    assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
+    assert all(b2 >= b1 for b1, b2 in itertools.pairwise(bounds))
     first_spoken = min(s for s in char_start if s is not None)
     prev = None
     for (a, b), got in zip(spans, bounds):
@@ -80,7 +82,7 @@ def test_hand_checked_boundaries(tokenizer):
     # spoken: H(0) i(1) y(4) o(5) u(6); "Hi" ends at frame 5, "you" at frame 20
     char_start = [2, 4, None, None, 10, 14, 18, None]
     char_end = [3, 5, None, None, 13, 17, 20, None]
-    ids, spans = token_char_spans(tokenizer, text)
+    _ids, spans = token_char_spans(tokenizer, text)
     bounds = token_boundaries(spans, char_start, char_end, num_frames=30)
     by_piece = {text[a:b]: bnd for (a, b), bnd in zip(spans, bounds)}
     assert bounds[-1] == 20 and by_piece["!"] == 20          # trailing punctuation: predecessor
@@ -97,7 +99,7 @@ def test_digits_end_where_the_spoken_number_ends(tokenizer):
     # every normalised char k spans frame k
     starts, ends = char_spans_from_normalized(norm, len(text), list(range(len(norm.text))),
                                               list(range(len(norm.text))))
-    ids, spans = token_char_spans(tokenizer, text)
+    _ids, spans = token_char_spans(tokenizer, text)
     bounds = token_boundaries(spans, starts, ends, num_frames=len(norm.text))
     last_digit_tok = next(k for k, (a, b) in enumerate(spans) if a <= text.index("4") < b)
     assert bounds[last_digit_tok] == norm.text.index(" now") - 1     # end of "four"
@@ -123,4 +125,4 @@ def test_frame_rate_conversion():
     assert convert_boundaries([0, 1, 5], 50, 100, 20) == [1, 3, 11]
     assert convert_boundaries([2, 9], 50, 50, 5) == [2, 4]          # clipped to the target's frames
     b = convert_boundaries(list(range(100)), 50, 25, 50)
-    assert all(y >= x for x, y in zip(b, b[1:]))
+    assert all(y >= x for x, y in itertools.pairwise(b))

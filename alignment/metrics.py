@@ -1,0 +1,102 @@
+"""Alignment accuracy against reference word timings: boundary error (ms), share within 20/50 ms, CER, RTF."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from alignment.tokens import normalize_for_alignment
+
+
+@dataclass
+class BoundaryErrors:
+    """Absolute errors (seconds) of matched words' start and end times."""
+
+    start: list[float] = field(default_factory=list)
+    end: list[float] = field(default_factory=list)
+    words_ref: int = 0
+    words_matched: int = 0
+
+    def extend(self, other: BoundaryErrors) -> None:
+        self.start += other.start
+        self.end += other.end
+        self.words_ref += other.words_ref
+        self.words_matched += other.words_matched
+
+    def summary(self) -> dict:
+        """MAE in ms (start, end, both), share of boundaries within 20 and 50 ms, match rate."""
+        both = np.asarray(self.start + self.end)
+        if both.size == 0:
+            return {"boundaries": 0, "mae_ms": None, "within_20ms": None, "within_50ms": None,
+                    "words_ref": self.words_ref, "words_matched": 0}
+        return {
+            "boundaries": int(both.size),
+            "mae_ms": float(both.mean() * 1000),
+            "start_mae_ms": float(np.mean(self.start) * 1000),
+            "end_mae_ms": float(np.mean(self.end) * 1000),
+            "median_ms": float(np.median(both) * 1000),
+            "within_20ms": float((both <= 0.020 + 1e-9).mean()),
+            "within_50ms": float((both <= 0.050 + 1e-9).mean()),
+            "words_ref": self.words_ref,
+            "words_matched": self.words_matched,
+        }
+
+
+def _key(word: str) -> str:
+    return normalize_for_alignment(word).text
+
+
+def word_boundary_errors(reference: Sequence[tuple[str, float, float]],
+                         predicted: Sequence[tuple[str, float, float]]) -> BoundaryErrors:
+    """Match predicted words to reference words by their normalised spelling, in order, then compare times.
+
+    In forced mode the word sequences are the same; in free mode only the words the aligner decoded
+    correctly (an in-order exact match) are scored, and ``words_matched`` says how many that was.
+    """
+    ref = [(w, s, e) for w, s, e in reference if _key(w)]
+    hyp = [(w, s, e) for w, s, e in predicted if _key(w)]
+    out = BoundaryErrors(words_ref=len(ref))
+    matcher = difflib.SequenceMatcher(None, [_key(w) for w, _, _ in ref], [_key(w) for w, _, _ in hyp],
+                                      autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            _, rs, re_ = ref[block.a + k]
+            _, hs, he = hyp[block.b + k]
+            out.start.append(abs(hs - rs))
+            out.end.append(abs(he - re_))
+            out.words_matched += 1
+    return out
+
+
+def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """CER (jiwer) of normalised texts, the aligner's own alphabet: lower-case letters, apostrophe, space."""
+    import jiwer
+
+    refs = [normalize_for_alignment(r).text for r in references]
+    hyps = [normalize_for_alignment(h).text for h in hypotheses]
+    keep = [(r, h) for r, h in zip(refs, hyps) if r]
+    if not keep:
+        return float("nan")
+    return float(jiwer.cer([r for r, _ in keep], [h for _, h in keep]))
+
+
+@dataclass
+class SpeedMeter:
+    """Real-time factor: processing seconds per second of audio (lower is faster)."""
+
+    audio_s: float = 0.0
+    compute_s: float = 0.0
+
+    def add(self, audio_s: float, compute_s: float) -> None:
+        self.audio_s += audio_s
+        self.compute_s += compute_s
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_s / self.audio_s if self.audio_s else float("nan")
+
+    def summary(self) -> dict:
+        return {**asdict(self), "rtf": self.rtf}

@@ -1,0 +1,245 @@
+"""Train a CTC aligner (charCTC or subCTC) on frozen speech-encoder frames of a manifest.
+
+    python recipes/train_aligner.py --config recipes/configs/aligner_tiny.yaml \
+        train_manifest=~/.cache/speechlm/corpus/train.jsonl valid_manifest=~/.cache/speechlm/corpus/valid.jsonl \
+        out_dir=~/.cache/speechlm/aligners/charctc-whisper-base [steps=3000 model.layers=4 ...]
+
+Frames come from ``feature_cache_train``/``feature_cache_valid`` (tools/cache_features.py) when set,
+else the frozen encoder runs once over each manifest at start. Every ``valid_every`` steps the greedy
+CER on the validation manifest is printed and the best model so far is saved to ``out_dir``
+(``config.json`` + ``model.safetensors``, written atomically; ``train_state.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import itertools
+
+import torch
+from tqdm import tqdm
+
+from alignment.ctc_model import CTCAligner, char_ctc_config, sub_ctc_config
+from alignment.decoders import greedy_decode
+from alignment.features import describe, iter_feature_batches
+from alignment.metrics import character_error_rate
+from alignment.tokens import normalize_for_alignment
+from speechlm.atomic import atomic_write_text
+from speechlm.config import load_config, to_dict
+from speechlm.data.manifest import Utterance, read_manifest
+from speechlm.errors import SpeechLMError
+from speechlm.paths import SMOLLM2_135M, WHISPER_BASE, default_model
+from speechlm.training.schedule import warmup_cosine
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "charCTC"          # charCTC | subCTC
+    d_model: int = 256
+    layers: int = 3
+    heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainAlignerConfig:
+    train_manifest: str = ""
+    valid_manifest: str = ""
+    out_dir: str = ""
+    encoder: str = ""                       # default: the converted Whisper base (speechlm.paths)
+    encoder_layers: list[int] = field(default_factory=lambda: [-1])
+    feature_cache_train: str = ""
+    feature_cache_valid: str = ""
+    tokenizer: str = ""                     # subCTC: default the converted SmolLM2 tokenizer
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    time_mask: float = 0.0                  # share of frames zeroed in random spans (SpecAugment-like)
+    valid_every: int = 250
+    max_valid: int = 200
+    max_minutes: float = 0.0                # stop early after this much wall time (0: no limit)
+    seed: int = 0
+    threads: int = 0                        # torch CPU threads (0: torch default)
+    encode_batch_size: int = 8
+    device: str = "cpu"
+
+
+def labels_for(utt: Utterance, kind: str, model: CTCAligner, tokenizer) -> list[int]:
+    if kind == "charCTC":
+        return model.text_to_labels(normalize_for_alignment(utt.text).text)
+    return [i + 1 for i in tokenizer(utt.text, add_special_tokens=False)["input_ids"]]
+
+
+def load_split(manifest: str, cache_dir: str, encoder, batch_size: int, what: str):
+    """All rows of a manifest with their frames in memory (fp16): [(utt, (L, T, D))]."""
+    from speechlm.data.feature_cache import FeatureCache
+
+    utts = read_manifest(Path(manifest).expanduser())
+    cache = FeatureCache.open(Path(cache_dir).expanduser()) if cache_dir else None
+    out = []
+    with tqdm(total=len(utts), desc=f"frames ({what})", unit="utt") as bar:
+        for fb in iter_feature_batches(utts, batch_size, encoder=None if cache else encoder, cache=cache):
+            for k, utt in enumerate(fb.utts):
+                out.append((utt, fb.features[k, :, : int(fb.lengths[k])].half()))
+            bar.update(len(fb.utts))
+    return out, cache
+
+
+def collate(items, labels, device, time_mask: float = 0.0, rng: random.Random | None = None):
+    feats = [f.float() for _, f in items]
+    lengths = torch.tensor([f.shape[1] for f in feats])
+    x = feats[0].new_zeros(len(feats), feats[0].shape[0], int(lengths.max()), feats[0].shape[2])
+    for i, f in enumerate(feats):
+        x[i, :, : f.shape[1]] = f
+        if time_mask > 0 and rng is not None:
+            n = f.shape[1]
+            masked = 0
+            while masked < time_mask * n:
+                w = rng.randint(2, 8)
+                s = rng.randrange(0, max(1, n - w))
+                x[i, :, s:s + w] = 0
+                masked += w
+    targets = torch.tensor([x_ for lab in labels for x_ in lab], dtype=torch.long)
+    target_lengths = torch.tensor([len(lab) for lab in labels])
+    return x.to(device), lengths.to(device), targets.to(device), target_lengths.to(device)
+
+
+@torch.no_grad()
+def evaluate_cer(model: CTCAligner, data, cfg: TrainAlignerConfig, tokenizer) -> float:
+    model.eval()
+    refs, hyps = [], []
+    for i in range(0, len(data), cfg.batch_size):
+        items = data[i:i + cfg.batch_size]
+        x, lengths, *_ = collate(items, [[1]] * len(items), cfg.device)
+        lp = model(x, lengths).cpu()
+        for k, (utt, _) in enumerate(items):
+            labels = greedy_decode(lp[k, : int(lengths[k])])
+            hyp = model.labels_to_text(labels) if cfg.model.kind == "charCTC" else \
+                tokenizer.decode([t - 1 for t in labels], skip_special_tokens=True)
+            refs.append(utt.text)
+            hyps.append(hyp)
+    model.train()
+    return character_error_rate(refs, hyps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (recipes/configs/aligner_tiny.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 model.layers=4")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(TrainAlignerConfig, args.config, args.overrides)
+        return train(cfg)
+    except SpeechLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def train(cfg: TrainAlignerConfig) -> int:
+    if not (cfg.train_manifest and cfg.valid_manifest and cfg.out_dir):
+        print("error: train_manifest, valid_manifest and out_dir must be set", file=sys.stderr)
+        return 2
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    out_dir = Path(cfg.out_dir).expanduser()
+
+    encoder = None
+    if not (cfg.feature_cache_train and cfg.feature_cache_valid):
+        from speechlm.models.encoder import SpeechEncoder
+
+        encoder = SpeechEncoder(cfg.encoder or str(default_model(WHISPER_BASE)), layers=cfg.encoder_layers)
+    train_data, train_cache = load_split(cfg.train_manifest, cfg.feature_cache_train, encoder,
+                                         cfg.encode_batch_size, "train")
+    valid_data, _ = load_split(cfg.valid_manifest, cfg.feature_cache_valid, encoder, cfg.encode_batch_size, "valid")
+    valid_data = valid_data[: cfg.max_valid]
+    enc_name, enc_layers, rate, hidden = describe(encoder, train_cache)
+    if encoder is None and cfg.encoder:
+        enc_name = cfg.encoder
+
+    tokenizer = None
+    m = cfg.model
+    common = {"input_dim": hidden, "num_input_layers": train_data[0][1].shape[0], "d_model": m.d_model, "layers": m.layers,
+                  "heads": m.heads, "ff_mult": m.ff_mult, "dropout": m.dropout, "encoder_name": enc_name,
+                  "encoder_layers": enc_layers, "frame_rate_hz": rate}
+    if m.kind == "subCTC":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(default_model(SMOLLM2_135M)))
+        model = CTCAligner(sub_ctc_config(tokenizer, **common))
+    else:
+        model = CTCAligner(char_ctc_config(**common))
+    model.to(cfg.device).train()
+
+    labels = [labels_for(u, m.kind, model, tokenizer) for u, _ in train_data]
+    # CTC needs one frame per label (+ one blank between repeats): drop rows that cannot be aligned.
+    keep = [i for i, (lab, (_, f)) in enumerate(zip(labels, train_data))
+            if lab and len(lab) + sum(a == b for a, b in itertools.pairwise(lab)) <= f.shape[1]]
+    if len(keep) < len(train_data):
+        print(f"note: {len(train_data) - len(keep)} training rows have more labels than frames; skipped")
+    order_by_len = sorted(keep, key=lambda i: train_data[i][1].shape[1])
+    batches = [order_by_len[i:i + cfg.batch_size] for i in range(0, len(order_by_len), cfg.batch_size)]
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{m.kind}: {params / 1e6:.2f}M parameters; {len(keep)} train / {len(valid_data)} valid utterances; "
+          f"encoder {enc_name} layers {enc_layers} at {rate} Hz")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, floor=0.05)
+    ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
+    best_cer = math.inf
+    history = []
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    loss_avg = None
+    step = 0
+    for step in bar:
+        idx = batches[rng.randrange(len(batches))]
+        x, lengths, targets, target_lengths = collate([train_data[i] for i in idx], [labels[i] for i in idx],
+                                                      cfg.device, cfg.time_mask, rng)
+        lp = model(x, lengths)                                     # (B, T, V)
+        loss = ctc(lp.transpose(0, 1), targets, lengths, target_lengths)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        last = step == cfg.steps - 1 or (cfg.max_minutes and time.time() - start > cfg.max_minutes * 60)
+        if (step + 1) % cfg.valid_every == 0 or last:
+            cer = evaluate_cer(model, valid_data, cfg, tokenizer)
+            history.append({"step": step + 1, "loss": loss_avg, "valid_cer": cer,
+                            "minutes": (time.time() - start) / 60})
+            tqdm.write(f"step {step + 1}: loss {loss_avg:.3f} valid CER {cer:.4f}")
+            if cer < best_cer:
+                best_cer = cer
+                model.save_pretrained(out_dir, tokenizer=tokenizer)
+                atomic_write_text(out_dir.parent / f"{out_dir.name}.train_state.json",
+                                  json.dumps({"config": to_dict(cfg), "best_valid_cer": cer, "history": history},
+                                             indent=2))
+        if last:
+            break
+    bar.close()
+    print(f"done: {step + 1} steps in {(time.time() - start) / 60:.1f} min, best valid CER {best_cer:.4f}, "
+          f"saved to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
