@@ -104,6 +104,11 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
     forced = report["results"]["ctc_segmentation/forced"]
     assert forced["words_ref"] == forced["words_matched"] == 12
     assert forced["boundaries"] == 24 and forced["mae_ms"] >= 0 and 0 <= forced["within_50ms"] <= 1
+    plots = tmp_path / "plots"
+    assert _load("tools/plot_alignment.py").main([
+        "--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir), "--out-dir", str(plots),
+        "--ids", "u1"]) == 0
+    assert (plots / "u1.forced.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(report["results"]) == {f"{d}/{m}" for d in ("ctc_segmentation", "forced_align")
                                       for m in ("forced", "free")}
 
