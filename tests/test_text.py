@@ -2,8 +2,14 @@
 
 import pytest
 
-from speechlm.data.text import (normalize_for_speech, number_to_words, ordinal_to_words, speakable_sentences,
-                                split_sentences, year_to_words)
+from speechlm.data.text import (
+    normalize_for_speech,
+    number_to_words,
+    ordinal_to_words,
+    speakable_sentences,
+    split_sentences,
+    year_to_words,
+)
 
 
 @pytest.mark.parametrize("raw,expected", [

@@ -337,8 +337,8 @@ def synthesize(text: str, voice: str = "en-us", rate_wpm: int = 175, pitch: int 
             engine.close()
     # Same silence margins for every clip: cut eSpeak's own margins, then pad with zeros.
     first_s, last_s = times[0][0], times[-1][1]
-    lo, hi = int(round(first_s * hz)), min(len(samples), int(round(last_s * hz)))
-    lead, tail = int(round(LEAD_S * hz)), int(round(TAIL_S * hz))
+    lo, hi = round(first_s * hz), min(len(samples), round(last_s * hz))
+    lead, tail = round(LEAD_S * hz), round(TAIL_S * hz)
     start = max(0, lo - lead)
     core = samples[start:min(len(samples), hi + tail)].astype(np.float32) / 32768.0
     pad_front = lead - (lo - start)

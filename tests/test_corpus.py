@@ -1,0 +1,91 @@
+"""Spoken corpus: wiki markup stripping, planning (disjoint sentences and voices), a tiny real build."""
+
+import json
+from pathlib import Path
+
+from speechlm.data.audio import audio_info
+from speechlm.data.corpus import (
+    HELD_OUT_VOICES,
+    build_corpus,
+    detokenize,
+    everyday_sentences,
+    plan_corpus,
+    read_eval_texts,
+    train_voices,
+    vocabulary_coverage,
+    wiki_to_paragraphs,
+)
+from speechlm.data.manifest import read_manifest
+
+
+def test_wiki_markup_stripped():
+    wiki = ("{{Infobox|name=X|{{nested|a}}}}\n== History ==\n'''Paris''' is the [[capital city|capital]] of "
+            "[[France]], on the river Seine.<ref>{{cite web|url=x}}</ref> It has [[File:P.jpg|thumb|a "
+            "[[tower]]]] many museums and parks for everyone.\n* a list item that is long enough to pass\n"
+            "{| class=wikitable\n| cell || cell\n|}")
+    assert wiki_to_paragraphs(wiki) == [
+        "Paris is the capital of France, on the river Seine.  It has   many museums and parks for everyone."]
+
+
+def test_detokenize_reviews():
+    assert detokenize("__label__neg it 's so silly , i laughed . and then ?") == "It's so silly, I laughed. And then?"
+
+
+def test_vocabulary_coverage():
+    assert vocabulary_coverage(["The cat sat."], ["the dog sat", "a CAT"]) == 3 / 5
+    assert vocabulary_coverage(["x"], ["y"]) == 0.0
+
+
+def test_everyday_sentences_deterministic_and_distinct():
+    a, b = everyday_sentences(200, seed=1), everyday_sentences(200, seed=1)
+    assert a == b and len(set(a)) == 200 and everyday_sentences(200, seed=2) != a
+
+
+def test_plan_disjoint_sentences_and_held_out_voices():
+    sources = {"a": [f"Sentence number {i} is here." for i in range(300)],
+               "b": [f"Another line {i} to say." for i in range(300)] + ["Sentence number 0 is here."]}
+    plan = plan_corpus(sources, hours=0.2, seed=3)
+    assert plan == plan_corpus(sources, hours=0.2, seed=3)
+    texts = {s: {p.text.lower() for p in plan if p.split == s} for s in ("train", "valid", "test")}
+    assert all(texts.values())
+    assert not texts["train"] & texts["valid"] and not texts["train"] & texts["test"]
+    assert not texts["valid"] & texts["test"]
+    assert len([p for p in plan if p.text == "Sentence number 0 is here."]) <= 1  # deduplicated
+    voices = {s: {p.voice for p in plan if p.split == s} for s in ("train", "valid", "test")}
+    assert voices["train"] <= set(train_voices())
+    assert voices["valid"] <= set(HELD_OUT_VOICES["valid"]) and voices["test"] <= set(HELD_OUT_VOICES["test"])
+    assert not voices["train"] & (voices["valid"] | voices["test"])
+    accents = {s: {v.split("+")[0] for v in vs} for s, vs in voices.items()}
+    assert not accents["train"] & (accents["valid"] | accents["test"])
+
+
+def test_read_eval_texts(tmp_path):
+    (tmp_path / "s.jsonl").write_text(json.dumps({"id": "x-1", "context": ["Tom ran."], "right_ending": "He won."})
+                                      + "\n")
+    (tmp_path / "q.csv").write_text('"What is red, often?",An apple,The sky,B\n')
+    assert read_eval_texts(tmp_path) == ["What is red, often?", "An apple", "The sky", "Tom ran.", "He won."]
+
+
+def test_tiny_corpus_build(tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text("\n\n".join(
+        f"{name} went to the {place} on day {i}. It was a nice trip, and {name} came back home at night."
+        for i, (name, place) in enumerate((n, p) for n in ("Tom", "Anna", "Ben", "Lucy")
+                                           for p in ("park", "store", "lake", "school", "farm"))))
+    out = tmp_path / "corpus"
+    summary = build_corpus(out, hours=0.01, text_files=[text], seed=0, workers=1, progress=False)
+    rows = {s: read_manifest(out / f"{s}.jsonl") for s in ("train", "valid", "test")}
+    assert all(rows.values()) and summary.counts == {s: len(r) for s, r in rows.items()}
+    texts = {s: {r.text for r in rs} for s, rs in rows.items()}
+    assert not texts["train"] & (texts["valid"] | texts["test"])
+    voices = {s: {r.speaker.split("/")[0] for r in rs} for s, rs in rows.items()}
+    assert not voices["train"] & (voices["valid"] | voices["test"])
+    for split, rs in rows.items():
+        for r in rs:
+            assert r.split == split and r.sample_rate == 16000 and not Path(r.audio).is_absolute()
+            sr, duration_s = audio_info(r.audio_path)
+            assert sr == 16000 and abs(duration_s - r.duration_s) < 1e-3
+            assert [w.word for w in r.words] == r.text.split()
+            assert all(w.start_s < w.end_s <= duration_s for w in r.words)
+    assert json.loads((out / "summary.json").read_text())["counts"] == summary.counts
+    assert 0.0 < summary.coverage <= 1.0
