@@ -1,0 +1,81 @@
+"""Stage 1: distil the connector's vectors onto the frozen LLM's embeddings of the transcript tokens.
+
+    deepspeed --num_gpus 2 recipes/stage1_distill.py --config recipes/configs/stage1_tiny.yaml [key=value ...]
+    python recipes/stage1_distill.py --config recipes/configs/stage1_tiny.yaml [key=value ...]
+
+The LLM never runs: only its input-embedding table (the targets) is kept. Writes to ``out_dir``:
+checkpoints/ (resumable), connector/ (the exported connector folder), metrics.json, history.json,
+curves.png, tensorboard/, config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from speechlm.config import load_config, save_config
+from speechlm.training import build
+from speechlm.training.configs import Stage1Config
+from speechlm.training.engine import (
+    build_engine,
+    export_module,
+    init_distributed,
+    load_checkpoint,
+    seed_everything,
+    set_threads,
+)
+from speechlm.training.loop import BatchPrep, train_loop, validate
+from speechlm.training.stages import Stage1Distill, TokenEmbedding
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; ignored")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(Stage1Config, args.config, args.overrides)
+
+    info = init_distributed()
+    set_threads(cfg.engine.threads, info)
+    seed_everything(cfg.seed, 0)  # same initial weights on every rank
+    out_dir = Path(cfg.out_dir)
+    if info.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+
+    # Models: the embedding table of the frozen LLM (targets), the encoder only if features are not cached.
+    llm, tokenizer = build.load_llm(cfg.model.llm)
+    encoder = None if cfg.data.feature_cache else build.load_encoder(cfg.model)
+    enc = build.encoder_facts(cfg.model, cfg.data, encoder)
+    connector = build.make_connector(cfg.model, enc, llm)
+    embedding = TokenEmbedding(llm.get_input_embeddings().weight)
+    del llm
+    model = Stage1Distill(connector, embedding, cfg.mse_weight, cfg.cosine_weight)
+
+    engine = build_engine(model, cfg.engine, cfg.loop.max_steps, info)
+    identity = build.run_identity("stage1", connector)
+    start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
+    seed_everything(cfg.seed, info.rank) if start is None else None  # a resumed run restored its RNG
+
+    # Data
+    if encoder is not None:
+        encoder.to(engine.device)
+    prep = BatchPrep(engine.device, next(model.connector.parameters()).dtype, encoder)
+    train = build.train_batches(cfg.data, build.make_reader(cfg.data, enc, tokenizer), info, cfg.seed,
+                                tuple(start["position"]) if start else (0, 0))
+    valid = build.valid_batches(cfg.data, build.make_reader(cfg.data, enc, tokenizer, valid=True), info)
+
+    result = train_loop(engine, train, prep, lambda: validate(engine, valid(), prep), cfg.loop, out_dir, identity,
+                        export=lambda folder: export_module(engine, connector, folder), start=start,
+                        title="stage 1: distillation")
+    if info.is_main:
+        print(json.dumps({"stage1": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Stage 2: next-token prediction, speech in / text out, through the frozen (or LoRA-adapted) LLM.
+
+    deepspeed --num_gpus 2 recipes/stage2_finetune.py --config recipes/configs/stage2_tiny.yaml \
+        model.init_connector=runs/tiny/stage1/connector [key=value ...]
+    python recipes/stage2_finetune.py --config ... [key=value ...]
+
+Variants (``variant=``): frozen (connector only, default), lora (+ LoRA on the LLM), multitask (LoRA +
+text-only LM batches from ``text_corpus`` on a ``text_ratio`` of the steps). ``distill_weight`` mixes
+the stage-1 loss in. Validation reports the speech loss, the same LLM's loss on the transcripts as
+text, and the leakage check (speech loss with each token's future audio cut away, minus the plain one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from speechlm.config import load_config, save_config
+from speechlm.data.batching import TextBatches
+from speechlm.errors import ConfigError
+from speechlm.models.connectors.base import load_connector
+from speechlm.models.speechlm import SpeechLM
+from speechlm.training import build
+from speechlm.training.configs import Stage2Config
+from speechlm.training.engine import (
+    build_engine,
+    export_module,
+    init_distributed,
+    load_checkpoint,
+    seed_everything,
+    set_threads,
+)
+from speechlm.training.loop import BatchPrep, train_loop, validate
+from speechlm.training.stages import Stage2Finetune
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; ignored")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(Stage2Config, args.config, args.overrides)
+    if cfg.variant not in ("frozen", "lora", "multitask"):
+        raise ConfigError(f"variant must be frozen, lora or multitask, not {cfg.variant!r}")
+
+    info = init_distributed()
+    set_threads(cfg.engine.threads, info)
+    seed_everything(cfg.seed, 0)
+    out_dir = Path(cfg.out_dir)
+    if info.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+
+    # Models: frozen LLM + connector (from stage 1); the encoder when features are not cached or for leakage.
+    llm, tokenizer = build.load_llm(cfg.model.llm)
+    need_encoder = not cfg.data.feature_cache or cfg.leakage_utts > 0
+    encoder = build.load_encoder(cfg.model) if need_encoder else None
+    enc = build.encoder_facts(cfg.model, cfg.data, encoder)
+    if cfg.model.init_connector:
+        connector = load_connector(cfg.model.init_connector, llm=llm)
+    else:
+        connector = build.make_connector(cfg.model, enc, llm)
+    speechlm = SpeechLM(connector, llm, tokenizer=tokenizer, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if cfg.variant in ("lora", "multitask"):
+        speechlm.apply_lora(cfg.lora.r, cfg.lora.alpha, tuple(cfg.lora.targets), cfg.lora.dropout)
+    bos = tokenizer.bos_token_id if cfg.bos else None
+    model = Stage2Finetune(speechlm, bos, cfg.distill_weight, cfg.mse_weight, cfg.cosine_weight, cfg.text_weight)
+
+    engine = build_engine(model, cfg.engine, cfg.loop.max_steps, info)  # frozen LLM: no optimizer state
+    identity = build.run_identity("stage2", connector, variant=cfg.variant, lora=vars(cfg.lora) if
+                                  cfg.variant != "frozen" else None)
+    start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
+    seed_everything(cfg.seed, info.rank) if start is None else None
+
+    # Data (+ text-only batches for multitask)
+    if encoder is not None:
+        encoder.to(engine.device)
+    text = None
+    if cfg.variant == "multitask":
+        if not cfg.text_corpus:
+            raise ConfigError("variant=multitask needs text_corpus (a text file or .jsonl manifest)")
+        text = TextBatches.from_file(cfg.text_corpus, tokenizer, max_tokens=cfg.text_max_tokens, seed=cfg.seed,
+                                     rank=info.rank)
+    need_bnd = connector.cfg.name == "ssr"
+    dtype = next(connector.parameters()).dtype
+    prep = BatchPrep(engine.device, dtype, encoder, text, cfg.text_ratio, cfg.seed)
+    train = build.train_batches(cfg.data, build.make_reader(cfg.data, enc, tokenizer, need_boundaries=need_bnd),
+                                info, cfg.seed, tuple(start["position"]) if start else (0, 0))
+    valid_reader = build.make_reader(cfg.data, enc, tokenizer, valid=True, need_boundaries=need_bnd)
+    valid = build.valid_batches(cfg.data, valid_reader, info)
+    leak_utts = (build.read_split(cfg.data.valid_manifest or cfg.data.train_manifest, cfg.data.valid_split,
+                                  cfg.leakage_utts) if cfg.leakage_utts > 0 and need_bnd else [])
+
+    def run_validation() -> dict:
+        out = validate(engine, valid(), prep)
+        if leak_utts:
+            out.update(build.leakage_check(engine, model, encoder, leak_utts, valid_reader))
+        return out
+
+    result = train_loop(engine, train, prep, run_validation, cfg.loop, out_dir, identity,
+                        export=lambda folder: export_module(engine, connector, folder), start=start,
+                        title=f"stage 2: next-token ({cfg.variant})")
+    if info.is_main:
+        print(json.dumps({"stage2": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

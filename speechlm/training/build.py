@@ -1,0 +1,196 @@
+"""Small builders the stage recipes share: config -> LLM, encoder facts, connector, batches, leakage check."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from speechlm.data.batching import (
+    Batch,
+    DistributedBucketSampler,
+    ExampleReader,
+    ShardedManifestStream,
+    SpeechTextDataset,
+    convert_boundaries,
+    make_loader,
+)
+from speechlm.data.manifest import Utterance, read_manifest
+from speechlm.errors import ConfigError, ModelError
+from speechlm.models.connectors.base import (
+    Connector,
+    build_connector,
+    connector_config_from_dict,
+    llm_identity,
+)
+from speechlm.paths import SMOLLM2_135M, WHISPER_BASE, default_model
+from speechlm.training.configs import DataConfig, ModelConfig
+from speechlm.training.engine import DistInfo, Engine, all_sum
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- models
+def load_llm(path: str) -> tuple[nn.Module, Any]:
+    """(frozen causal LM in eval mode, its tokenizer) from a local folder ("" = embedded SmolLM2-135M)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path) if path else default_model(SMOLLM2_135M)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: LLM folder not found (run tools/prepare_models.py for the embedded models)")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    llm = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    return llm.requires_grad_(False).eval(), tokenizer
+
+
+def load_encoder(cfg: ModelConfig) -> Any:
+    from speechlm.models.encoder import SpeechEncoder
+
+    folder = cfg.encoder or str(default_model(WHISPER_BASE))
+    return SpeechEncoder(folder, layers=tuple(cfg.encoder_layers))
+
+
+@dataclass
+class EncoderFacts:
+    """What the connector and the data need to know about the encoder's frames."""
+
+    name: str
+    layers: list[int]
+    hidden_size: int
+    frame_rate_hz: float
+    sample_rate: int
+    cache_key: dict | None = None
+
+
+def encoder_facts(model: ModelConfig, data: DataConfig, encoder: Any = None) -> EncoderFacts:
+    """From the feature cache's index when there is one (no encoder load), else from the encoder."""
+    if data.feature_cache:
+        from speechlm.data.feature_cache import FeatureCache
+
+        cache = FeatureCache.open(data.feature_cache)
+        key = cache.encoder_key
+        return EncoderFacts(Path(str(key["encoder"])).name, list(cache.layers), cache.hidden_size,
+                            cache.frame_rate_hz, int(key["sample_rate"]), key)
+    if encoder is None:
+        raise ConfigError("no data.feature_cache: the encoder must be loaded to compute features on the fly")
+    return EncoderFacts(Path(str(encoder.name)).name, list(encoder.layers), encoder.hidden_size,
+                        float(encoder.frame_rate_hz), int(encoder.sample_rate))
+
+
+def make_connector(model: ModelConfig, enc: EncoderFacts, llm: nn.Module) -> Connector:
+    """A fresh connector sized for this encoder and LLM (the config's own sizes are overridden)."""
+    name, d_llm, vocab = llm_identity(llm)
+    data = dict(model.connector)
+    data.update(d_enc=enc.hidden_size, n_enc_layers=len(enc.layers), d_llm=d_llm, frame_rate_hz=enc.frame_rate_hz,
+                encoder_name=enc.name, encoder_layers=list(enc.layers), llm_name=name, llm_vocab_size=vocab)
+    connector = build_connector(connector_config_from_dict(data))
+    if model.init_output_mean and hasattr(connector, "init_output_bias"):
+        connector.init_output_bias(llm.get_input_embeddings().weight.detach().float().mean(0))
+    return connector
+
+
+def run_identity(stage: str, connector: Connector, **extra: Any) -> dict:
+    """What a checkpoint must match to be resumed by this run."""
+    return {"stage": stage, "connector": dataclasses.asdict(connector.cfg), **extra}
+
+
+# ------------------------------------------------------------------------------------------ data
+def read_split(manifest: str, split: str, max_utts: int = 0) -> list[Utterance]:
+    if not manifest:
+        raise ConfigError("no manifest given (data.train_manifest / data.valid_manifest)")
+    utts = [u for u in read_manifest(manifest) if not split or u.split == split]
+    if not utts:
+        raise ConfigError(f"{manifest}: no rows of split {split!r}")
+    return utts[:max_utts] if max_utts else utts
+
+
+def _in_cache(utts: list[Utterance], reader: ExampleReader, manifest: str) -> list[Utterance]:
+    if reader.cache is None:
+        return utts
+    kept = [u for u in utts if u.id in reader.cache]
+    if len(kept) < len(utts):
+        log.warning("%s: %d of %d rows are not in the feature cache %s (skipped when it was built): left out",
+                    manifest, len(utts) - len(kept), len(utts), reader.feature_cache)
+    return kept
+
+
+def make_reader(data: DataConfig, enc: EncoderFacts, tokenizer: Any, valid: bool = False,
+                need_boundaries: bool = True) -> ExampleReader:
+    cache = (data.valid_feature_cache or data.feature_cache) if valid else data.feature_cache
+    return ExampleReader(tokenizer, enc.frame_rate_hz, cache or None, enc.cache_key if cache else None,
+                         enc.sample_rate, need_boundaries)
+
+
+def train_batches(data: DataConfig, reader: ExampleReader, info: DistInfo, seed: int,
+                  position: tuple[int, int] = (0, 0)) -> Iterator[Batch]:
+    """Endless training batches of this rank, starting at ``position`` (epoch, batch index)."""
+    if data.train_shards:
+        source: Any = ShardedManifestStream(data.train_shards, reader, info.world_size, info.rank, seed,
+                                            data.max_frames, data.max_tokens, data.max_batch,
+                                            data.shuffle_buffer, data.stream_window)
+        source.set_position(*position)
+        return iter(make_loader(source, None, data.num_workers))
+    utts = _in_cache(read_split(data.train_manifest, data.train_split), reader, data.train_manifest)
+    dataset = SpeechTextDataset(utts, reader)
+    frames, tokens = dataset.lengths()
+    sampler = DistributedBucketSampler(frames, tokens, data.max_frames, data.max_tokens, data.max_batch,
+                                       info.world_size, info.rank, seed, shuffle=True, infinite=True,
+                                       window=data.bucket_window)
+    sampler.set_position(*position)
+    return iter(make_loader(dataset, sampler, data.num_workers))
+
+
+def valid_batches(data: DataConfig, reader: ExampleReader, info: DistInfo) -> Callable[[], Iterable[Batch]]:
+    """A function giving one pass over this rank's validation share (equal batch counts on all ranks)."""
+    manifest = data.valid_manifest or data.train_manifest
+    utts = _in_cache(read_split(manifest, data.valid_split, data.valid_max_utts), reader, manifest)
+    dataset = SpeechTextDataset(utts, reader)
+    frames, tokens = dataset.lengths()
+
+    def batches() -> Iterable[Batch]:
+        sampler = DistributedBucketSampler(frames, tokens, data.max_frames, data.max_tokens, data.max_batch,
+                                           info.world_size, info.rank, seed=0, shuffle=False, infinite=False)
+        return make_loader(dataset, sampler, 0)
+
+    return batches
+
+
+# --------------------------------------------------------------------------------------- leakage
+@torch.no_grad()
+def leakage_check(engine: Engine, module: nn.Module, encoder: Any, utts: list[Utterance], reader: ExampleReader
+                  ) -> dict[str, float]:
+    """Speech NTP loss with each token's future audio removed vs with the full audio (same rows, on the fly).
+
+    Every rank scores its share of ``utts`` one utterance at a time, padded to the same count so that
+    ZeRO-3's collective parameter gathers line up. ``leakage_gap`` = cut loss - plain loss (nats).
+    """
+    from speechlm.data.audio import load_audio
+    from speechlm.training.stages import leakage_losses
+
+    info = engine.info
+    mine = utts[info.rank:: info.world_size]
+    per_rank = -(-len(utts) // info.world_size)
+    order = [(u, True) for u in mine] + [(utts[0], False)] * (per_rank - len(mine))
+    sums = {"plain": 0.0, "cut": 0.0, "targets": 0.0}
+    engine.ds.eval()
+    for utt, counted in order:
+        ids = reader.tokens(utt)
+        if utt.token_boundaries is None:
+            raise ConfigError(f"leakage check needs token_boundaries (row {utt.id!r})")
+        bnd = convert_boundaries(utt.token_boundaries, utt.boundary_frame_rate_hz, reader.frame_rate_hz)
+        wave = load_audio(utt.audio_path, target_sr=encoder.sample_rate, expected_sr=utt.sample_rate)
+        r = leakage_losses(module, encoder, wave, ids, bnd)
+        for k in sums:
+            sums[k] += r[k] * (1.0 if counted else 0.0)
+    engine.ds.train()
+    total = all_sum(sums)
+    n = max(1.0, total["targets"])
+    plain, cut = total["plain"] / n, total["cut"] / n
+    return {"loss_speech_onfly": plain, "loss_speech_cut": cut, "leakage_gap": cut - plain,
+            "leakage_targets": total["targets"]}

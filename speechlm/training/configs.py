@@ -1,0 +1,82 @@
+"""Config dataclasses of the two training stages (filled by speechlm.config.load_config from YAML + overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from speechlm.training.engine import EngineConfig
+from speechlm.training.loop import LoopConfig
+
+
+@dataclass
+class ModelConfig:
+    llm: str = ""  # LLM folder; "" = the embedded SmolLM2-135M (speechlm.paths)
+    encoder: str = ""  # encoder folder; "" = the embedded Whisper base. Loaded only when needed
+    encoder_layers: list[int] = field(default_factory=lambda: [-1])
+    # ConnectorConfig fields (name: ssr | stack | conv | qformer); encoder/LLM sizes are filled in.
+    connector: dict[str, Any] = field(default_factory=lambda: {"name": "ssr"})
+    init_output_mean: bool = True  # start the SSR output bias at the LLM's mean token embedding
+    init_connector: str = ""  # stage 2: the connector folder exported by stage 1
+    gradient_checkpointing: bool = False  # stage 2: activation checkpointing inside the LLM
+
+
+@dataclass
+class DataConfig:
+    train_manifest: str = ""  # one JSONL manifest, held in memory
+    train_shards: str = ""  # OR a glob / comma list of manifest shards streamed per rank (huge corpora)
+    valid_manifest: str = ""
+    train_split: str = "train"  # rows of this split only ("" = all rows)
+    valid_split: str = "valid"
+    feature_cache: str = ""  # cached encoder features of the train manifest; "" = run the encoder on the fly
+    valid_feature_cache: str = ""  # "" = feature_cache
+    max_frames: int = 12_000  # budget per batch: batch size x longest clip, in encoder frames (0 = none)
+    max_tokens: int = 512  # budget per batch: batch size x longest transcript, in LLM tokens (0 = none)
+    max_batch: int = 0  # cap on utterances per batch (0 = none)
+    bucket_window: int = 0  # sort into length buckets within windows of this many rows (0 = whole set)
+    shuffle_buffer: int = 10_000  # streaming: rows in the shuffle buffer
+    stream_window: int = 2_000  # streaming: rows sorted into buckets together
+    num_workers: int = 0  # DataLoader worker processes per rank
+    valid_max_utts: int = 0  # validate on the first n rows only (0 = all)
+
+
+@dataclass
+class Stage1Config:
+    out_dir: str = "runs/stage1"
+    seed: int = 0
+    mse_weight: float = 1.0
+    cosine_weight: float = 5.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = 0.0
+
+
+@dataclass
+class Stage2Config:
+    out_dir: str = "runs/stage2"
+    seed: int = 0
+    # frozen: connector only | lora: + LoRA on the LLM | multitask: LoRA + text-only LM batches mixed in
+    variant: str = "frozen"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    text_corpus: str = ""  # multitask: text file (one sentence a line) or .jsonl manifest
+    text_ratio: float = 0.5  # multitask: fraction of steps that add a text-only batch
+    text_weight: float = 1.0
+    text_max_tokens: int = 512
+    distill_weight: float = 0.0  # weight of the stage-1 loss mixed into stage 2
+    mse_weight: float = 1.0
+    cosine_weight: float = 5.0
+    bos: bool = True  # put the LLM's BOS embedding before every sequence (context only, not scored)
+    leakage_utts: int = 16  # validation rows re-encoded with audio cut at each boundary (0 = skip)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)

@@ -1,0 +1,381 @@
+"""DeepSpeed setup (frozen parts excluded from the optimizer), checkpoints with exact resume, connector export.
+
+The same code runs under the ``deepspeed`` launcher (any number of ranks) and as a plain ``python``
+process, where :func:`init_distributed` makes a 1-rank process group itself.
+
+Checkpoint layout (``ckpt_dir``)::
+
+    step-00000100/   DeepSpeed's files (trainable parameters + optimizer + LR schedule only),
+                     trainer_state_rank{r}.pt (step, data position, RNG states of that rank),
+                     meta.json (identity of the run + size and sha256 of every file), written last
+    latest           name of the newest COMPLETE checkpoint, replaced atomically after meta.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from speechlm.atomic import atomic_write_text
+from speechlm.errors import CheckpointError, ConfigError
+from speechlm.training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+CKPT_FORMAT = "speechlm-train-checkpoint-1"
+DS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "ds"
+
+
+@dataclass
+class EngineConfig:
+    """Optimizer, schedule, precision and parallelism (METHOD.md defaults; recipes scale them down)."""
+
+    zero_stage: int = 2  # 0, 2 or 3: picks recipes/ds/zero{stage}.json unless ds_config is given
+    ds_config: str = ""
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    warmup_steps: int = 2000
+    lr_floor: float = 0.2  # cosine decay ends at lr_floor * lr
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    precision: str = "auto"  # "auto" (bf16 where the accelerator has it, else fp32) | "bf16" | "fp32"
+    threads: int = 0  # torch threads per rank; 0 = CPU cores / ranks on this node
+
+
+# ------------------------------------------------------------------------------------ processes
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> DistInfo:
+    """Join the launcher's process group, or make a 1-rank one for a plain ``python`` run."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # not started by the deepspeed launcher / torchrun
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   verbose=False)
+    world = dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    return DistInfo(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), local_world)
+
+
+def set_threads(threads: int, info: DistInfo) -> int:
+    """Torch threads for this rank: ranks on one node share its cores instead of fighting over them."""
+    n = threads if threads > 0 else max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; per rank, so dropout differs across ranks but is reproducible."""
+    s = seed * 1000 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values: dict[str, float], weights: float = 1.0) -> dict[str, float]:
+    """Weighted mean of scalar metrics over ranks (weights: e.g. token counts; one all-reduce)."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] * weights for k in keys] + [weights], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    total = float(t[-1]) or 1.0
+    return {k: float(t[i]) / total for i, k in enumerate(keys)}
+
+
+def all_sum(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return {k: float(t[i]) for i, k in enumerate(keys)}
+
+
+# ------------------------------------------------------------------------------------ deepspeed
+def use_bf16(precision: str) -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    if precision == "fp32":
+        return False
+    acc = get_accelerator()
+    has = acc.device_name() != "cpu" and bool(acc.is_bf16_supported())
+    if precision == "bf16" and not has:
+        raise ConfigError(f"precision=bf16 but the {acc.device_name()} accelerator has no bf16 training support")
+    if precision not in ("auto", "bf16"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return has
+
+
+def ds_config(cfg: EngineConfig) -> dict:
+    """The DeepSpeed JSON of ``cfg.zero_stage`` with its "auto" entries filled from ``cfg``."""
+    path = Path(cfg.ds_config) if cfg.ds_config else DS_DIR / f"zero{cfg.zero_stage}.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: DeepSpeed config not found (zero_stage={cfg.zero_stage})")
+    try:
+        conf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    auto = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip}
+    for k, v in auto.items():
+        if conf.get(k, "auto") == "auto":
+            conf[k] = v
+    bf16 = use_bf16(cfg.precision)
+    if conf.setdefault("bf16", {}).get("enabled", "auto") == "auto":
+        conf["bf16"]["enabled"] = bf16
+    conf.pop("fp16", None) if bf16 else None
+    return conf
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only; no weight decay on biases, norms and 1-D weights (fusion logits)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("the model has no trainable parameter")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine plus what training needs around it."""
+
+    ds: Any  # deepspeed.DeepSpeedEngine
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    info: DistInfo
+    cfg: EngineConfig
+    bf16: bool
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    @property
+    def zero3(self) -> bool:
+        return self.ds.zero_optimization_stage() == 3
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+
+def build_engine(model: nn.Module, cfg: EngineConfig, total_steps: int, info: DistInfo) -> Engine:
+    """Wrap ``model`` (its frozen parts already ``requires_grad_(False)``) in DeepSpeed.
+
+    Only trainable parameters reach the optimizer, so the frozen LLM holds no optimizer state and its
+    weights cannot change. The AdamW + warm-up/cosine schedule is stepped by DeepSpeed at every
+    optimizer step (every ``grad_accum`` micro-batches) and saved with its checkpoints.
+    """
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    conf = ds_config(cfg)
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.lr_floor)
+    trainable = [p for g in groups for p in g["params"]]
+    ds, _, _, sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=trainable, config=conf)
+    return Engine(ds, sched, info, cfg, bool(conf["bf16"]["enabled"]))
+
+
+def _shape(p: nn.Parameter) -> list[int]:
+    return list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions leave p.shape empty
+
+
+def trainable_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {n: _shape(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def gathered(params: list[nn.Parameter], engine: Engine):
+    """Context in which ZeRO-3-partitioned ``params`` hold their full values (a no-op otherwise)."""
+    import contextlib
+
+    import deepspeed
+
+    if engine.zero3:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def export_module(engine: Engine, module: nn.Module, folder: str | Path) -> None:
+    """``module.save_pretrained(folder)`` on rank 0, gathering ZeRO-3 partitions first (all ranks call it)."""
+    with gathered(list(module.parameters()), engine):
+        if engine.info.is_main:
+            if engine.bf16:  # the export is fp32, whatever the training precision
+                import copy
+
+                module = copy.deepcopy(module).float()
+            module.save_pretrained(folder)
+    barrier()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None when there is none yet."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / "latest"
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    path = ckpt_dir / tag
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{pointer} names {tag!r} but {path} is not a complete checkpoint")
+    return path
+
+
+def save_checkpoint(engine: Engine, ckpt_dir: str | Path, step: int, identity: dict, trainer_state: dict,
+                    keep: int = 2) -> Path:
+    """Save a resumable checkpoint (all ranks call this); it becomes ``latest`` only once complete."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step-{step:08d}"
+    path = ckpt_dir / tag
+    if engine.info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(path, ignore_errors=True)  # a torn earlier attempt at this step
+    barrier()
+    engine.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
+                              exclude_frozen_parameters=True)
+    state = {"step": step, "rank": engine.info.rank, "rng": rng_state(), **trainer_state}
+    torch.save(state, path / f"trainer_state_rank{engine.info.rank}.pt")
+    barrier()
+    if engine.info.is_main:
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(path.iterdir()) if p.is_file()}
+        meta = {"format": CKPT_FORMAT, "step": step, "world_size": engine.info.world_size,
+                "zero_stage": engine.ds.zero_optimization_stage(), "identity": identity,
+                "trainable": trainable_shapes(engine.module), "files": files}
+        atomic_write_text(path / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(ckpt_dir / "latest", tag + "\n")
+        complete = sorted(p for p in ckpt_dir.glob("step-*") if (p / "meta.json").is_file())
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return path
+
+
+def _check_meta(path: Path, engine: Engine, identity: dict) -> dict:
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+    if meta.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{meta_path}: not a {CKPT_FORMAT} checkpoint")
+    problems = []
+    if meta["world_size"] != engine.info.world_size:
+        problems.append(f"saved with {meta['world_size']} ranks, resuming with {engine.info.world_size} "
+                        "(exact resume needs the same number)")
+    if meta["zero_stage"] != engine.ds.zero_optimization_stage():
+        problems.append(f"saved under ZeRO-{meta['zero_stage']}, resuming under "
+                        f"ZeRO-{engine.ds.zero_optimization_stage()}")
+    for k in sorted(set(meta["identity"]) | set(identity)):
+        if meta["identity"].get(k) != identity.get(k):
+            problems.append(f"{k}: checkpoint has {meta['identity'].get(k)!r}, this run {identity.get(k)!r}")
+    mine = trainable_shapes(engine.module)
+    if meta["trainable"] != mine:
+        diff = sorted(k for k in set(meta["trainable"]) | set(mine) if meta["trainable"].get(k) != mine.get(k))
+        problems.append(f"trainable parameters differ ({len(diff)}: {', '.join(diff[:5])})")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match this run: " + "; ".join(problems))
+    for name, f in meta["files"].items():
+        p = path / name
+        if not p.is_file() or p.stat().st_size != f["size"] or _sha256(p) != f["sha256"]:
+            raise CheckpointError(f"{p}: checkpoint file missing or corrupt (size/sha256 differ from {meta_path})")
+    return meta
+
+
+def load_checkpoint(engine: Engine, ckpt_dir: str | Path, identity: dict, path: str | Path | None = None
+                    ) -> dict | None:
+    """Restore the newest complete checkpoint (or ``path``): weights, optimizer, schedule, RNG.
+
+    Returns this rank's trainer state (``step``, data position ...) or None when there is nothing
+    to resume. A corrupt, incomplete or mismatched checkpoint raises :class:`CheckpointError`.
+    """
+    path = Path(path) if path is not None else latest_checkpoint(ckpt_dir)
+    if path is None:
+        return None
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
+    _check_meta(path, engine, identity)
+    try:
+        load_path, _ = engine.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    except Exception as e:  # noqa: BLE001 -- DeepSpeed raises assertion/pickle/runtime errors on bad files
+        raise CheckpointError(f"{path}: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e})") from None
+    if load_path is None:
+        raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    state_path = path / f"trainer_state_rank{engine.info.rank}.pt"
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- torch.load raises many types on a damaged file
+        raise CheckpointError(f"{state_path}: unreadable trainer state ({e})") from None
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,95 @@
+"""The training objectives: stage-1 distillation, next-token prediction (speech or text in), token accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # label of positions that are not trained (Hugging Face convention)
+
+
+def distill_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mse_weight: float = 1.0,
+                 cosine_weight: float = 5.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage 1: pred, target (B, N, d), mask (B, N) bool -> (loss, {"mse", "cosine"}).
+
+    ``mse`` is the squared error summed over the hidden dimension and averaged over the real tokens;
+    ``cosine`` the mean cosine similarity; loss = mse_weight * mse + cosine_weight * (1 - cosine).
+    """
+    m = mask.bool()
+    n = m.sum().clamp(min=1)
+    p, t = pred.float(), target.float()
+    sq = (p - t).pow(2).sum(-1)  # (B, N)
+    cos = F.cosine_similarity(p, t, dim=-1, eps=1e-8)  # (B, N)
+    mse = (sq * m).sum() / n
+    cosine = (cos * m).sum() / n
+    loss = mse_weight * mse + cosine_weight * (1.0 - cosine)
+    return loss, {"mse": mse.detach(), "cosine": cosine.detach()}
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Shifted cross-entropy: logits (B, S, V) at position p predict ``labels[:, p + 1]``.
+
+    ``labels`` (B, S) follow the HF convention (the token AT each position, IGNORE where not trained).
+    Returns the mean over trained targets (nats) and their count.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = int((shift_labels != IGNORE).sum())
+    if n == 0:
+        return shift_logits.sum() * 0.0, 0
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss / n, n
+
+
+def ntp_labels(token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) ids + mask -> (B, N) labels with IGNORE at padding."""
+    return token_ids.masked_fill(~token_mask.bool(), IGNORE)
+
+
+def speech_ntp_loss(llm_logits_fn, speech_embeds: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor,
+                    prefix_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Speech in, text out: position i carries the vector of token i (B, N, d) and predicts token i+1.
+
+    ``prefix_embeds`` (P, d) (e.g. the BOS embedding) is put in front as context; it predicts nothing,
+    so the speech and the text loss (:func:`text_ntp_loss`) score exactly the same targets.
+    ``llm_logits_fn(inputs_embeds (B, S, d), attention_mask (B, S)) -> logits (B, S, V)``.
+    """
+    b = speech_embeds.shape[0]
+    inputs, attn = speech_embeds, token_mask.long()
+    labels = ntp_labels(token_ids, token_mask)
+    if prefix_embeds is not None and prefix_embeds.shape[0] > 0:
+        p = prefix_embeds.shape[0]
+        inputs = torch.cat([prefix_embeds.to(inputs.dtype)[None].expand(b, p, -1), inputs], dim=1)
+        attn = torch.cat([attn.new_ones(b, p), attn], dim=1)
+        labels = torch.cat([labels.new_full((b, p), IGNORE), labels], dim=1)
+        # The prefix's last position would predict token 0: not a speech-to-next-token target.
+        labels[:, p] = IGNORE
+    logits = llm_logits_fn(inputs, attn)
+    return next_token_loss(logits, labels)
+
+
+def text_ntp_loss(llm_logits_fn, embed_fn, token_ids: torch.Tensor, token_mask: torch.Tensor,
+                  prefix_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The same LLM on the text itself: position i carries token i's own embedding; same targets as speech.
+
+    Also the text-only LM loss of multitask training (``embed_fn`` = the LLM's embedding lookup).
+    """
+    embeds = embed_fn(token_ids)  # (B, N, d)
+    return speech_ntp_loss(llm_logits_fn, embeds, token_ids, token_mask, prefix_embeds)
+
+
+@torch.no_grad()
+def nearest_token_accuracy(vectors: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor,
+                           mask: torch.Tensor, chunk: int = 4096) -> tuple[int, int]:
+    """(correct, total): how often the embedding-table row nearest (cosine) to each vector is its token.
+
+    vectors (B, N, d), table (V, d), token_ids, mask (B, N). Chunked over tokens to bound memory.
+    """
+    m = mask.bool()
+    q = F.normalize(vectors[m].float(), dim=-1)  # (n, d)
+    if q.shape[0] == 0:
+        return 0, 0
+    t = F.normalize(table.float(), dim=-1)  # (V, d)
+    pred = torch.cat([(q[i:i + chunk] @ t.T).argmax(-1) for i in range(0, q.shape[0], chunk)])
+    return int((pred == token_ids[m]).sum()), int(q.shape[0])

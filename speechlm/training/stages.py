@@ -1,0 +1,148 @@
+"""What each stage trains: the module DeepSpeed wraps, ``forward(batch) -> (loss, metrics)``.
+
+Frozen weights are only ever touched inside their own submodule's ``forward``, so ZeRO-3 (which
+gathers a partitioned parameter when its module is called) works unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from speechlm.data.batching import Batch
+from speechlm.models.connectors.base import Connector
+from speechlm.training.losses import distill_loss, nearest_token_accuracy, speech_ntp_loss, text_ntp_loss
+
+
+class TokenEmbedding(nn.Module):
+    """A frozen copy of the LLM's input-embedding table: the stage-1 targets, and nearest-token look-ups."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(table.detach().clone().float(), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor, query: torch.Tensor | None = None, query_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """Rows of ``ids`` (..., d); with ``query`` (B, N, d), also (correct, total) nearest-row accuracy."""
+        rows = nn.functional.embedding(ids, self.weight)
+        acc = None
+        if query is not None:
+            acc = nearest_token_accuracy(query, self.weight, ids, query_mask)
+        return rows, acc
+
+
+class Stage1Distill(nn.Module):
+    """Connector trained to reproduce the LLM's raw embedding of each transcript token; the LLM never runs."""
+
+    def __init__(self, connector: Connector, embedding: TokenEmbedding, mse_weight: float = 1.0,
+                 cosine_weight: float = 5.0):
+        super().__init__()
+        self.connector = connector
+        self.embedding = embedding.requires_grad_(False)
+        self.mse_weight, self.cosine_weight = mse_weight, cosine_weight
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.connector(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
+        mask = out.mask & batch.token_mask
+        want_acc = not self.training
+        target, acc = self.embedding(batch.token_ids, out.embeds.detach() if want_acc else None, mask)
+        loss, parts = distill_loss(out.embeds, target.to(out.embeds.dtype), mask, self.mse_weight, self.cosine_weight)
+        metrics = {"loss": float(loss.detach()), "mse": float(parts["mse"]), "cosine": float(parts["cosine"]),
+                   "tokens": int(mask.sum())}
+        if acc is not None:
+            metrics.update(acc_correct=acc[0], acc_total=acc[1])
+        return loss, metrics
+
+
+class Stage2Finetune(nn.Module):
+    """Speech in, text out through the frozen (or LoRA-adapted) LLM, plus optional stage-1 and text-LM terms."""
+
+    def __init__(self, speechlm: nn.Module, bos_id: int | None = None, distill_weight: float = 0.0,
+                 mse_weight: float = 1.0, cosine_weight: float = 5.0, text_weight: float = 1.0):
+        super().__init__()
+        self.speechlm = speechlm  # SpeechLM: connector + frozen llm
+        self.bos_id = bos_id
+        self.distill_weight, self.mse_weight, self.cosine_weight = distill_weight, mse_weight, cosine_weight
+        self.text_weight = text_weight
+
+    def _logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.speechlm.lm_logits(inputs_embeds, attention_mask)
+
+    def prefix(self, device: torch.device) -> torch.Tensor | None:
+        """(P, d) embeddings put before every sequence: the BOS row when the LLM has one."""
+        if self.bos_id is None:
+            return None
+        return self.speechlm.llm_embed(torch.tensor([self.bos_id], device=device))
+
+    def speech_loss(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return speech_ntp_loss(self._logits, embeds, ids, mask, self.prefix(ids.device))
+
+    def text_loss(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return text_ntp_loss(self._logits, self.speechlm.llm_embed, ids, mask, self.prefix(ids.device))
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.speechlm.speech_embeds(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
+        embeds = out.embeds
+        loss, n = self.speech_loss(embeds, batch.token_ids, batch.token_mask)
+        metrics: dict[str, float] = {"loss_speech": float(loss.detach()), "targets": n}
+        if self.distill_weight > 0:
+            target = self.speechlm.llm_embed(batch.token_ids).detach()
+            mask = out.mask & batch.token_mask
+            d_loss, parts = distill_loss(embeds, target.to(embeds.dtype), mask, self.mse_weight, self.cosine_weight)
+            loss = loss + self.distill_weight * d_loss
+            metrics.update(distill=float(d_loss.detach()), cosine=float(parts["cosine"]), mse=float(parts["mse"]))
+        if batch.text_ids is not None:
+            t_loss, _ = self.text_loss(batch.text_ids, batch.text_mask)
+            loss = loss + self.text_weight * t_loss
+            metrics["loss_text_lm"] = float(t_loss.detach())
+        if not self.training:  # validation: the same LLM on the transcripts themselves
+            t_loss, _ = self.text_loss(batch.token_ids, batch.token_mask)
+            metrics["loss_text"] = float(t_loss)
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------- leakage
+@torch.no_grad()
+def truncated_vectors(connector: Connector, encoder: nn.Module, wave: torch.Tensor, boundaries: list[int]
+                      ) -> torch.Tensor:
+    """(N, d_llm): token i's vector recomputed from the audio CUT at its end boundary.
+
+    The encoder is bidirectional, so in the full clip the frame read for token i has already heard
+    token i+1; here it has not. One encoder pass per distinct boundary (batched), one connector pass.
+    """
+    sr, rate = encoder.sample_rate, connector.cfg.frame_rate_hz
+    ends = sorted(set(boundaries))
+    cuts = [min(wave.numel(), max(1, round((b + 1) * sr / rate))) for b in ends]
+    enc = encoder([wave[:c] for c in cuts])  # features (U, L, T, D), lengths (U,)
+    dev = next(connector.parameters()).device
+    n = len(boundaries)
+    bnd = torch.tensor(boundaries, dtype=torch.long)[None].expand(len(ends), n)
+    bnd = torch.minimum(bnd, (enc.lengths - 1).clamp(min=0)[:, None])
+    mask = torch.ones(len(ends), n, dtype=torch.bool)
+    dtype = next(connector.parameters()).dtype
+    out = connector(enc.features.to(dev, dtype), enc.lengths.to(dev), bnd.to(dev), mask.to(dev))
+    which = torch.tensor([ends.index(b) for b in boundaries], device=dev)
+    return out.embeds[which, torch.arange(n, device=dev)]  # (N, d)
+
+
+@torch.no_grad()
+def leakage_losses(module: Stage2Finetune, encoder: nn.Module, wave: torch.Tensor, token_ids: list[int],
+                   boundaries: list[int]) -> dict[str, float]:
+    """Summed speech NTP loss of one utterance, full audio vs audio cut at each token's boundary.
+
+    Both run the encoder on the fly on the same audio, so their difference is the leakage alone.
+    Returns {"plain": sum, "cut": sum, "targets": n}.
+    """
+    connector = module.speechlm.connector
+    dev = next(connector.parameters()).device
+    dtype = next(connector.parameters()).dtype
+    ids = torch.tensor([token_ids], dtype=torch.long, device=dev)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    enc = encoder([wave])
+    bnd = torch.tensor([boundaries], dtype=torch.long).clamp(max=int(enc.lengths[0]) - 1)
+    full = connector(enc.features.to(dev, dtype), enc.lengths.to(dev), bnd.to(dev), mask)
+    plain, n = module.speech_loss(full.embeds, ids, mask)
+    cut_vecs = truncated_vectors(connector, encoder, wave, [min(b, int(enc.lengths[0]) - 1) for b in boundaries])
+    cut, _ = module.speech_loss(cut_vecs[None], ids, mask)
+    return {"plain": float(plain) * n, "cut": float(cut) * n, "targets": n}

@@ -1,0 +1,121 @@
+"""A tiny training world on disk: word-level tokenizer + tiny Llama LLM, tiny Whisper encoder, noise audio,
+a manifest with token boundaries, and a feature cache. Shared by the tests/test_training_*.py files."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "big", "small", "red", "blue", "quick", "slow", "fox", "jumps", "over", "lazy", "sun", "moon", "star", "tree", "house", "car", "road"]
+SR = 16_000
+
+
+def make_tokenizer(folder: Path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_llm(folder: Path, vocab: int, hidden: int = 32) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+def make_whisper(folder: Path) -> None:
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+                        max_source_positions=1500, vocab_size=100, max_target_positions=32, pad_token_id=1,
+                        bos_token_id=2, eos_token_id=3, decoder_start_token_id=2, suppress_tokens=None,
+                        begin_suppress_tokens=None)
+    WhisperForConditionalGeneration(cfg).save_pretrained(folder)
+    WhisperFeatureExtractor().save_pretrained(folder)
+
+
+def make_world(root: Path, n_train: int = 24, n_valid: int = 6, cache: bool = True) -> dict[str, str]:
+    """Build everything under ``root``; returns the paths the recipes need (as config overrides)."""
+    from speechlm.data.audio import save_audio
+    from speechlm.data.manifest import Utterance, write_manifest
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(root / "llm")
+    make_llm(root / "llm", vocab=len(tok))
+    make_whisper(root / "enc")
+    rng = random.Random(0)
+    np_rng = np.random.default_rng(0)
+    utts = []
+    for i in range(n_train + n_valid):
+        n_words = rng.randint(3, 8)
+        text = " ".join(rng.choice(WORDS) for _ in range(n_words))
+        dur = 0.15 * n_words + rng.uniform(0.1, 0.3)
+        samples = int(dur * SR)
+        t = np.arange(samples) / SR
+        wave = 0.1 * np_rng.standard_normal(samples) + 0.2 * np.sin(2 * np.pi * (200 + 40 * (i % 7)) * t)
+        path = root / "audio" / f"u{i:03d}.wav"
+        save_audio(path, wave.astype(np.float32), SR)
+        frames = int(dur * 100)  # boundaries given at 100 Hz: the batching must convert them to 50 Hz
+        bnd = [int((k + 1) * frames / n_words) - 1 for k in range(n_words)]
+        utts.append(Utterance(id=f"u{i:03d}", audio=f"audio/u{i:03d}.wav", sample_rate=SR, duration_s=samples / SR,
+                              text=text, split="train" if i < n_train else "valid", token_boundaries=bnd,
+                              boundary_frame_rate_hz=100.0))
+    write_manifest(root / "manifest.jsonl", utts)
+    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(40)))
+    paths = {"llm": str(root / "llm"), "enc": str(root / "enc"), "manifest": str(root / "manifest.jsonl"),
+             "text": str(root / "text.txt")}
+    if cache:
+        from speechlm.data.feature_cache import build_feature_cache
+        from speechlm.models.encoder import SpeechEncoder
+
+        build_feature_cache(root / "manifest.jsonl", SpeechEncoder(str(root / "enc")), root / "cache")
+        paths["cache"] = str(root / "cache")
+    return paths
+
+
+def stage1_overrides(paths: dict[str, str], out_dir: Path, cache: bool = True, **extra: object) -> list[str]:
+    over = {
+        "out_dir": str(out_dir), "model.llm": paths["llm"], "model.encoder": paths["enc"],
+        "model.connector.d_model": 32, "model.connector.n_layers": 1, "model.connector.n_heads": 2,
+        "data.train_manifest": paths["manifest"], "data.feature_cache": paths["cache"] if cache else "",
+        "data.max_frames": 400, "data.max_tokens": 40, "engine.lr": 3e-3, "engine.warmup_steps": 2,
+        "engine.threads": 1, "loop.max_steps": 6, "loop.eval_every": 3, "loop.save_every": 3,
+        "loop.progress": False,
+    }
+    over.update(extra)
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+def run_recipe(script: str, config: str, overrides: list[str], ranks: int = 0, timeout: int = 600
+               ) -> subprocess.CompletedProcess:
+    """Run a recipe as a subprocess: plain python (ranks=0) or through the deepspeed launcher."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    script_path, config_path = str(ROOT / "recipes" / script), str(ROOT / "recipes" / "configs" / config)
+    if ranks:
+        port = str(29500 + random.randint(100, 2000))
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port,
+               script_path, "--config", config_path, *overrides]
+    else:
+        cmd = [sys.executable, script_path, "--config", config_path, *overrides]
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
