@@ -219,7 +219,7 @@ def test_connector_must_fit_llm():
 
 
 @pytest.mark.slow
-def test_real_smollm2_scores_ssr_speech():
+def test_real_smollm2_scores_ssr_speech(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = paths.default_model(paths.SMOLLM2_135M)
@@ -247,3 +247,14 @@ def test_real_smollm2_scores_ssr_speech():
     assert all(torch.isfinite(s).all() and (s <= 0).all() for s in (text_score, speech_score, s_score))
     # A fluent text context makes the ending likelier than untrained speech vectors do.
     assert text_score.sum() > speech_score.sum()
+    # Cached greedy decoding from inputs_embeds agrees with HF's own greedy decoding from ids.
+    ours = model.generate([[TextSegment(bos + ids)]], max_new_tokens=6)[0]
+    theirs = llm.generate(torch.tensor([bos + ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                          pad_token_id=tok.eos_token_id)[0, len(ids) + 1:].tolist()
+    assert ours == theirs
+    # The connector folder + the LLM folder load back into the same model in one call.
+    model.connector.save_pretrained(tmp_path / "conn")
+    again = SpeechLM.from_pretrained(tmp_path / "conn", llm=folder)
+    assert again.connector.cfg.llm_name == folder.name and again.tokenizer is not None
+    with torch.no_grad():
+        assert torch.equal(again.speech_embeds(feats, torch.tensor([150]), bnd).embeds, out.embeds)
