@@ -47,7 +47,7 @@ HELD_OUT_RATE_WPM = (150, 200)
 HELD_OUT_PITCH = (35, 65)
 
 #: Default mixture of text sources (weights of the sentences drawn).
-SOURCE_WEIGHTS = {"wiki": 0.35, "news": 0.30, "everyday": 0.25, "reviews": 0.10}
+SOURCE_WEIGHTS = {"wiki": 0.25, "news": 0.20, "wordnet": 0.30, "everyday": 0.15, "reviews": 0.10}
 
 # Rough speech duration per character at 175 wpm, used only to plan how many sentences fill H hours.
 _S_PER_CHAR_175 = 0.05
@@ -216,8 +216,30 @@ def everyday_sentences(n: int, seed: int) -> list[str]:
     return sorted(out)
 
 
+#: Debian package ``wordnet-base``: its glosses hold ~40k short example sentences of everyday English.
+WORDNET_DIR = Path("/usr/share/wordnet")
+
+
+def read_wordnet_examples(folder: Path = WORDNET_DIR) -> list[str]:
+    """The quoted usage examples of WordNet's data files, as sentences ("Pepper makes me sneeze.")."""
+    out = []
+    for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        for line in read_text(path).splitlines():
+            if line.startswith("  "):  # licence header
+                continue
+            for ex in re.findall(r'"([^"]+)"', line.partition("|")[2]):
+                ex = ex.strip().rstrip(";,")
+                if len(ex.split()) >= 3:
+                    out.append(ex[0].upper() + ex[1:] + ("" if ex[-1] in ".!?" else "."))
+    return out
+
+
 def default_sources(seed: int = 0) -> dict[str, list[str]]:
-    """Speakable sentences of each default source: news, wiki, reviews, everyday (generated)."""
+    """Speakable sentences of each default source: news, wiki, reviews, everyday (generated) and,
+    where the Debian package wordnet-base is installed, WordNet's usage examples."""
     data = gensim_test_data()
     news = [line for name in ("lee_background.cor", "lee.cor")
             for line in read_text(data / name).splitlines()]
@@ -226,12 +248,17 @@ def default_sources(seed: int = 0) -> dict[str, list[str]]:
         raise CorpusError(f"{data}: the shortened English Wikipedia dump is missing")
     reviews = [detokenize(line) for name in ("pang_lee_polarity.cor", "alldata-id-10.txt")
                for line in read_text(data / name).splitlines()]
-    return {
+    sources = {
         "news": list(speakable_sentences(news)),
         "wiki": list(speakable_sentences(read_wiki_dump(wiki_path))),
         "reviews": list(speakable_sentences(reviews)),
         "everyday": [s for s in (normalize_for_speech(x) for x in everyday_sentences(4000, seed)) if s],
     }
+    if WORDNET_DIR.is_dir():
+        sources["wordnet"] = [s for s in map(normalize_for_speech, read_wordnet_examples()) if s]
+    else:
+        log.warning("%s not found (Debian package wordnet-base): no WordNet example sentences", WORDNET_DIR)
+    return sources
 
 
 def file_sources(paths: Iterable[str | Path]) -> dict[str, list[str]]:

@@ -4,8 +4,10 @@ eSpeak's WORD events do not cover every word: it merges short function words int
 word group ("of the" -> one event). Word timings are therefore derived from PHONEME events
 (each carries the text position of its word group and its audio time): every whitespace word is
 mapped to the group that contains its first character, and a group holding several words is split
-between them by each word's own phoneme count (the word synthesized alone). See
-``tests/test_tts.py`` (which also checks the timings against each word synthesized alone).
+between them by aligning (edit distance) the group's phonemes with each word's own phonemes (the
+word synthesized alone): "of the" = V v | D I. A word spans from its first phoneme's start to
+its last phoneme's end; pauses ("_" phonemes) belong to no word. ``tests/test_tts.py`` checks a
+merged boundary against eSpeak's own phoneme event.
 
 Audio is trimmed/padded so that it starts ``LEAD_S`` before the first phoneme and ends ``TAIL_S``
 after the last word, whatever eSpeak's own leading/trailing silence was.
@@ -315,11 +317,13 @@ def synthesize(text: str, voice: str = "en-us", rate_wpm: int = 175, pitch: int 
                sample_rate: int = 16000, seed: int = 0) -> Synthesis:
     """Speak ``text`` with eSpeak NG; returns the waveform and one timing per whitespace word.
 
-    Deterministic: the same arguments give the same samples (``seed`` is accepted for callers that
-    vary rate/pitch per seed; eSpeak itself uses no randomness). Raises :class:`SynthesisError`
-    for empty text or an unknown voice.
+    Deterministic: the same arguments give the same samples in any process and after any other
+    call (the library is loaded afresh for each call). ``seed`` does not change the audio; it is
+    kept for callers that draw rate/pitch jitter per seed. Raises :class:`SynthesisError` for empty
+    text, an unknown voice or variant, or rate/pitch out of eSpeak's range. Thread-safe (one call
+    at a time per process); processes are independent.
     """
-    del seed  # eSpeak is deterministic; kept in the signature for corpus-level jitter.
+    del seed
     if not text or not text.strip():
         raise SynthesisError("cannot synthesize empty text")
     if not 80 <= rate_wpm <= 450:
