@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignment.ctc_model import CTCAligner
+from alignment.cif import CIFAligner, cif_spans
+from alignment.ctc_model import CTCAligner, load_folder_tokenizer, read_folder_config
 from alignment.decoders import DECODERS, LabelSpans, align_labels, beam_decode, greedy_decode
 from alignment.tokens import (
     char_spans_from_normalized,
@@ -58,14 +59,17 @@ class AlignmentResult:
 
 
 class Aligner:
-    """A CTC aligner model + the LLM tokenizer whose tokens get boundaries."""
+    """An aligner model (charCTC, subCTC or CIF) + the LLM tokenizer whose tokens get boundaries.
 
-    def __init__(self, model: CTCAligner, llm_tokenizer, decoder: str = "ctc_segmentation",
+    ``decoder`` and ``beam_size`` apply to the CTC models; CIF segments by its own firing.
+    """
+
+    def __init__(self, model: CTCAligner | CIFAligner, llm_tokenizer, decoder: str = "ctc_segmentation",
                  sub_tokenizer=None, beam_size: int = 0, device: str | torch.device = "cpu"):
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
-        if model.config.kind == "subCTC" and sub_tokenizer is None:
-            raise ModelError("a subCTC aligner needs the tokenizer it was trained with (sub_tokenizer)")
+        if model.config.kind in ("subCTC", "CIF") and sub_tokenizer is None:
+            raise ModelError(f"a {model.config.kind} aligner needs the tokenizer it was trained with (sub_tokenizer)")
         self.model = model.to(device).eval()
         self.llm_tokenizer = llm_tokenizer
         self.sub_tokenizer = sub_tokenizer
@@ -75,18 +79,25 @@ class Aligner:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, llm_tokenizer, **kw) -> Aligner:
-        model = CTCAligner.from_pretrained(folder)
-        sub = CTCAligner.load_tokenizer(folder) if model.config.kind == "subCTC" else None
+        model = load_aligner_model(folder)
+        sub = load_folder_tokenizer(folder) if model.config.kind != "charCTC" else None
         return cls(model, llm_tokenizer, sub_tokenizer=sub, **kw)
 
     @property
     def frame_rate_hz(self) -> float:
         return self.model.frame_rate_hz
 
+    @property
+    def is_cif(self) -> bool:
+        return isinstance(self.model, CIFAligner)
+
     @torch.no_grad()
-    def log_probs(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``(B, L, T, D)`` frames -> ``(B, T, V)`` CTC log-posteriors (CPU)."""
-        return self.model(features.to(self.device), lengths.to(self.device)).float().cpu()
+    def frame_outputs(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, L, T, D)`` frames -> per-frame model output (CPU): CTC ``(B, T, V)`` log-posteriors,
+        CIF ``(B, T, 1 + d)`` firing weight and hidden state."""
+        features, lengths = features.to(self.device), lengths.to(self.device)
+        out = self.model.frame_outputs(features, lengths) if self.is_cif else self.model(features, lengths)
+        return out.float().cpu()
 
     def align(self, features: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str | None],
               utt_ids: Sequence[str] | None = None, target_frame_rate_hz: float | None = None,
@@ -96,7 +107,7 @@ class Aligner:
         ``target_frame_rate_hz`` / ``target_num_frames``: the connector encoder's frame rate and each
         utterance's frame count there (default: the aligner's own frames).
         """
-        lp = self.log_probs(features, lengths)
+        lp = self.frame_outputs(features, lengths)
         ids = list(utt_ids) if utt_ids is not None else [str(i) for i in range(len(texts))]
         out = []
         for i, text in enumerate(texts):
@@ -108,26 +119,27 @@ class Aligner:
     def align_posteriors(self, log_probs: torch.Tensor, text: str | None, utt_id: str = "?",
                          target_frame_rate_hz: float | None = None, target_num_frames: int | None = None
                          ) -> AlignmentResult:
-        """One utterance's ``(T, V)`` log-posteriors (+ transcript, or None for free mode) -> result."""
+        """One utterance's frame outputs (:meth:`frame_outputs`, ``(T, ...)``) + transcript, or None
+        for free mode -> result."""
         mode = "forced" if text is not None else "free"
         if text is None:
             text = self.decode(log_probs)
             if not normalize_for_alignment(text).text:
                 raise AlignmentError(f"utterance {utt_id!r}: free mode decoded no speech")
-        num_frames = int(log_probs.shape[0])
-        rate = self.frame_rate_hz
         char_start, char_end, spans = self._char_frames(log_probs, text, utt_id)
-        llm_ids, llm_spans = token_char_spans(self.llm_tokenizer, text)
-        bounds = token_boundaries(llm_spans, char_start, char_end, num_frames)
-        to_hz = target_frame_rate_hz or rate
-        n_target = target_num_frames or max(1, int(np.ceil(num_frames * to_hz / rate - 1e-6)))
-        bounds = convert_boundaries(bounds, rate, to_hz, n_target)
-        words = [WordAlignment(*w) for w in words_from_char_spans(text, char_start, char_end, rate)
-                 if w is not None]
-        return AlignmentResult(utt_id, text, mode, words, llm_ids, bounds, to_hz, n_target, spans.score, spans)
+        return build_result(utt_id, text, mode, char_start, char_end, spans, self.llm_tokenizer,
+                            target_frame_rate_hz, target_num_frames)
 
     def decode(self, log_probs: torch.Tensor) -> str:
-        """Free mode: the aligner's own transcript of ``(T, V)`` log-posteriors."""
+        """Free mode: the aligner's own transcript of one utterance's frame outputs."""
+        if self.is_cif:
+            try:
+                _, vectors = cif_spans(log_probs, None, self.model.config)
+            except AlignmentError:
+                return ""
+            with torch.no_grad():
+                ids = self.model.token_head(vectors).argmax(-1).tolist()
+            return self.sub_tokenizer.decode(ids, skip_special_tokens=True).strip()
         labels = beam_decode(log_probs, self.beam_size) if self.beam_size > 1 else greedy_decode(log_probs)
         if self.model.config.kind == "charCTC":
             return " ".join(self.model.labels_to_text(labels).split())
@@ -144,16 +156,13 @@ class Aligner:
             spans = align_labels(log_probs, labels, self.frame_rate_hz, self.decoder, utt_id)
             starts, ends = char_spans_from_normalized(norm, len(text), spans.start_frames, spans.end_frames)
             return starts, ends, spans
-        # subCTC: each subword's frames go to the spoken characters it covers.
         sub_ids, sub_spans = token_char_spans(self.sub_tokenizer, text)
-        spans = align_labels(log_probs, [x + 1 for x in sub_ids], self.frame_rate_hz, self.decoder, utt_id)
-        spoken = {s for s in norm.source if s >= 0}
-        starts: list[int | None] = [None] * len(text)
-        ends: list[int | None] = [None] * len(text)
-        for k, (a, b) in enumerate(sub_spans):
-            for c in range(a, b):
-                if c in spoken:
-                    starts[c], ends[c] = int(spans.start_frames[k]), int(spans.end_frames[k])
+        if self.is_cif:
+            spans, _ = cif_spans(log_probs, len(sub_ids), self.model.config, utt_id)
+            spans.labels = list(sub_ids)
+        else:
+            spans = align_labels(log_probs, [x + 1 for x in sub_ids], self.frame_rate_hz, self.decoder, utt_id)
+        starts, ends = subword_char_frames(text, sub_spans, spans)
         return starts, ends, spans
 
     def align_waves(self, encoder, waves: Sequence[torch.Tensor], texts: Sequence[str | None],
@@ -165,7 +174,13 @@ class Aligner:
         return self.align(enc.features, enc.lengths, texts, utt_ids, **kw)
 
 
-def check_encoder(model: CTCAligner, encoder) -> None:
+def load_aligner_model(folder: str | Path) -> CTCAligner | CIFAligner:
+    """The aligner model in ``folder`` (charCTC, subCTC or CIF, by its config's ``kind``)."""
+    kind = read_folder_config(folder).get("kind")
+    return CIFAligner.from_pretrained(folder) if kind == "CIF" else CTCAligner.from_pretrained(folder)
+
+
+def check_encoder(model: CTCAligner | CIFAligner, encoder) -> None:
     """Raise :class:`ModelError` unless ``encoder`` yields the frames ``model`` was trained on."""
     c = model.config
     if abs(float(encoder.frame_rate_hz) - c.frame_rate_hz) > 1e-6 or int(encoder.hidden_size) != c.input_dim \
@@ -174,3 +189,31 @@ def check_encoder(model: CTCAligner, encoder) -> None:
             f"aligner trained on {c.encoder_name!r} ({c.input_dim}-dim, {c.num_input_layers} layer(s), "
             f"{c.frame_rate_hz} Hz) cannot use encoder {encoder.name!r} ({encoder.hidden_size}-dim, "
             f"{len(encoder.layers)} layer(s), {encoder.frame_rate_hz} Hz)")
+
+
+def subword_char_frames(text: str, sub_spans: Sequence[tuple[int, int]], spans: LabelSpans
+                        ) -> tuple[list[int | None], list[int | None]]:
+    """Subword label spans -> frames of each spoken character (a subword's frames go to all its characters)."""
+    spoken = {s for s in normalize_for_alignment(text).source if s >= 0}
+    starts: list[int | None] = [None] * len(text)
+    ends: list[int | None] = [None] * len(text)
+    for k, (a, b) in enumerate(sub_spans):
+        for c in range(a, b):
+            if c in spoken:
+                starts[c], ends[c] = int(spans.start_frames[k]), int(spans.end_frames[k])
+    return starts, ends
+
+
+def build_result(utt_id: str, text: str, mode: str, char_start: Sequence[int | None],
+                 char_end: Sequence[int | None], spans: LabelSpans, llm_tokenizer,
+                 target_frame_rate_hz: float | None = None, target_num_frames: int | None = None
+                 ) -> AlignmentResult:
+    """Character frames (aligner rate) -> :class:`AlignmentResult` with LLM-token boundaries at the target rate."""
+    num_frames, rate = spans.num_frames, spans.frame_rate_hz
+    llm_ids, llm_spans = token_char_spans(llm_tokenizer, text)
+    bounds = token_boundaries(llm_spans, char_start, char_end, num_frames)
+    to_hz = target_frame_rate_hz or rate
+    n_target = target_num_frames or max(1, int(np.ceil(num_frames * to_hz / rate - 1e-6)))
+    bounds = convert_boundaries(bounds, rate, to_hz, n_target)
+    words = [WordAlignment(*w) for w in words_from_char_spans(text, char_start, char_end, rate) if w is not None]
+    return AlignmentResult(utt_id, text, mode, words, llm_ids, bounds, to_hz, n_target, spans.score, spans)

@@ -58,6 +58,41 @@ def sub_ctc_config(tokenizer, **kw) -> CTCAlignerConfig:
                             tokenizer=str(getattr(tokenizer, "name_or_path", "")), **kw)
 
 
+class FrameTransformer(nn.Module):
+    """Frozen-encoder frames ``(B, L, T, D)`` or ``(B, T, D)`` -> ``(B, T, d_model)``: learned softmax mix of
+    the L layers, LayerNorm, linear adapter, pre-norm Transformer. Shared by the CTC and CIF aligners."""
+
+    def __init__(self, input_dim: int, num_input_layers: int, d_model: int, layers: int, heads: int,
+                 ff_mult: int, dropout: float):
+        super().__init__()
+        self.input_dim, self.num_input_layers = input_dim, num_input_layers
+        self.layer_weights = nn.Parameter(torch.zeros(num_input_layers))
+        self.in_norm = nn.LayerNorm(input_dim)
+        self.in_proj = nn.Linear(input_dim, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff_mult * d_model, dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out_norm = nn.LayerNorm(d_model)
+
+    def mix_layers(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, L, T, D)`` -> ``(B, T, D)`` by the learned softmax layer weights; ``(B, T, D)`` passes."""
+        if features.dim() == 3:
+            features = features.unsqueeze(1)
+        if features.shape[1] != self.num_input_layers:
+            raise ModelError(f"aligner expects {self.num_input_layers} encoder layer(s), got {features.shape[1]}")
+        if features.shape[-1] != self.input_dim:
+            raise ModelError(f"aligner expects {self.input_dim}-dim frames, got {features.shape[-1]}")
+        return torch.einsum("l,bltd->btd", self.layer_weights.softmax(0), features.float())
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.in_proj(self.in_norm(self.mix_layers(features)))       # (B, T, d_model)
+        pad = None
+        if lengths is not None:
+            t = torch.arange(x.shape[1], device=x.device)
+            pad = t[None, :] >= lengths.to(x.device)[:, None]            # (B, T) True = padding
+        return self.out_norm(self.transformer(x, src_key_padding_mask=pad))
+
+
 class CTCAligner(nn.Module):
     """Encoder frames ``(B, L, T, D)`` or ``(B, T, D)`` -> CTC log-posteriors ``(B, T, V)``."""
 
@@ -65,43 +100,16 @@ class CTCAligner(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.layer_weights = nn.Parameter(torch.zeros(c.num_input_layers))
-        self.in_norm = nn.LayerNorm(c.input_dim)
-        self.in_proj = nn.Linear(c.input_dim, c.d_model)
-        layer = nn.TransformerEncoderLayer(c.d_model, c.heads, c.ff_mult * c.d_model, c.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
-        self.out_norm = nn.LayerNorm(c.d_model)
+        self.body = FrameTransformer(c.input_dim, c.num_input_layers, c.d_model, c.layers, c.heads, c.ff_mult,
+                                     c.dropout)
         self.ctc_head = nn.Linear(c.d_model, c.vocab_size)
 
     @property
     def frame_rate_hz(self) -> float:
         return self.config.frame_rate_hz
 
-    def mix_layers(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, L, T, D)`` -> ``(B, T, D)`` by the learned softmax layer weights; ``(B, T, D)`` passes."""
-        if features.dim() == 3:
-            if self.config.num_input_layers != 1:
-                raise ModelError(f"aligner expects {self.config.num_input_layers} encoder layers, got one")
-            return features
-        if features.shape[1] != self.config.num_input_layers:
-            raise ModelError(f"aligner expects {self.config.num_input_layers} encoder layers, "
-                             f"got {features.shape[1]}")
-        w = self.layer_weights.softmax(0)
-        return torch.einsum("l,bltd->btd", w, features)
-
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.mix_layers(features.float())                         # (B, T, D)
-        if x.shape[-1] != self.config.input_dim:
-            raise ModelError(f"aligner expects {self.config.input_dim}-dim frames from "
-                             f"{self.config.encoder_name!r}, got {x.shape[-1]}")
-        x = self.in_proj(self.in_norm(x))                              # (B, T, d_model)
-        pad = None
-        if lengths is not None:
-            t = torch.arange(x.shape[1], device=x.device)
-            pad = t[None, :] >= lengths.to(x.device)[:, None]          # (B, T) True = padding
-        x = self.transformer(x, src_key_padding_mask=pad)
-        return self.ctc_head(self.out_norm(x)).log_softmax(-1)         # (B, T, V)
+        return self.ctc_head(self.body(features, lengths)).log_softmax(-1)     # (B, T, V)
 
     # ------------------------------------------------------------------ labels
     def text_to_labels(self, text: str) -> list[int]:
@@ -118,38 +126,61 @@ class CTCAligner(nn.Module):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
         """Write ``folder`` atomically: config.json, model.safetensors (+ tokenizer/ for subCTC)."""
-        with atomic_path(folder) as tmp:
-            tmp.mkdir(parents=True)
-            (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        save_model_folder(self, folder, tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> CTCAligner:
-        folder = Path(folder)
-        cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-        if not cfg_path.is_file() or not weights.is_file():
-            raise ModelError(f"{folder}: not an aligner folder (config.json and model.safetensors needed)")
-        try:
-            config = CTCAlignerConfig(**json.loads(cfg_path.read_text()))
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{cfg_path}: invalid aligner config ({e})") from None
-        model = cls(config)
-        try:
-            model.load_state_dict(load_file(str(weights), device=map_location))
-        except RuntimeError as e:
-            raise ModelError(f"{weights}: weights do not match the config ({e})") from None
-        model.eval()
-        return model
+        return load_model_folder(cls, CTCAlignerConfig, folder, map_location)
 
     @staticmethod
     def load_tokenizer(folder: str | Path):
-        """The tokenizer saved with a subCTC aligner (``folder/tokenizer``)."""
-        from transformers import AutoTokenizer
+        return load_folder_tokenizer(folder)
 
-        path = Path(folder) / "tokenizer"
-        if not path.is_dir():
-            raise ModelError(f"{folder}: subCTC aligner folder has no tokenizer/")
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+def read_folder_config(folder: str | Path) -> dict:
+    """The ``config.json`` of an aligner folder (checked to hold weights too)."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file() or not (folder / "model.safetensors").is_file():
+        raise ModelError(f"{folder}: not an aligner folder (config.json and model.safetensors needed)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}: invalid aligner config ({e})") from None
+
+
+def save_model_folder(model: nn.Module, folder: str | Path, tokenizer=None) -> None:
+    """``model.config`` (a dataclass) as config.json + weights as model.safetensors (+ tokenizer/), atomically."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+
+def load_model_folder(cls, config_cls, folder: str | Path, map_location: str = "cpu"):
+    """Rebuild ``cls(config_cls(**config.json))`` and load model.safetensors (no code is executed)."""
+    raw = read_folder_config(folder)
+    try:
+        config = config_cls(**raw)
+    except TypeError as e:
+        raise ModelError(f"{folder}/config.json: invalid aligner config ({e})") from None
+    model = cls(config)
+    weights = Path(folder) / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(str(weights), device=map_location))
+    except RuntimeError as e:
+        raise ModelError(f"{weights}: weights do not match the config ({e})") from None
+    return model.eval()
+
+
+def load_folder_tokenizer(folder: str | Path):
+    """The tokenizer saved inside an aligner folder (``folder/tokenizer``; subCTC and CIF)."""
+    from transformers import AutoTokenizer
+
+    path = Path(folder) / "tokenizer"
+    if not path.is_dir():
+        raise ModelError(f"{folder}: aligner folder has no tokenizer/")
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

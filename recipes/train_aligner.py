@@ -29,8 +29,9 @@ import itertools
 import torch
 from tqdm import tqdm
 
+from alignment.aligner import Aligner
+from alignment.cif import CIFAligner, cif_config, cif_loss
 from alignment.ctc_model import CTCAligner, char_ctc_config, sub_ctc_config
-from alignment.decoders import greedy_decode
 from alignment.features import describe, iter_feature_batches
 from alignment.metrics import character_error_rate
 from alignment.tokens import normalize_for_alignment
@@ -44,7 +45,7 @@ from speechlm.training.schedule import warmup_cosine
 
 @dataclass
 class ModelConfig:
-    kind: str = "charCTC"          # charCTC | subCTC
+    kind: str = "charCTC"          # charCTC | subCTC | CIF
     d_model: int = 256
     layers: int = 3
     heads: int = 4
@@ -61,7 +62,8 @@ class TrainAlignerConfig:
     encoder_layers: list[int] = field(default_factory=lambda: [-1])
     feature_cache_train: str = ""
     feature_cache_valid: str = ""
-    tokenizer: str = ""                     # subCTC: default the converted SmolLM2 tokenizer
+    tokenizer: str = ""                     # subCTC/CIF: default the converted SmolLM2 tokenizer
+    quantity_weight: float = 1.0            # CIF: weight of the quantity loss
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 2000
     batch_size: int = 16
@@ -79,10 +81,12 @@ class TrainAlignerConfig:
     device: str = "cpu"
 
 
-def labels_for(utt: Utterance, kind: str, model: CTCAligner, tokenizer) -> list[int]:
+def labels_for(utt: Utterance, kind: str, model, tokenizer) -> list[int]:
+    """Training targets: charCTC labels, subCTC token ids + 1 (0 is the blank), CIF token ids."""
     if kind == "charCTC":
         return model.text_to_labels(normalize_for_alignment(utt.text).text)
-    return [i + 1 for i in tokenizer(utt.text, add_special_tokens=False)["input_ids"]]
+    ids = list(tokenizer(utt.text, add_special_tokens=False)["input_ids"])
+    return ids if kind == "CIF" else [i + 1 for i in ids]
 
 
 def load_split(manifest: str, cache_dir: str, encoder, batch_size: int, what: str):
@@ -120,19 +124,17 @@ def collate(items, labels, device, time_mask: float = 0.0, rng: random.Random | 
 
 
 @torch.no_grad()
-def evaluate_cer(model: CTCAligner, data, cfg: TrainAlignerConfig, tokenizer) -> float:
-    model.eval()
+def evaluate_cer(model, data, cfg: TrainAlignerConfig, tokenizer) -> float:
+    """Greedy free-mode CER on ``data`` (the aligner's own transcript vs the reference)."""
+    aligner = Aligner(model, llm_tokenizer=None, sub_tokenizer=tokenizer, device=cfg.device)
     refs, hyps = [], []
     for i in range(0, len(data), cfg.batch_size):
         items = data[i:i + cfg.batch_size]
         x, lengths, *_ = collate(items, [[1]] * len(items), cfg.device)
-        lp = model(x, lengths).cpu()
+        out = aligner.frame_outputs(x, lengths)
         for k, (utt, _) in enumerate(items):
-            labels = greedy_decode(lp[k, : int(lengths[k])])
-            hyp = model.labels_to_text(labels) if cfg.model.kind == "charCTC" else \
-                tokenizer.decode([t - 1 for t in labels], skip_special_tokens=True)
             refs.append(utt.text)
-            hyps.append(hyp)
+            hyps.append(aligner.decode(out[k, : int(lengths[k])]))
     model.train()
     return character_error_rate(refs, hyps)
 
@@ -178,11 +180,12 @@ def train(cfg: TrainAlignerConfig) -> int:
     common = {"input_dim": hidden, "num_input_layers": train_data[0][1].shape[0], "d_model": m.d_model, "layers": m.layers,
                   "heads": m.heads, "ff_mult": m.ff_mult, "dropout": m.dropout, "encoder_name": enc_name,
                   "encoder_layers": enc_layers, "frame_rate_hz": rate}
-    if m.kind == "subCTC":
+    if m.kind in ("subCTC", "CIF"):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(default_model(SMOLLM2_135M)))
-        model = CTCAligner(sub_ctc_config(tokenizer, **common))
+        model = CIFAligner(cif_config(tokenizer, **common)) if m.kind == "CIF" else \
+            CTCAligner(sub_ctc_config(tokenizer, **common))
     else:
         model = CTCAligner(char_ctc_config(**common))
     model.to(cfg.device).train()
@@ -212,8 +215,11 @@ def train(cfg: TrainAlignerConfig) -> int:
         idx = batches[rng.randrange(len(batches))]
         x, lengths, targets, target_lengths = collate([train_data[i] for i in idx], [labels[i] for i in idx],
                                                       cfg.device, cfg.time_mask, rng)
-        lp = model(x, lengths)                                     # (B, T, V)
-        loss = ctc(lp.transpose(0, 1), targets, lengths, target_lengths)
+        if m.kind == "CIF":
+            loss, _ = cif_loss(model, x, lengths, [labels[i] for i in idx], cfg.quantity_weight)
+        else:
+            lp = model(x, lengths)                                 # (B, T, V)
+            loss = ctc(lp.transpose(0, 1), targets, lengths, target_lengths)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -98,7 +98,7 @@ def test_free_mode_on_a_tiny_random_model_runs_end_to_end(bpe, beam_size):
 def test_char_model_save_load_round_trip(tmp_path):
     model = _tiny_char_model(num_input_layers=2)
     with torch.no_grad():
-        model.layer_weights.copy_(torch.tensor([0.3, -0.2]))
+        model.body.layer_weights.copy_(torch.tensor([0.3, -0.2]))
     model.save_pretrained(tmp_path / "aligner")
     loaded = CTCAligner.from_pretrained(tmp_path / "aligner")
     assert loaded.config == model.config

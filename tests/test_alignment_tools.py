@@ -121,3 +121,26 @@ def test_aligner_refuses_another_encoder(tmp_path):
     model = CTCAligner(char_ctc_config(input_dim=48, d_model=32, layers=1, heads=2, encoder_name=encoder))
     with pytest.raises(ModelError, match="48-dim"):
         open_frame_source(model)
+
+
+@pytest.mark.parametrize("kind", ["CIF", "subCTC"])
+def test_subword_aligners_train_and_align(tmp_path, kind):
+    encoder = _tiny_whisper(tmp_path / "whisper")
+    tok_dir = tmp_path / "tok"
+    byte_level_bpe().save_pretrained(tok_dir)
+    train, _ = _corpus(tmp_path)
+    out = tmp_path / kind
+    assert _load("recipes/train_aligner.py").main([
+        f"train_manifest={train}", f"valid_manifest={train}", f"out_dir={out}", f"encoder={encoder}",
+        f"model.kind={kind}", f"tokenizer={tok_dir}", "steps=2", "valid_every=2", "batch_size=2",
+        "model.d_model=32", "model.layers=1", "model.heads=2", "threads=1"]) == 0
+    assert json.loads((out / "config.json").read_text())["kind"] == kind
+    assert (out / "tokenizer").is_dir()
+    aligned = tmp_path / "aligned.jsonl"
+    assert _load("tools/align.py").main(["--manifest", str(train), "--aligner", str(out), "--tokenizer",
+                                         str(tok_dir), "--out", str(aligned), "--target-frame-rate", "12.5"]) == 0
+    tok = byte_level_bpe()
+    for r in read_manifest(aligned):
+        assert r.boundary_frame_rate_hz == 12.5
+        assert len(r.token_boundaries) == len(tok(r.text, add_special_tokens=False)["input_ids"])
+        assert 0 <= r.token_boundaries[-1] < r.duration_s * 12.5 + 1

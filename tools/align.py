@@ -72,7 +72,7 @@ def run(args) -> int:
     with tqdm(total=len(utts), desc="align", unit="utt") as bar:
         for fb in iter_feature_batches(utts, args.batch_size, encoder=encoder, cache=cache,
                                        skip_bad=args.skip_bad, bad_rows=bad):
-            lp = aligner.log_probs(fb.features, fb.lengths)
+            lp = aligner.frame_outputs(fb.features, fb.lengths)
             for k, utt in enumerate(fb.utts):
                 try:
                     res = aligner.align_posteriors(lp[k, : int(fb.lengths[k])], None if args.free else utt.text,

@@ -83,7 +83,7 @@ def evaluate(args) -> dict:
     for fb in tqdm(iter_feature_batches(utts, args.batch_size, encoder=encoder, cache=cache),
                    total=(len(utts) + args.batch_size - 1) // args.batch_size, desc="eval", unit="batch"):
         t0 = time.perf_counter()
-        lp = aligner.log_probs(fb.features, fb.lengths)
+        lp = aligner.frame_outputs(fb.features, fb.lengths)
         net = time.perf_counter() - t0
         encode_s += fb.encode_s
         net_s += net
