@@ -23,6 +23,7 @@ from speechlm.training.configs import Stage1Config
 from speechlm.training.engine import (
     build_engine,
     export_module,
+    frozen_fingerprint,
     init_distributed,
     load_checkpoint,
     seed_everything,
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = train_loop(engine, train, prep, lambda: validate(engine, valid(), prep), cfg.loop, out_dir, identity,
                         export=lambda folder: export_module(engine, connector, folder), start=start,
-                        title="stage 1: distillation")
+                        frozen_check=lambda: frozen_fingerprint(embedding, engine), title="stage 1: distillation")
     if info.is_main:
         print(json.dumps({"stage1": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))
     return result

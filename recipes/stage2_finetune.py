@@ -29,6 +29,7 @@ from speechlm.training.configs import Stage2Config
 from speechlm.training.engine import (
     build_engine,
     export_module,
+    frozen_fingerprint,
     init_distributed,
     load_checkpoint,
     seed_everything,
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = train_loop(engine, train, prep, run_validation, cfg.loop, out_dir, identity,
                         export=lambda folder: export_module(engine, connector, folder), start=start,
+                        frozen_check=lambda: frozen_fingerprint(speechlm.llm, engine),
                         title=f"stage 2: next-token ({cfg.variant})")
     if info.is_main:
         print(json.dumps({"stage2": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))

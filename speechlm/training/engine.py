@@ -89,7 +89,7 @@ def init_distributed() -> DistInfo:
                                    verbose=False)
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-    return DistInfo(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), local_world)
+    return DistInfo(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), local_world)
 
 
 def set_threads(threads: int, info: DistInfo) -> int:
@@ -258,6 +258,27 @@ def gathered(params: list[nn.Parameter], engine: Engine):
     return contextlib.nullcontext()
 
 
+def frozen_fingerprint(module: nn.Module, engine: Engine | None = None) -> str:
+    """sha256 over the frozen parameters of ``module`` (name-sorted, raw bytes): equal = bit-identical.
+
+    Under ZeRO-3 each parameter is gathered in turn (all ranks must call this).
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters(), key=lambda x: x[0]):
+        if p.requires_grad:
+            continue
+        with gathered([p], engine) if engine is not None else _nullcontext():
+            h.update(name.encode())
+            h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def export_module(engine: Engine, module: nn.Module, folder: str | Path) -> None:
     """``module.save_pretrained(folder)`` on rank 0, gathering ZeRO-3 partitions first (all ranks call it)."""
     with gathered(list(module.parameters()), engine):
@@ -330,6 +351,10 @@ def _check_meta(path: Path, engine: Engine, identity: dict) -> dict:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
     if meta.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{meta_path}: not a {CKPT_FORMAT} checkpoint")
+    for name, f in meta["files"].items():
+        p = path / name
+        if not p.is_file() or p.stat().st_size != f["size"] or _sha256(p) != f["sha256"]:
+            raise CheckpointError(f"{p}: checkpoint file missing or corrupt (size/sha256 differ from {meta_path})")
     problems = []
     if meta["world_size"] != engine.info.world_size:
         problems.append(f"saved with {meta['world_size']} ranks, resuming with {engine.info.world_size} "
@@ -345,11 +370,8 @@ def _check_meta(path: Path, engine: Engine, identity: dict) -> dict:
         diff = sorted(k for k in set(meta["trainable"]) | set(mine) if meta["trainable"].get(k) != mine.get(k))
         problems.append(f"trainable parameters differ ({len(diff)}: {', '.join(diff[:5])})")
     if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match this run: " + "; ".join(problems))
-    for name, f in meta["files"].items():
-        p = path / name
-        if not p.is_file() or p.stat().st_size != f["size"] or _sha256(p) != f["sha256"]:
-            raise CheckpointError(f"{p}: checkpoint file missing or corrupt (size/sha256 differ from {meta_path})")
+        raise CheckpointError(f"{path}: checkpoint does not match this run (use another out_dir or "
+                              "loop.resume=false): " + "; ".join(problems))
     return meta
 
 

@@ -149,17 +149,21 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
 
 def train_loop(engine: Engine, batches: Iterator[Batch], prep: BatchPrep, run_validation: Callable[[], dict],
                cfg: LoopConfig, out_dir: Path, identity: dict, export: Callable[[Path], None],
-               start: dict | None = None, title: str = "training") -> dict:
+               start: dict | None = None, title: str = "training",
+               frozen_check: Callable[[], str] | None = None) -> dict:
     """Train to ``cfg.max_steps``; returns the final metrics (also written to ``out_dir/metrics.json``).
 
     ``start`` is the trainer state of a resumed checkpoint (step, data position, history). Each step
     runs ``grad_accum`` micro-batches; logged losses are averaged over micro-batches and ranks.
+    ``frozen_check`` (a fingerprint of the frozen weights) runs before and after: the result says
+    whether they stayed bit-identical.
     """
     info = engine.info
     step = int(start["step"]) if start else 0
     runlog = RunLog(out_dir, info.is_main, start.get("history") if start else None)
     position = start.get("position", (0, 0)) if start else (0, 0)
     step_times: list[float] = []
+    frozen_start = frozen_check() if frozen_check else None
     accum = engine.cfg.grad_accum
     from tqdm import tqdm
 
@@ -215,6 +219,10 @@ def train_loop(engine: Engine, batches: Iterator[Batch], prep: BatchPrep, run_va
         "step_time_s_mean": sum(times) / len(times) if times else None,
         "train_losses": [r["loss"] for r in runlog.history["train"]],
     }
+    if frozen_check is not None:
+        frozen_end = frozen_check()
+        result.update(frozen_sha256_start=frozen_start, frozen_sha256_end=frozen_end,
+                      frozen_unchanged=frozen_start == frozen_end)
     if info.is_main:
         plot_curves(runlog.history, out_dir / "curves.png", title)
         atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1))
