@@ -6,18 +6,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (HubertConfig, HubertModel, SeamlessM4TFeatureExtractor, Wav2Vec2BertConfig,
-                          Wav2Vec2BertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model,
-                          WavLMConfig, WavLMModel, WhisperConfig, WhisperFeatureExtractor,
-                          WhisperForConditionalGeneration)
+from transformers import (
+    HubertConfig,
+    HubertModel,
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2BertConfig,
+    Wav2Vec2BertModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
 
 from speechlm.errors import AudioError, ModelError
 from speechlm.models.encoder import SpeechEncoder
 
 SR = 16_000
-_CONV = dict(conv_dim=(16, 16, 16, 16, 16, 16, 16), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-             conv_stride=(5, 2, 2, 2, 2, 2, 2), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-             intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+_CONV = {"conv_dim": (16,) * 7, "conv_kernel": (10, 3, 3, 3, 3, 2, 2), "conv_stride": (5, 2, 2, 2, 2, 2, 2),
+         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+         "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4}
 
 
 def _save(model: torch.nn.Module, fe, folder: Path) -> str:
@@ -209,3 +220,32 @@ def test_cache_key_identifies_weights_and_settings(folders, tmp_path):
     other = _save(model, WhisperFeatureExtractor(), tmp_path / "w2")
     b = SpeechEncoder.from_pretrained(other).cache_key()
     assert b["weights_sha256"] != a["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_real_whisper_base_on_speech():
+    """The converted Whisper base: shapes, batch == alone, variable-length close to the padded standard."""
+    from speechlm.data.tts import synthesize
+    from speechlm.models.convert import prepare_model
+    from speechlm.paths import WHISPER_BASE
+
+    folder, _ = prepare_model(WHISPER_BASE)  # reuses a complete folder, converts otherwise
+    enc = SpeechEncoder.from_pretrained(str(folder), layers=(0, -1))
+    assert (enc.hidden_size, enc.num_hidden_layers, enc.frame_rate_hz) == (512, 6, 50.0)
+    waves = [synthesize("The quick brown fox jumps over the lazy dog.").wave,
+             synthesize("She sells sea shells by the sea shore, every summer, near the old harbour.").wave]
+    out = enc(waves)
+    assert out.lengths.tolist() == enc.frame_lengths(torch.tensor([w.numel() for w in waves])).tolist()
+    assert out.features.abs().max() < 1e4  # stays well inside float16 for the feature cache
+    for b, w in enumerate(waves):
+        alone = enc([w])
+        # Masked vs unmasked fp32 attention sums in another order: up to ~5e-4 on last-layer values of
+        # magnitude ~16 (layers 4-5 carry outliers ~50). In float64 the two are identical, so it is rounding.
+        torch.testing.assert_close(out.features[b, :, : out.lengths[b]], alone.features[0], atol=1e-3, rtol=1e-4)
+    padded = SpeechEncoder.from_pretrained(str(folder), layers=(-1,), whisper_pad_to_30s=True)(waves)
+    assert padded.lengths.tolist() == out.lengths.tolist()
+    for b in range(2):
+        n = out.lengths[b]
+        cos = torch.nn.functional.cosine_similarity(out.features[b, 1, :n], padded.features[b, 0, :n], dim=-1)
+        # measured ~0.97 on average (worst at the clip's last frames, where the 30 s context differs most)
+        assert cos.mean() > 0.9, cos.mean()

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_encoder import make_whisper
 
 from speechlm.data.audio import load_audio, save_audio
 from speechlm.data.feature_cache import INDEX, FeatureCache, build_feature_cache
 from speechlm.data.manifest import Utterance, read_manifest, write_manifest
 from speechlm.errors import AudioError, FeatureCacheError
 from speechlm.models.encoder import SpeechEncoder
-from test_encoder import make_whisper
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -73,7 +73,7 @@ class FeatureCache:
         self._pid = os.getpid()
 
     @classmethod
-    def open(cls, out_dir: str | Path, encoder_key: dict | None = None) -> "FeatureCache":
+    def open(cls, out_dir: str | Path, encoder_key: dict | None = None) -> FeatureCache:
         """Open a complete cache; with ``encoder_key``, refuse one built by another encoder or settings."""
         root = Path(out_dir)
         index_path = root / INDEX
@@ -159,7 +159,7 @@ def _reusable_shards(root: Path, key: dict) -> dict[str, dict]:
                 meta = f.metadata() or {}
             ok = meta.get("format") == FORMAT and not key_mismatch(json.loads(meta["encoder_key"]), key)
             entries = json.loads(meta["utterances"]) if ok else None
-        except Exception:  # a torn or foreign file: it cannot be trusted either way
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # torn or foreign: untrusted
             ok, entries = False, None
         if ok:
             found[shard.name] = entries  # type: ignore[assignment]

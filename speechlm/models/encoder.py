@@ -59,7 +59,7 @@ class SpeechEncoder(nn.Module):
         if self.model_type == "whisper":
             from transformers import WhisperModel
 
-            whisper = WhisperModel.from_pretrained(source_str, torch_dtype=torch.float32)
+            whisper = WhisperModel.from_pretrained(source_str, dtype=torch.float32)
             self.model = whisper.encoder  # the decoder is dropped with `whisper`
             self.hidden_size = config.d_model
             self.num_hidden_layers = config.encoder_layers
@@ -69,7 +69,7 @@ class SpeechEncoder(nn.Module):
         elif self.model_type == "wav2vec2-bert":
             from transformers import Wav2Vec2BertModel
 
-            self.model = Wav2Vec2BertModel.from_pretrained(source_str, torch_dtype=torch.float32)
+            self.model = Wav2Vec2BertModel.from_pretrained(source_str, dtype=torch.float32)
             self.hidden_size = config.hidden_size
             self.num_hidden_layers = config.num_hidden_layers
             # fbank hop (10 ms) x the feature extractor's frame stacking x the optional adapter's strides
@@ -77,7 +77,7 @@ class SpeechEncoder(nn.Module):
             self._samples_per_frame = 160 * self.feature_extractor.stride * adapter
             self._mask_capable = True
         elif self.model_type in WAVEFORM_MODEL_TYPES:
-            self.model = AutoModel.from_pretrained(source_str, torch_dtype=torch.float32)
+            self.model = AutoModel.from_pretrained(source_str, dtype=torch.float32)
             self.hidden_size = config.hidden_size
             self.num_hidden_layers = config.num_hidden_layers
             self._samples_per_frame = int(np.prod(config.conv_stride))
@@ -94,7 +94,7 @@ class SpeechEncoder(nn.Module):
         self._fingerprint: str | None = None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kw) -> "SpeechEncoder":
+    def from_pretrained(cls, name_or_path: str, **kw) -> SpeechEncoder:
         return cls(name_or_path, **kw)
 
     def _resolve_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
@@ -109,7 +109,7 @@ class SpeechEncoder(nn.Module):
             raise ModelError(f"{self.name}: no layers selected")
         return tuple(out)
 
-    def train(self, mode: bool = True) -> "SpeechEncoder":
+    def train(self, mode: bool = True) -> SpeechEncoder:
         # The encoder is frozen: a parent's .train() must not switch on its dropout.
         super().train(False)
         return self
