@@ -157,7 +157,11 @@ class SpeechEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, waves: list[torch.Tensor]) -> EncoderOutput:
-        """Encode 1-D float waveforms at ``sample_rate``; returns (B, L, T, D) float32 and (B,) lengths."""
+        """Encode 1-D float waveforms at ``sample_rate``; returns (B, L, T, D) float32 and (B,) lengths.
+
+        Features are on the encoder's device, lengths on the CPU. A clip shorter than one encoder
+        frame raises :class:`AudioError`.
+        """
         pieces: list[np.ndarray] = []  # every chunk of every clip
         owner: list[int] = []
         for i, wave in enumerate(waves):
@@ -206,7 +210,7 @@ class SpeechEncoder(nn.Module):
 
     def _select(self, hidden_states: Sequence[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
         stacked = torch.stack([hidden_states[k] for k in self.layers], dim=1).float()  # (B, L, T, D)
-        return [stacked[b, :, :n].cpu() for b, n in enumerate(lengths)]
+        return [stacked[b, :, :n] for b, n in enumerate(lengths)]  # stays on the model's device
 
     def _whisper_batch(self, batch: list[np.ndarray]) -> list[torch.Tensor]:
         fe, enc = self.feature_extractor, self.model
