@@ -1,0 +1,154 @@
+"""Likelihood scoring shared by every evaluation: text-only LLM scores, option choice, the speech front end.
+
+A *continuation* is scored on exactly its own tokens: ``log p(c_1..c_n | prefix)`` as a per-token
+``(n,)`` tensor; the evaluators compare options by its sum (``summed``) or its mean (``length_norm``).
+Text is tokenised piecewise: the prefix alone, then the continuation alone with its leading space, so
+the tokens of an option never depend on the tokens of the context (BPE splits at spaces anyway).
+
+The speech front end turns waveforms into :class:`~speechlm.models.speechlm.SpeechSegment` s: frozen
+encoder -> aligner boundaries (``free``: the aligner decodes its own transcript, the honest test-time
+mode; ``forced``: the reference transcript is aligned, a labelled upper bound) -> connector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SCORINGS = ("summed", "length_norm")
+BOUNDARY_MODES = ("free", "forced")
+
+
+# ------------------------------------------------------------------------------------------ text
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def start_ids(tokenizer: Any) -> list[int]:
+    """The token every scored sequence starts with (BOS, else EOS), so the first real token is predicted.
+
+    Without it the first token of a prefix would have nothing to be predicted from, and the speech
+    conditions (whose first position is a connector vector) could not score from position 0.
+    """
+    tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tok is None:
+        raise ValueError("tokenizer has neither a BOS nor an EOS token to start sequences with")
+    return [int(tok)]
+
+
+@torch.no_grad()
+def score_text(llm: torch.nn.Module, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+               batch_size: int = 16) -> list[torch.Tensor]:
+    """Per-token log-probs ``(n_i,)`` of ``continuations[i]`` after ``prefixes[i]`` under a causal LM.
+
+    Sequences are right-padded and run in length-sorted batches; results come back in input order.
+    The prefix must be non-empty (start it with :func:`start_ids`).
+    """
+    if len(prefixes) != len(continuations):
+        raise ValueError("one continuation per prefix")
+    for p, c in zip(prefixes, continuations):
+        if not p or not c:
+            raise ValueError("prefix and continuation must both be non-empty")
+    device = llm.get_input_embeddings().weight.device
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(continuations[i]))
+    out: list[torch.Tensor | None] = [None] * len(prefixes)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        seqs = [list(prefixes[i]) + list(continuations[i]) for i in idx]
+        s = max(len(x) for x in seqs)
+        ids = torch.zeros(len(idx), s, dtype=torch.long, device=device)
+        attn = torch.zeros(len(idx), s, dtype=torch.long, device=device)
+        for r, x in enumerate(seqs):
+            ids[r, :len(x)] = torch.tensor(x, device=device)
+            attn[r, :len(x)] = 1
+        logits = llm(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, S, V)
+        for r, i in enumerate(idx):
+            n_p, n_c = len(prefixes[i]), len(continuations[i])
+            # logits at p-1 predict the token at p: continuation tokens sit at n_p .. n_p+n_c-1
+            logp = F.log_softmax(logits[r, n_p - 1:n_p + n_c - 1].float(), dim=-1)  # (n_c, V)
+            target = ids[r, n_p:n_p + n_c]
+            out[i] = logp.gather(1, target[:, None]).squeeze(1).cpu()
+    return out  # type: ignore[return-value]
+
+
+def aggregate(logprobs: torch.Tensor, scoring: str) -> float:
+    """One option's score from its per-token log-probs: ``summed`` or ``length_norm`` (mean per token)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, not {scoring!r}")
+    if logprobs.numel() == 0:
+        return float("-inf")
+    return float(logprobs.sum()) if scoring == "summed" else float(logprobs.mean())
+
+
+def choose(option_logprobs: Sequence[torch.Tensor], scoring: str) -> int:
+    """Index of the best-scoring option (the first one on ties)."""
+    scores = [aggregate(lp, scoring) for lp in option_logprobs]
+    return max(range(len(scores)), key=lambda k: (scores[k], -k))
+
+
+# ---------------------------------------------------------------------------------------- speech
+@dataclass
+class SpeechInput:
+    """One utterance to turn into connector vectors: the waveform and, where known, its transcript."""
+
+    wave: torch.Tensor  # (T,) float32 at the encoder's sample rate
+    text: str | None = None  # reference transcript (needed for forced boundaries only)
+    id: str = "?"
+
+
+class SpeechFrontEnd:
+    """Waveforms -> SpeechSegments through a SpeechLM's encoder, an aligner and its connector.
+
+    ``aligner`` is an :class:`alignment.aligner.Aligner` (any object with the same ``align`` method).
+    Connectors without token boundaries (the stack/conv/Q-Former baselines) need no aligner; their
+    segments carry no transcript ids, so they cannot be scored in the all-speech ("S") condition.
+    """
+
+    def __init__(self, model: Any, aligner: Any = None, mode: str = "free"):
+        if mode not in BOUNDARY_MODES:
+            raise ValueError(f"boundary mode must be one of {BOUNDARY_MODES}, not {mode!r}")
+        if model.encoder is None:
+            raise ValueError("the SpeechLM needs its speech encoder to evaluate from audio")
+        self.model = model
+        self.aligner = aligner
+        self.mode = mode
+        self.uses_boundaries = model.connector.cfg.name == "ssr"
+        if self.uses_boundaries and aligner is None:
+            raise ValueError("the SSR connector needs an aligner for test-time boundaries")
+
+    @property
+    def label(self) -> str:
+        """What made the boundaries, for reports: ``free`` / ``forced`` / ``none`` (baseline connector)."""
+        return self.mode if self.uses_boundaries else "none"
+
+    @torch.no_grad()
+    def embed(self, inputs: Sequence[SpeechInput]) -> list[Any]:
+        """One SpeechSegment per input (ids = the aligned transcript tokens for SSR, else None)."""
+        from speechlm.models.speechlm import SpeechSegment
+
+        enc = self.model.encoder([x.wave for x in inputs])
+        features, lengths = enc.features, enc.lengths
+        if not self.uses_boundaries:
+            out = self.model.speech_embeds(features, lengths)
+            return self.model.speech_segments(out)
+        texts = [None if self.mode == "free" else x.text for x in inputs]
+        if self.mode == "forced" and any(t is None for t in texts):
+            raise ValueError("forced boundaries need the reference transcript of every utterance")
+        rate = self.model.connector.cfg.frame_rate_hz
+        results = self.aligner.align(features, lengths, texts, utt_ids=[x.id for x in inputs],
+                                     target_frame_rate_hz=rate, target_num_frames=[int(n) for n in lengths])
+        n = max(1, max(len(r.token_ids) for r in results))
+        bounds = torch.zeros(len(inputs), n, dtype=torch.long)
+        mask = torch.zeros(len(inputs), n, dtype=torch.bool)
+        for b, r in enumerate(results):
+            bounds[b, :len(r.token_boundaries)] = torch.tensor(r.token_boundaries, dtype=torch.long)
+            mask[b, :len(r.token_boundaries)] = True
+        dev = self.model.device
+        out = self.model.speech_embeds(features.to(dev), lengths.to(dev), bounds.to(dev), mask.to(dev))
+        segs = self.model.speech_segments(out, ids=[list(r.token_ids) for r in results])
+        return [SpeechSegment(s.embeds, ids=s.ids) for s in segs]

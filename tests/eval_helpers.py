@@ -1,0 +1,83 @@
+"""Tiny models for the evaluation tests: a word-level tokenizer, a rigged unigram Llama, oracle speech."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from speechlm.eval.scoring import SpeechInput, text_ids
+from speechlm.models.connectors import build_connector
+from speechlm.models.speechlm import SpeechLM, SpeechSegment
+
+WORDS = ("tom was late he ran to the bus it had left walked home happy sad very and so a cat dog "
+         "what is two plus four five three six seven answer question a b c d x y z repeat text "
+         "sky blue green red color of".split())
+SPECIAL = ["<unk>", "<s>", "</s>"]
+D_LLM = 32
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIAL + sorted(set(WORDS)) + list(".,:?\n") + ["A", "B", "C", "D"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_llm(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=D_LLM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def unigram_llm(tokenizer, preferred: dict[str, float]) -> LlamaForCausalLM:
+    """A Llama whose next-token distribution ignores its input: logits = bias, ``preferred`` words boosted.
+
+    Layers are switched off (zero output projections), every embedding row is the same unit vector
+    e_0, the final norm keeps dimension 0 only, and column 0 of the head is the bias: so every
+    position, whatever came before, predicts the same distribution (also from embedding-like vectors).
+    """
+    llm = tiny_llm(len(tokenizer))
+    bias = torch.linspace(-1.0, 1.0, len(tokenizer))  # distinct values: a log-prob identifies its token
+    for word, boost in preferred.items():
+        bias[tokenizer.convert_tokens_to_ids(word)] += boost
+    with torch.no_grad():
+        for layer in llm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        llm.model.embed_tokens.weight.zero_()
+        llm.model.embed_tokens.weight[:, 0] = 1.0
+        llm.model.norm.weight.zero_()
+        llm.model.norm.weight[0] = 1.0
+        llm.lm_head.weight.zero_()
+        llm.lm_head.weight[:, 0] = bias
+    return llm
+
+
+def unigram_logprobs(llm) -> torch.Tensor:
+    """The (V,) next-token log-distribution of a :func:`unigram_llm` (the same at every position)."""
+    with torch.no_grad():
+        return torch.log_softmax(llm(input_ids=torch.tensor([[1]])).logits[0, -1].float(), -1)
+
+
+def speech_model(llm, tokenizer) -> SpeechLM:
+    conn = build_connector({"name": "ssr", "d_enc": 8, "d_llm": D_LLM, "d_model": 16, "n_heads": 2, "n_layers": 1})
+    return SpeechLM(conn, llm, tokenizer=tokenizer)
+
+
+class OracleFrontEnd:
+    """Speech vectors = the LLM's own embeddings of the transcript tokens (a perfect stage-1 connector)."""
+
+    uses_boundaries = True
+    label = "oracle"
+
+    def __init__(self, model: SpeechLM):
+        self.model = model
+
+    def embed(self, inputs: list[SpeechInput]) -> list[SpeechSegment]:
+        out = []
+        for x in inputs:
+            ids = text_ids(self.model.tokenizer, x.text)
+            out.append(SpeechSegment(self.model.llm_embed(torch.tensor(ids)).detach(), ids=ids))
+        return out
