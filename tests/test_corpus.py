@@ -11,6 +11,7 @@ from speechlm.data.corpus import (
     everyday_sentences,
     plan_corpus,
     read_eval_texts,
+    read_wordnet_examples,
     train_voices,
     vocabulary_coverage,
     wiki_to_paragraphs,
@@ -89,3 +90,29 @@ def test_tiny_corpus_build(tmp_path):
             assert all(w.start_s < w.end_s <= duration_s for w in r.words)
     assert json.loads((out / "summary.json").read_text())["counts"] == summary.counts
     assert 0.0 < summary.coverage <= 1.0
+
+
+def test_wordnet_examples(tmp_path):
+    (tmp_path / "data.verb").write_text(
+        "  1 This software and database is being provided AS IS\n"
+        '00001740 29 v 04 breathe 0 | draw air into the lungs; "I can breathe better when the air is clean"; '
+        '"The patient is respiring"\n'
+        '00002000 29 v 01 sneeze 0 | exhale spasmodically; "pepper makes me sneeze"; "sneeze"\n')
+    assert read_wordnet_examples(tmp_path) == [
+        "I can breathe better when the air is clean.", "The patient is respiring.", "Pepper makes me sneeze."]
+
+
+def test_corpus_deterministic_and_rebuild_removes_stale_audio(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"The {c} dog ran to the {p} and sat down." for c in ("red", "big", "old", "small")
+                                for p in ("park", "gate", "shop", "barn", "lake")))
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_corpus(a, hours=0.01, text_files=[text], seed=4, workers=1, progress=False)
+    build_corpus(b, hours=0.01, text_files=[text], seed=4, workers=1, progress=False)
+    for split in ("train", "valid", "test"):
+        assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
+    wavs = sorted(p.relative_to(a) for p in (a / "audio").rglob("*.wav"))
+    assert wavs and all((a / w).read_bytes() == (b / w).read_bytes() for w in wavs)
+    build_corpus(a, hours=0.005, text_files=[text], seed=5, workers=1, progress=False)
+    named = {r.audio_path.resolve() for s in ("train", "valid", "test") for r in read_manifest(a / f"{s}.jsonl")}
+    assert {p.resolve() for p in (a / "audio").rglob("*.wav")} == named

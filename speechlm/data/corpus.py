@@ -491,6 +491,11 @@ def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str |
     by_split = {split: [r for r in rows if r.split == split] for split in SPLITS}
     for split, split_rows in by_split.items():
         write_manifest(out_dir / f"{split}.jsonl", split_rows)
+    # WAVs of an earlier build into the same folder that the new manifests do not name.
+    keep = {(out_dir / r.audio).resolve() for r in rows}
+    for wav in (out_dir / "audio").rglob("*.wav"):
+        if wav.resolve() not in keep:
+            wav.unlink()
     audio_s = sum(r.duration_s for r in rows)
     train_text = [r.text for r in by_split["train"]]
     summary = CorpusSummary(

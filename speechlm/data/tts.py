@@ -48,6 +48,7 @@ _EVENT_PHONEME = 7
 _PARAM_RATE = 1
 _PARAM_PITCH = 3
 _EE_OK = 0
+_RAND_SEED = 0
 
 
 class _EventId(ctypes.Union):
@@ -110,6 +111,8 @@ class _Engine:
         self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self.lib.espeak_SetParameter.restype = ctypes.c_int
         self.lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib.espeak_ng_SetRandSeed.restype = None
+        self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         self.lib.espeak_Synth.restype = ctypes.c_int
         self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                           ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
@@ -161,6 +164,9 @@ class _Engine:
         self.lib.espeak_SetParameter(_PARAM_RATE, int(rate_wpm), 0)
         self.lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
         self._chunks, self._phonemes, self._word_positions = [], [], []
+        # Noise sources (fricatives, aspiration) draw from libc's rand(), whose state other
+        # utterances advance; reseed so each utterance's noise depends on nothing else.
+        self.lib.espeak_ng_SetRandSeed(_RAND_SEED)
         data = text.encode("utf-8")
         err = self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, _CHARS_UTF8, None, None)
         if err != _EE_OK:
