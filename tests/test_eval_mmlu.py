@@ -1,0 +1,90 @@
+"""Speech-MMLU: CSV loader errors, prompts, letter and cloze scoring with a rigged LLM (text and speech)."""
+
+import pytest
+import torch
+
+from speechlm.errors import ManifestError
+from speechlm.eval import speech_mmlu as mm
+from speechlm.eval.scoring import SpeechInput
+from tests.eval_helpers import OracleFrontEnd, speech_model, unigram_llm, word_tokenizer
+
+ROWS = ["what is two plus four ?,five,six,three,seven,B", "what color is the sky ?,red,green,blue,x,C"]
+
+
+def write(tmp_path, split, subject, lines):
+    (tmp_path / split).mkdir(parents=True, exist_ok=True)
+    p = tmp_path / split / f"{subject}_{split}.csv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_read_folder_and_answers(tmp_path):
+    write(tmp_path, "test", "maths", ROWS)
+    items = mm.read_mmlu_folder(tmp_path, "test")["maths"]
+    assert [it.answer for it in items] == [1, 2]
+    assert items[0].options == ["five", "six", "three", "seven"] and items[0].subject == "maths"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("q,a,b,c,A", "expected 6 fields"),
+    ("q,a,b,c,d,E", "answer must be one of"),
+    ("q,a,,c,d,A", "empty question or option"),
+    ('"q,a,b,c,d,A', "expected 6 fields"),
+])
+def test_csv_loader_rejects_malformed_rows(tmp_path, line, message):
+    p = write(tmp_path, "test", "maths", [ROWS[0], line])
+    with pytest.raises(ManifestError, match=message) as e:
+        mm.read_mmlu_csv(p)
+    assert f"{p}:2" in str(e.value)
+
+
+def test_missing_files_and_shots(tmp_path):
+    with pytest.raises(ManifestError, match="no \\*_test.csv"):
+        mm.read_mmlu_folder(tmp_path, "test")
+    write(tmp_path, "test", "maths", ROWS)
+    with pytest.raises(ManifestError, match="subject\\(s\\) art"):
+        mm.read_mmlu_folder(tmp_path, "test", subjects=["art"])
+    with pytest.raises(ManifestError, match="5-shot needs 5 dev items"):
+        mm._shots({"maths": mm.read_mmlu_csv(tmp_path / "test" / "maths_test.csv")}, "maths", 5)
+
+
+def test_prompts_follow_mmlu_convention():
+    it = mm.MCItem("q1", "maths", "what is two plus four ?", ["five", "six", "three", "seven"], 1)
+    assert mm.letter_block(it) == "what is two plus four ?\nA. five\nB. six\nC. three\nD. seven\nAnswer:"
+    assert mm.exemplars([it], "letter").endswith("Answer: B\n\n")
+    assert mm.exemplars([it], "cloze") == "Question: what is two plus four ?\nAnswer: six\n\n"
+
+
+def rigged_items():
+    # Right options: "six" (B) and "blue" (C); the rigged LLM prefers the word "six"/"blue" and letter B/C.
+    return [mm.MCItem("q1", "maths", "what is two plus four ?", ["five", "six", "three", "seven"], 1),
+            mm.MCItem("q2", "maths", "what color is the sky ?", ["red", "green", "blue", "x"], 2)]
+
+
+@pytest.mark.parametrize("shots", [0, 1])
+def test_rigged_llm_is_scored_right_in_text_and_speech(shots):
+    tok = word_tokenizer()
+    test = {"maths": rigged_items()}
+    dev = {"maths": rigged_items()[:1]}
+    for prefer, want in ([{"six": 3.0, "blue": 3.0, "B": 3.0, "C": 2.0}, [True, False]],  # letter: B beats C
+                         [{"five": 3.0, "red": 3.0, "A": 3.0}, [False, False]]):
+        llm = unigram_llm(tok, prefer)
+        model = speech_model(llm, tok)
+        front = OracleFrontEnd(model)
+        spoken = {"maths": [mm.SpokenMCItem(it, SpeechInput(torch.zeros(10), it.question),
+                                            [SpeechInput(torch.zeros(10), o) for o in it.options]) for it in test["maths"]]}
+        cloze_want = [True, True] if "six" in prefer else [False, False]
+        assert mm.eval_text(llm, tok, test, dev, "cloze", shots)["maths"] == cloze_want
+        assert mm.eval_speech(model, front, spoken, dev, "cloze", shots)["maths"] == cloze_want
+        assert mm.eval_text(llm, tok, test, dev, "letter", shots)["maths"] == want
+        assert mm.eval_speech(model, front, spoken, dev, "letter", shots)["maths"] == want
+
+
+def test_embedded_mmlu_set_shape():
+    root = mm.embedded_set_path()
+    test, dev = mm.read_mmlu_folder(root, "test"), mm.read_mmlu_folder(root, "dev")
+    assert set(test) == set(dev) and len(test) >= 5
+    assert sum(len(v) for v in test.values()) >= 200
+    assert all(len(v) >= 5 for v in dev.values())
+    text = " ".join(it.question + " " + " ".join(it.options) for v in test.values() for it in v)
+    assert not any(ch.isdigit() for ch in text)

@@ -1,0 +1,80 @@
+"""Reports: Wilson intervals on known values, parity, JSON + markdown output; WER and the ASR read-out."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from speechlm.eval.asr import normalize_text, transcribe_speechlm, word_error_rate
+from speechlm.eval.report import Accuracy, ResultRow, markdown_table, parity, wilson_interval, write_report
+from speechlm.eval.scoring import SpeechInput
+from tests.eval_helpers import OracleFrontEnd, speech_model, unigram_llm, word_tokenizer
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [
+    (50, 100, 0.40383, 0.59617),   # textbook values of the Wilson score interval
+    (0, 10, 0.0, 0.27753),
+    (10, 10, 0.72247, 1.0),
+])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got[0] == pytest.approx(lo, abs=2e-5) and got[1] == pytest.approx(hi, abs=2e-5)
+
+
+@pytest.mark.parametrize("k, n", [(81, 263), (3, 7), (199, 200)])
+def test_wilson_bounds_solve_the_score_equation(k, n):
+    """Each bound p0 satisfies (k/n - p0)^2 = z^2 p0 (1 - p0) / n (the interval's definition)."""
+    z = 1.959963984540054
+    for p0 in wilson_interval(k, n):
+        assert (k / n - p0) ** 2 == pytest.approx(z * z * p0 * (1 - p0) / n, rel=1e-9, abs=1e-12)
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+    lo, hi = wilson_interval(30, 40)
+    assert lo < 0.75 < hi
+
+
+def test_parity_and_report_files(tmp_path):
+    text, speech = Accuracy(80, 100), Accuracy(60, 100)
+    assert parity(speech, text) == pytest.approx(0.75)
+    assert parity(speech, Accuracy(0, 100)) is None
+    rows = [ResultRow("storycloze/adversarial", "s2t", "ssr", "free", "summed", speech, text),
+            ResultRow("storycloze/adversarial", "text", "llm", "none", "summed", text)]
+    js, md = write_report(rows, tmp_path, "storycloze", {"voices": "en-029"})
+    data = json.loads(js.read_text())
+    first = data["results"][0]
+    assert first["accuracy"]["n"] == 100 and first["accuracy"]["acc"] == 0.6 and first["parity"] == 0.75
+    assert first["accuracy"]["ci95"][0] < 0.6 < first["accuracy"]["ci95"][1]
+    table = md.read_text()
+    assert "| storycloze/adversarial | s2t | ssr | free | summed | 100 | 60.0 [" in table and "| 0.750 |" in table
+    assert markdown_table(rows).count("\n") == 4
+    assert Accuracy.of([True, False, True]) + Accuracy(1, 1) == Accuracy(3, 4)
+    assert math.isnan(Accuracy(0, 0).value)
+
+
+def test_wer_normalises_case_and_punctuation():
+    assert word_error_rate(["Tom was late."], ["tom was late"]) == 0.0
+    assert word_error_rate(["tom was late", "a cat"], ["tom was", "a dog"]) == pytest.approx(2 / 5)
+    assert normalize_text("It\u2019s  FIVE, o'clock!") == "it's five o'clock"
+    with pytest.raises(ValueError, match="empty"):
+        word_error_rate(["..."], ["x"])
+
+
+def test_asr_read_out_generates_until_newline():
+    tok = word_tokenizer()
+    # The rigged LLM always predicts "tom" most, then "\n" ... but greedy picks the single top token:
+    # make "\n" the top token so the read-out stops at once, then "tom" so it runs to max_new_tokens.
+    stop = unigram_llm(tok, {"\n": 9.0})
+    model = speech_model(stop, tok)
+    inputs = [SpeechInput(torch.zeros(10), "a cat", "u1"), SpeechInput(torch.zeros(10), "tom was late", "u2")]
+    assert transcribe_speechlm(model, OracleFrontEnd(model), inputs) == ["", ""]
+    run = unigram_llm(tok, {"tom": 9.0})
+    model = speech_model(run, tok)
+    hyps = transcribe_speechlm(model, OracleFrontEnd(model), inputs, max_new_tokens=3, batch_size=1)
+    assert [h.split() for h in hyps] == [["tom"] * 3] * 2
+    with pytest.raises(ValueError, match="placeholder"):
+        transcribe_speechlm(model, OracleFrontEnd(model), inputs, prompt="no placeholder")
