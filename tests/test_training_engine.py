@@ -1,0 +1,179 @@
+"""Engine pieces that need no process group, the stage modules in-process, the leakage check, configs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import ROOT, make_llm, make_tokenizer, make_whisper
+from transformers import AutoModelForCausalLM
+
+from speechlm.config import load_config
+from speechlm.data.batching import Batch
+from speechlm.errors import CheckpointError, ConfigError
+from speechlm.models.connectors.base import build_connector
+from speechlm.models.encoder import SpeechEncoder
+from speechlm.models.speechlm import SpeechLM
+from speechlm.training.configs import Stage1Config, Stage2Config
+from speechlm.training.engine import (
+    EngineConfig,
+    ds_config,
+    latest_checkpoint,
+    param_groups,
+    rng_state,
+    set_rng_state,
+)
+from speechlm.training.stages import (
+    Stage1Distill,
+    Stage2Finetune,
+    TokenEmbedding,
+    leakage_losses,
+    truncated_vectors,
+)
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_ds_config_fills_auto_and_keeps_fp32_on_cpu():
+    for stage in (0, 2, 3):
+        conf = ds_config(EngineConfig(zero_stage=stage, grad_accum=3, grad_clip=0.5))
+        assert conf["zero_optimization"]["stage"] == stage
+        assert conf["gradient_accumulation_steps"] == 3 and conf["gradient_clipping"] == 0.5
+        assert conf["train_micro_batch_size_per_gpu"] == 1
+        assert conf["bf16"]["enabled"] is False  # the CPU accelerator has no bf16 training here
+    with pytest.raises(ConfigError, match="bf16"):
+        ds_config(EngineConfig(precision="bf16"))
+    with pytest.raises(ConfigError, match="zero_stage=1"):
+        ds_config(EngineConfig(zero_stage=1))
+
+
+def test_param_groups_exclude_frozen_and_skip_decay_on_vectors():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    groups = param_groups(model, 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 1]
+    assert groups[0]["params"][0] is model[1].weight and groups[1]["weight_decay"] == 0.0
+    with pytest.raises(ConfigError):
+        param_groups(model.requires_grad_(False), 0.1)
+
+
+def test_latest_checkpoint_pointer(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "latest").write_text("step-00000005\n")
+    (tmp_path / "step-00000005").mkdir()  # torn: no meta.json
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        latest_checkpoint(tmp_path)
+
+
+def test_recipe_configs_load_with_overrides():
+    c1 = load_config(Stage1Config, ROOT / "recipes/configs/stage1_tiny.yaml", ["engine.zero_stage=3", "loop.max_steps=7"])
+    assert c1.engine.zero_stage == 3 and c1.loop.max_steps == 7 and c1.model.connector["name"] == "ssr"
+    assert c1.cosine_weight == 5.0 and c1.engine.betas == [0.9, 0.95]
+    c2 = load_config(Stage2Config, ROOT / "recipes/configs/stage2_tiny.yaml", ["variant=multitask"])
+    assert c2.variant == "multitask" and c2.distill_weight > 0
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(Stage1Config, ROOT / "recipes/configs/stage1_tiny.yaml", ["engine.nope=1"])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("models")
+    tok = make_tokenizer(root / "llm")
+    make_llm(root / "llm", vocab=len(tok))
+    make_whisper(root / "enc")
+    return {"llm": root / "llm", "enc": root / "enc", "vocab": len(tok)}
+
+
+def _batch(vocab: int, d_enc: int, with_text: bool = False) -> Batch:
+    torch.manual_seed(3)
+    ids = torch.randint(4, vocab, (2, 5))
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    bnd = torch.tensor([[3, 7, 12, 20, 29], [4, 9, 14, 14, 14]])
+    features = torch.randn(2, 1, 30, d_enc)
+    text = torch.randint(4, vocab, (3, 6)) if with_text else None
+    return Batch(["a", "b"], ids, mask, bnd, features, torch.tensor([30, 15]),
+                 text_ids=text, text_mask=torch.ones(3, 6, dtype=torch.bool) if with_text else None)
+
+
+def _connector(llm, d_enc: int, **kw):
+    return build_connector({"name": "ssr", "d_enc": d_enc, "d_llm": llm.config.hidden_size, "d_model": 16,
+                            "n_heads": 2, "n_layers": 1, "mask": "causal", **kw})
+
+
+def test_stage1_module_targets_are_raw_embedding_rows(models):
+    llm = AutoModelForCausalLM.from_pretrained(models["llm"])
+    table = llm.get_input_embeddings().weight
+    module = Stage1Distill(_connector(llm, 16), TokenEmbedding(table))
+    batch = _batch(models["vocab"], 16)
+    _, m = module(batch)
+    out = module.connector(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
+    target = table[batch.token_ids]
+    cos = torch.nn.functional.cosine_similarity(out.embeds, target, dim=-1)[batch.token_mask].mean()
+    assert m["cosine"] == pytest.approx(cos.item(), rel=1e-5) and m["tokens"] == 8
+    module.eval()
+    _, m = module(batch)
+    assert m["acc_total"] == 8 and 0 <= m["acc_correct"] <= 8
+    assert not module.embedding.weight.requires_grad
+
+
+def test_stage2_multitask_trains_connector_and_lora_only(models):
+    llm = AutoModelForCausalLM.from_pretrained(models["llm"])
+    slm = SpeechLM(_connector(llm, 16), llm)
+    slm.apply_lora(r=2, alpha=4)
+    module = Stage2Finetune(slm, bos_id=1, distill_weight=0.5, text_weight=1.0).train()
+    plain = _batch(models["vocab"], 16)
+    loss_plain, _ = module(plain)
+    loss, m = module(_batch(models["vocab"], 16, with_text=True))
+    assert "loss_text_lm" in m and "distill" in m
+    assert loss.item() == pytest.approx(loss_plain.item() + m["loss_text_lm"], rel=1e-5)
+    loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    assert any("lora_" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    assert any(n.startswith("speechlm.connector") and g is not None for n, g in grads.items())
+    assert all(p.grad is None for p in module.parameters() if not p.requires_grad)
+    module.eval()
+    with torch.no_grad():
+        _, m = module(plain)
+    assert m["loss_text"] > 0 and m["targets"] == 4 + 2
+
+
+def test_leakage_cut_vectors(models):
+    encoder = SpeechEncoder(str(models["enc"]))
+    llm = AutoModelForCausalLM.from_pretrained(models["llm"])
+    connector = _connector(llm, encoder.hidden_size, frame_rate_hz=encoder.frame_rate_hz).eval()
+    torch.manual_seed(0)
+    wave = 0.1 * torch.randn(16_000)  # 1 s = 50 frames
+    bnd = [9, 19, 29, 49]
+    with torch.no_grad():
+        enc = encoder([wave])
+        full = connector(enc.features, enc.lengths, torch.tensor([bnd]), torch.ones(1, 4, dtype=torch.bool)).embeds[0]
+    cut = truncated_vectors(connector, encoder, wave, bnd)
+    assert cut.shape == full.shape
+    assert torch.allclose(cut[-1], full[-1], atol=1e-5)  # the last token's cut is the whole clip
+    assert not torch.allclose(cut[0], full[0], atol=1e-3)  # the bidirectional encoder heard the future
+    module = Stage2Finetune(SpeechLM(connector, llm), bos_id=1).eval()
+    r = leakage_losses(module, encoder, wave, [5, 6, 7, 8], bnd)
+    assert r["targets"] == 3 and np.isfinite(r["plain"]) and np.isfinite(r["cut"]) and r["plain"] != r["cut"]
+
+
+def test_frozen_fingerprint_sees_one_bit_and_ignores_trainable():
+    from speechlm.training.engine import frozen_fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    a = frozen_fingerprint(model)
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # trainable: not part of the fingerprint
+    assert frozen_fingerprint(model) == a
+    with torch.no_grad():
+        w = model[0].weight.view(-1)
+        w[0] = torch.nextafter(w[0], torch.tensor(1e9))
+    assert frozen_fingerprint(model) != a
