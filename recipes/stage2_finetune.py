@@ -28,6 +28,7 @@ from speechlm.training import build
 from speechlm.training.configs import Stage2Config
 from speechlm.training.engine import (
     build_engine,
+    export_lora,
     export_module,
     frozen_fingerprint,
     init_distributed,
@@ -102,8 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
             out.update(build.leakage_check(engine, model, encoder, leak_utts, valid_reader))
         return out
 
-    result = train_loop(engine, train, prep, run_validation, cfg.loop, out_dir, identity,
-                        export=lambda folder: export_module(engine, connector, folder), start=start,
+    def export(folder: Path) -> None:
+        export_module(engine, connector, folder)
+        if speechlm.lora:  # the adapter of the LLM next to the connector: <out_dir>/lora
+            export_lora(engine, speechlm.llm, folder.parent / "lora")
+
+    result = train_loop(engine, train, prep, run_validation, cfg.loop, out_dir, identity, export=export, start=start,
                         frozen_check=lambda: frozen_fingerprint(speechlm.llm, engine),
                         title=f"stage 2: next-token ({cfg.variant})")
     if info.is_main:

@@ -291,6 +291,17 @@ def export_module(engine: Engine, module: nn.Module, folder: str | Path) -> None
     barrier()
 
 
+def export_lora(engine: Engine, peft_model: nn.Module, folder: str | Path) -> None:
+    """Save the LoRA adapter of a PEFT-wrapped LLM (only its trainable matrices) atomically on rank 0."""
+    from speechlm.atomic import atomic_path
+
+    with gathered([p for p in peft_model.parameters() if p.requires_grad], engine):
+        if engine.info.is_main:
+            with atomic_path(folder) as tmp:
+                peft_model.save_pretrained(str(tmp))
+    barrier()
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
