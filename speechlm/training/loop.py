@@ -128,17 +128,23 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    valid_keys = sorted({k for r in history["valid"] for k in r if k not in ("step", "tokens", "targets")})
+    skip = ("step", "tokens", "targets", "leakage_targets")
+    valid_keys = sorted({k for r in history["valid"] for k in r if k not in skip})
     n = 1 + len(valid_keys)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    flat = list(axes.flat)
     tr = history["train"]
-    axes[0, 0].plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=1)
-    axes[0, 0].set_title("train loss")
-    for ax, k in zip(axes[0, 1:], valid_keys):
-        rows = [r for r in history["valid"] if k in r]
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], marker="o")
+    flat[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=1)
+    flat[0].set_title("train loss")
+    for ax, k in zip(flat[1:], valid_keys):
+        pts = [r for r in history["valid"] if k in r]
+        ax.plot([r["step"] for r in pts], [r[k] for r in pts], marker="o")
         ax.set_title(f"valid {k}")
-    for ax in axes[0]:
+    for ax in flat[n:]:
+        ax.axis("off")
+    for ax in flat[:n]:
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
