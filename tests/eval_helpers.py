@@ -10,9 +10,7 @@ from speechlm.eval.scoring import SpeechInput, text_ids
 from speechlm.models.connectors import build_connector
 from speechlm.models.speechlm import SpeechLM, SpeechSegment
 
-WORDS = ("tom was late he ran to the bus it had left walked home happy sad very and so a cat dog "
-         "what is two plus four five three six seven answer question a b c d x y z repeat text "
-         "sky blue green red color of".split())
+WORDS = (["tom", "was", "late", "he", "ran", "to", "the", "bus", "it", "had", "left", "walked", "home", "happy", "sad", "very", "and", "so", "a", "cat", "dog", "what", "is", "two", "plus", "four", "five", "three", "six", "seven", "answer", "question", "a", "b", "c", "d", "x", "y", "z", "repeat", "text", "sky", "blue", "green", "red", "color", "of"])
 SPECIAL = ["<unk>", "<s>", "</s>"]
 D_LLM = 32
 

@@ -8,7 +8,14 @@ import torch
 from speechlm.errors import ManifestError
 from speechlm.eval import storycloze as sc
 from speechlm.eval.scoring import SpeechFrontEnd, SpeechInput, choose, score_text, start_ids, text_ids
-from tests.eval_helpers import OracleFrontEnd, speech_model, tiny_llm, unigram_llm, unigram_logprobs, word_tokenizer
+from tests.eval_helpers import (
+    OracleFrontEnd,
+    speech_model,
+    tiny_llm,
+    unigram_llm,
+    unigram_logprobs,
+    word_tokenizer,
+)
 
 CONTEXT = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
 RIGHT, WRONG = "tom was very sad .", "tom was very happy ."
@@ -38,9 +45,12 @@ def test_text_scores_cover_exactly_the_ending_tokens():
 def test_score_text_matches_full_sequence_and_batching():
     tok = word_tokenizer()
     llm = tiny_llm(len(tok))
-    pre = [start_ids(tok) + text_ids(tok, "tom was late ."), start_ids(tok) + text_ids(tok, "the cat")]
-    cont = [text_ids(tok, " he ran home ."), text_ids(tok, " was happy")]
+    q = start_ids(tok) + text_ids(tok, "what is two plus two ? answer :")
+    # two one-token continuations of the same prefix share a forward pass: still scored separately
+    pre = [start_ids(tok) + text_ids(tok, "tom was late ."), start_ids(tok) + text_ids(tok, "the cat"), q, q]
+    cont = [text_ids(tok, " he ran home ."), text_ids(tok, " was happy"), text_ids(tok, " A"), text_ids(tok, " B")]
     batched = score_text(llm, pre, cont, batch_size=2)
+    assert batched[2].item() != batched[3].item()
     for p, c, lp in zip(pre, cont, batched):
         with torch.no_grad():
             logits = llm(input_ids=torch.tensor([p + c])).logits[0]

@@ -108,3 +108,12 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, name: str, meta
     title = f"# {name}\n\n" + "".join(f"- {k}: {v}\n" for k, v in (meta or {}).items()) + "\n"
     atomic_write_text(md, title + markdown_table(rows))
     return js, md
+
+
+def merge_summary(path: str | Path, key: str, values: dict) -> None:
+    """Merge ``{key: values}`` into a run's JSON summary (e.g. ``runs/tiny/summary.json``), atomically."""
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.is_file() else {}
+    rounded = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
+    data[key] = {**data.get(key, {}), **rounded}
+    atomic_write_text(p, json.dumps(data, indent=2) + "\n")

@@ -46,33 +46,39 @@ def score_text(llm: torch.nn.Module, prefixes: Sequence[Sequence[int]], continua
                batch_size: int = 16) -> list[torch.Tensor]:
     """Per-token log-probs ``(n_i,)`` of ``continuations[i]`` after ``prefixes[i]`` under a causal LM.
 
-    Sequences are right-padded and run in length-sorted batches; results come back in input order.
+    The LM reads ``prefix + continuation[:-1]`` (the last token is only a target), so requests that
+    share that input, e.g. the four one-token answer letters of a question, share one forward pass.
+    Inputs are right-padded and run in length-sorted batches; results come back in input order.
     The prefix must be non-empty (start it with :func:`start_ids`).
     """
     if len(prefixes) != len(continuations):
         raise ValueError("one continuation per prefix")
-    for p, c in zip(prefixes, continuations):
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for i, (p, c) in enumerate(zip(prefixes, continuations)):
         if not p or not c:
             raise ValueError("prefix and continuation must both be non-empty")
+        groups.setdefault((tuple(p), tuple(c[:-1])), []).append(i)
     device = llm.get_input_embeddings().weight.device
-    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(continuations[i]))
+    keys = sorted(groups, key=lambda k: len(k[0]) + len(k[1]))
     out: list[torch.Tensor | None] = [None] * len(prefixes)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        seqs = [list(prefixes[i]) + list(continuations[i]) for i in idx]
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start:start + batch_size]
+        seqs = [list(p) + list(c) for p, c in chunk]
         s = max(len(x) for x in seqs)
-        ids = torch.zeros(len(idx), s, dtype=torch.long, device=device)
-        attn = torch.zeros(len(idx), s, dtype=torch.long, device=device)
+        ids = torch.zeros(len(chunk), s, dtype=torch.long, device=device)
+        attn = torch.zeros(len(chunk), s, dtype=torch.long, device=device)
         for r, x in enumerate(seqs):
             ids[r, :len(x)] = torch.tensor(x, device=device)
             attn[r, :len(x)] = 1
         logits = llm(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, S, V)
-        for r, i in enumerate(idx):
-            n_p, n_c = len(prefixes[i]), len(continuations[i])
-            # logits at p-1 predict the token at p: continuation tokens sit at n_p .. n_p+n_c-1
-            logp = F.log_softmax(logits[r, n_p - 1:n_p + n_c - 1].float(), dim=-1)  # (n_c, V)
-            target = ids[r, n_p:n_p + n_c]
-            out[i] = logp.gather(1, target[:, None]).squeeze(1).cpu()
+        for r, key in enumerate(chunk):
+            n_p = len(key[0])
+            for i in groups[key]:
+                n_c = len(continuations[i])
+                # logits at p-1 predict the token at p: continuation tokens sit at n_p .. n_p+n_c-1
+                logp = F.log_softmax(logits[r, n_p - 1:n_p + n_c - 1].float(), dim=-1)  # (n_c, V)
+                target = torch.tensor(list(continuations[i]), device=device)
+                out[i] = logp.gather(1, target[:, None]).squeeze(1).cpu()
     return out  # type: ignore[return-value]
 
 
@@ -152,3 +158,31 @@ class SpeechFrontEnd:
         out = self.model.speech_embeds(features.to(dev), lengths.to(dev), bounds.to(dev), mask.to(dev))
         segs = self.model.speech_segments(out, ids=[list(r.token_ids) for r in results])
         return [SpeechSegment(s.embeds, ids=s.ids) for s in segs]
+
+
+def load_front_end(connector_folder: str, llm: torch.nn.Module, tokenizer: Any, aligner_folder: str = "",
+                   mode: str = "free", encoder_folder: str = "", device: str = "cpu") -> tuple[Any, SpeechFrontEnd]:
+    """(SpeechLM, SpeechFrontEnd) for a saved connector on ``llm``: its encoder (the folder the connector
+    names, inside the models cache unless ``encoder_folder`` is given) and, for SSR, an aligner folder."""
+    from pathlib import Path
+
+    from speechlm.errors import ModelError
+    from speechlm.models.connectors import load_connector
+    from speechlm.models.encoder import SpeechEncoder
+    from speechlm.models.speechlm import SpeechLM
+    from speechlm.paths import models_dir
+
+    cfg = load_connector(connector_folder, llm=llm).cfg
+    enc_path = Path(encoder_folder) if encoder_folder else models_dir() / Path(cfg.encoder_name or "whisper-base").name
+    if not enc_path.is_dir():
+        raise ModelError(f"{enc_path}: encoder folder of connector {connector_folder} not found")
+    encoder = SpeechEncoder(str(enc_path), layers=tuple(cfg.encoder_layers or (-1,)))
+    model = SpeechLM.from_pretrained(connector_folder, llm, tokenizer=tokenizer, encoder=encoder).to(device).eval()
+    aligner = None
+    if cfg.name == "ssr":
+        if not aligner_folder:
+            raise ModelError(f"connector {connector_folder} is SSR: give an aligner folder for test-time boundaries")
+        from alignment.aligner import Aligner
+
+        aligner = Aligner.from_pretrained(aligner_folder, tokenizer, device=device)
+    return model, SpeechFrontEnd(model, aligner, mode)

@@ -168,15 +168,14 @@ def speak_items(items: Sequence[MCItem], voices: Sequence[str], rate_wpm: int = 
     """Render each question and its four options with eSpeak (voice ``voices[i % n]``)."""
     from speechlm.data.tts import synthesize
 
+    def say(text: str, uid: str, voice: str) -> SpeechInput:
+        return SpeechInput(synthesize(text, voice=voice, rate_wpm=rate_wpm, sample_rate=sample_rate).wave, text, uid)
+
     out = []
     for i, it in enumerate(items):
-        voice = voices[i % len(voices)]
-
-        def say(text: str, part: str) -> SpeechInput:
-            return SpeechInput(synthesize(text, voice=voice, rate_wpm=rate_wpm, sample_rate=sample_rate).wave,
-                               text, f"{it.id}-{part}")
-
-        out.append(SpokenMCItem(it, say(it.question, "q"), [say(o, L) for o, L in zip(it.options, LETTERS)], voice))
+        v = voices[i % len(voices)]
+        out.append(SpokenMCItem(it, say(it.question, f"{it.id}-q", v),
+                                [say(o, f"{it.id}-{L}", v) for o, L in zip(it.options, LETTERS)], v))
     return out
 
 

@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from speechlm.errors import ManifestError
-from speechlm.eval.scoring import SCORINGS, SpeechFrontEnd, SpeechInput, choose, score_text, start_ids, text_ids
+from speechlm.eval.scoring import (
+    SCORINGS,
+    SpeechFrontEnd,
+    SpeechInput,
+    aggregate,
+    score_text,
+    start_ids,
+    text_ids,
+)
 
 WRONG_STYLES = ("adversarial", "random")
 CONDITIONS = ("text", "s2t", "s")
@@ -73,7 +81,8 @@ class PairScores:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def correct(self, scoring: str) -> bool:
-        return choose([self.right, self.wrong], scoring) == 0
+        """The right ending scores strictly higher (a tie counts as wrong, never as a lucky guess)."""
+        return aggregate(self.right, scoring) > aggregate(self.wrong, scoring)
 
 
 def embedded_set_path() -> Path:
@@ -232,26 +241,27 @@ class SpokenStory:
     voice: str = ""
 
 
-def speak_items(items: Sequence[StoryItem], voices: Sequence[str] | None = None, rate_wpm: int = 175,
-                sample_rate: int = 16000) -> list[SpokenStory]:
-    """Audio for each item: its manifest audio where given, else eSpeak with voice ``voices[i % n]``."""
+def _speech(text: str, audio: Path | None, uid: str, voice: str, rate_wpm: int, sample_rate: int) -> SpeechInput:
+    """Manifest audio where given, else eSpeak."""
     from speechlm.data.audio import load_audio
     from speechlm.data.tts import synthesize
 
+    if audio is not None:
+        return SpeechInput(load_audio(audio, sample_rate), text, uid)
+    return SpeechInput(synthesize(text, voice=voice, rate_wpm=rate_wpm, sample_rate=sample_rate).wave, text, uid)
+
+
+def speak_items(items: Sequence[StoryItem], voices: Sequence[str] | None = None, rate_wpm: int = 175,
+                sample_rate: int = 16000) -> list[SpokenStory]:
+    """Audio for each item: its manifest audio where given, else eSpeak with voice ``voices[i % n]``."""
     voices = list(voices) if voices else default_eval_voices()
     out = []
     for i, it in enumerate(items):
         voice = voices[i % len(voices)]
-
-        def speech(text: str, audio: Path | None, part: str) -> SpeechInput:
-            if audio is not None:
-                return SpeechInput(load_audio(audio, sample_rate), text, f"{it.id}-{part}")
-            syn = synthesize(text, voice=voice, rate_wpm=rate_wpm, sample_rate=sample_rate)
-            return SpeechInput(syn.wave, text, f"{it.id}-{part}")
-
-        out.append(SpokenStory(it, speech(it.context_text, it.context_audio, "context"),
-                               speech(it.right_ending, it.right_audio, "right"),
-                               speech(it.wrong_ending, it.wrong_audio, "wrong"),
+        args = (voice, rate_wpm, sample_rate)
+        out.append(SpokenStory(it, _speech(it.context_text, it.context_audio, f"{it.id}-context", *args),
+                               _speech(it.right_ending, it.right_audio, f"{it.id}-right", *args),
+                               _speech(it.wrong_ending, it.wrong_audio, f"{it.id}-wrong", *args),
                                voice if it.context_audio is None else "manifest"))
     return out
 

@@ -1,0 +1,145 @@
+"""Spoken StoryCloze: text / S->T / S accuracy of the LLM alone and of each connector, JSON + markdown report.
+
+    python recipes/eval_storycloze.py [--config file.yaml] [key=value ...]
+    python recipes/eval_storycloze.py connectors=[runs/tiny/stage2/connector] aligner=runs/tiny/aligner
+    python recipes/eval_storycloze.py text_only=true            # the LLM alone on the embedded set
+
+Data: ``data`` (a StoryCloze JSONL: ours, or a spoken manifest with audio paths; default the embedded
+210-story set, rendered with eSpeak in the held-out ``voices``), evaluated with adversarial and/or
+random wrong endings (``wrong_styles``); ``release`` (a TWIST sStoryCloze/tStoryCloze folder) adds the
+whole-story S condition. Boundaries come from the aligner in ``boundaries=free`` mode (default) or
+``forced`` (labelled in every row). ``cascade=true`` adds Whisper -> transcript -> LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+
+from speechlm.config import load_config, save_config
+from speechlm.eval import storycloze as sc
+from speechlm.eval.report import Accuracy, ResultRow, merge_summary, write_report
+from speechlm.eval.scoring import SCORINGS, load_front_end
+from speechlm.training.build import load_llm
+
+log = logging.getLogger("eval_storycloze")
+
+
+@dataclass
+class StoryClozeEvalConfig:
+    llm: str = ""  # LLM folder ("" = embedded SmolLM2-135M)
+    connectors: list[str] = field(default_factory=list)  # saved connector folders; empty = text only
+    aligner: str = ""  # aligner folder (needed for SSR)
+    encoder: str = ""  # encoder folder ("" = the one each connector names, in the models cache)
+    boundaries: str = "free"  # "free" (honest test-time) | "forced" (reference transcript aligned)
+    text_only: bool = False
+    data: str = ""  # StoryCloze JSONL ("" = embedded mini set)
+    wrong_styles: list[str] = field(default_factory=lambda: ["adversarial", "random"])
+    release: str = ""  # optional TWIST sStoryCloze/tStoryCloze folder (whole-story S condition)
+    voices: list[str] = field(default_factory=list)  # eSpeak voices ([] = held-out defaults)
+    rate_wpm: int = 175
+    limit: int = 0  # first N stories only (0 = all)
+    conditions: list[str] = field(default_factory=lambda: ["text", "s2t", "s"])
+    cascade: bool = False  # Whisper transcribes the spoken context/endings, the LLM reads them
+    whisper: str = ""  # Whisper folder for the cascade ("" = embedded whisper-base)
+    headline_scoring: str = "summed"  # which scoring goes into the summary
+    batch_size: int = 8
+    threads: int = 0  # torch threads (0 = leave as is)
+    device: str = "cpu"
+    out_dir: str = "runs/eval"
+    name: str = "storycloze"
+    summary: str = ""  # JSON file to merge {"storycloze": {text_acc, s2t_acc, s_acc}} into
+
+
+def rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.PairScores],
+             text: list[sc.PairScores] | None) -> list[ResultRow]:
+    out = []
+    for s in SCORINGS:
+        acc = Accuracy.of([p.correct(s) for p in scores])
+        ref = Accuracy.of([p.correct(s) for p in text]) if text is not None else None
+        out.append(ResultRow(task, cond, connector, bnd, s, acc, ref))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(StoryClozeEvalConfig, args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    save_config(cfg, Path(cfg.out_dir) / f"{cfg.name}.config.yaml")
+
+    llm, tok = load_llm(cfg.llm)
+    llm.to(cfg.device)
+    data = cfg.data or str(sc.embedded_set_path())
+    voices = cfg.voices or sc.default_eval_voices()
+    rows: list[ResultRow] = []
+    summary: dict[str, float | None] = {}
+    for style in cfg.wrong_styles:
+        items = sc.read_story_items(data, wrong_style=style)
+        items = items[:cfg.limit] if cfg.limit else items
+        task = f"storycloze/{style}"
+        text = sc.score_text_condition(llm, tok, items, cfg.batch_size)
+        rows += rows_for(task, "text", "llm", "none", text, None)
+        log.info("%s text: %s", task, sc.accuracy_counts(text))
+        if style == cfg.wrong_styles[0]:
+            summary["text_acc"] = Accuracy.of([p.correct(cfg.headline_scoring) for p in text]).value
+        if cfg.text_only:
+            continue
+        stories = sc.speak_items(items, voices, cfg.rate_wpm)
+        if cfg.cascade:
+            rows += cascade_rows(cfg, llm, tok, task, stories, text)
+        for folder in cfg.connectors:
+            model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
+            conds = [c for c in cfg.conditions if c in ("s2t", "s") and (c != "s" or front.uses_boundaries)]
+            res = sc.score_speech_conditions(model, front, stories, conds, cfg.batch_size)
+            for cond, scores in res.items():
+                rows += rows_for(task, cond, Path(folder).name, front.label, scores, text)
+                log.info("%s %s %s: %s", task, Path(folder).name, cond, sc.accuracy_counts(scores))
+                if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
+                    summary[f"{cond}_acc"] = Accuracy.of([p.correct(cfg.headline_scoring) for p in scores]).value
+            if cfg.release and style == cfg.wrong_styles[0]:
+                pairs = sc.read_spoken_release(cfg.release)[: cfg.limit or None]
+                rel = sc.score_release(model, front, pairs)
+                rows += rows_for(f"release/{Path(cfg.release).name}", "s", Path(folder).name, front.label, rel, None)
+
+    meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
+            "headline_scoring": cfg.headline_scoring}
+    js, md = write_report(rows, cfg.out_dir, cfg.name, meta)
+    print(md.read_text())
+    if cfg.summary:
+        merge_summary(cfg.summary, "storycloze", summary)
+    return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md)}
+
+
+def cascade_rows(cfg: StoryClozeEvalConfig, llm, tok, task: str, stories: list[sc.SpokenStory],
+                 text: list[sc.PairScores]) -> list[ResultRow]:
+    """Whisper transcripts read by the LLM: S->T (transcribed context) and S (transcribed endings too)."""
+    from speechlm.eval.asr import WhisperCascade
+    from speechlm.paths import WHISPER_BASE, default_model
+
+    whisper = WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device)
+    waves = [w for s in stories for w in (s.context.wave, s.right.wave, s.wrong.wave)]
+    hyp = whisper.transcribe(waves, cfg.batch_size)
+    s2t, s_all = [], []
+    for k, s in enumerate(stories):
+        ctx, right, wrong = (h or "." for h in hyp[3 * k:3 * k + 3])
+        s2t.append(sc.StoryItem(s.item.id, [ctx], s.item.right_ending, s.item.wrong_ending))
+        s_all.append(sc.StoryItem(s.item.id, [ctx], right, wrong))
+    rows = rows_for(task, "s2t", "cascade-whisper", "none", sc.score_text_condition(llm, tok, s2t, cfg.batch_size), text)
+    rows += rows_for(task, "s", "cascade-whisper", "none", sc.score_text_condition(llm, tok, s_all, cfg.batch_size), text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
