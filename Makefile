@@ -12,6 +12,7 @@ install-dev:
 	bash tools/install.sh dev
 
 demo: install
+	bash tools/install_text_data.sh
 	bash recipes/run_tiny.sh
 
 test: install-dev
