@@ -212,3 +212,10 @@ def test_front_end_gives_one_vector_per_aligned_token(mode):
     for s, w in zip(segs, want):
         assert s.ids == text_ids(tok, w) and s.embeds.shape == (len(s.ids), 32)
     assert front.label == mode
+
+
+def test_default_voices_are_held_out_from_training():
+    from speechlm.data import corpus
+
+    voices = sc.default_eval_voices()
+    assert voices and not set(voices) & set(corpus.train_voices())

@@ -37,8 +37,8 @@ from speechlm.eval.scoring import (
 
 WRONG_STYLES = ("adversarial", "random")
 CONDITIONS = ("text", "s2t", "s")
-#: eSpeak voices the evaluation speaks with by default (see :func:`default_eval_voices`).
-HELD_OUT_VOICES = ("en-gb-scotland", "en-029", "en-us+f3", "en-gb-x-rp+m7")
+#: Fallback evaluation voices (the corpus's test voices, see :func:`default_eval_voices`).
+HELD_OUT_VOICES = ("en-gb-scotland+f4", "en-gb-x-gbcwmd+m6")
 
 
 @dataclass
@@ -217,16 +217,15 @@ def read_spoken_release(folder: str | Path) -> list[ReleasePair]:
 
 # --------------------------------------------------------------------------------------- rendering
 def default_eval_voices() -> list[str]:
-    """Voices for evaluation audio: :data:`HELD_OUT_VOICES` minus any the training corpus speaks with."""
-    train: set[str] = set()
+    """The training corpus's *test* voices (accents and variants never used in training), else
+    :data:`HELD_OUT_VOICES`; any voice the corpus trains on is dropped."""
     try:
-        from speechlm.data import corpus  # written by the data helper; optional here
+        from speechlm.data import corpus
 
-        for name in ("TRAIN_VOICES", "DEFAULT_VOICES", "VOICES"):
-            train |= set(getattr(corpus, name, ()) or ())
-    except ImportError:
-        pass
-    voices = [v for v in HELD_OUT_VOICES if v not in train]
+        voices, train = list(corpus.HELD_OUT_VOICES["test"]), set(corpus.train_voices())
+    except (ImportError, AttributeError, KeyError):
+        voices, train = list(HELD_OUT_VOICES), set()
+    voices = [v for v in voices if v not in train]
     if not voices:
         raise ValueError("every default evaluation voice is a training voice; pass voices explicitly")
     return voices
