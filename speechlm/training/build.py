@@ -110,13 +110,16 @@ def read_split(manifest: str, split: str, max_utts: int = 0) -> list[Utterance]:
     return utts[:max_utts] if max_utts else utts
 
 
-def _in_cache(utts: list[Utterance], reader: ExampleReader, manifest: str) -> list[Utterance]:
+def _in_cache(utts: list[Utterance], reader: ExampleReader, manifest: str, check_fresh: bool) -> list[Utterance]:
+    """The rows the feature cache holds (rows it skipped as bad audio are left out, with a warning)."""
     if reader.cache is None:
         return utts
     kept = [u for u in utts if u.id in reader.cache]
     if len(kept) < len(utts):
         log.warning("%s: %d of %d rows are not in the feature cache %s (skipped when it was built): left out",
                     manifest, len(utts) - len(kept), len(utts), reader.feature_cache)
+    if check_fresh:
+        reader.cache.check_fresh(kept)
     return kept
 
 
@@ -136,7 +139,8 @@ def train_batches(data: DataConfig, reader: ExampleReader, info: DistInfo, seed:
                                             data.shuffle_buffer, data.stream_window)
         source.set_position(*position)
         return iter(make_loader(source, None, data.num_workers))
-    utts = _in_cache(read_split(data.train_manifest, data.train_split), reader, data.train_manifest)
+    utts = _in_cache(read_split(data.train_manifest, data.train_split), reader, data.train_manifest,
+                     data.check_fresh)
     dataset = SpeechTextDataset(utts, reader)
     frames, tokens = dataset.lengths()
     sampler = DistributedBucketSampler(frames, tokens, data.max_frames, data.max_tokens, data.max_batch,
@@ -149,7 +153,8 @@ def train_batches(data: DataConfig, reader: ExampleReader, info: DistInfo, seed:
 def valid_batches(data: DataConfig, reader: ExampleReader, info: DistInfo) -> Callable[[], Iterable[Batch]]:
     """A function giving one pass over this rank's validation share (equal batch counts on all ranks)."""
     manifest = data.valid_manifest or data.train_manifest
-    utts = _in_cache(read_split(manifest, data.valid_split, data.valid_max_utts), reader, manifest)
+    utts = _in_cache(read_split(manifest, data.valid_split, data.valid_max_utts), reader, manifest,
+                     data.check_fresh)
     dataset = SpeechTextDataset(utts, reader)
     frames, tokens = dataset.lengths()
 

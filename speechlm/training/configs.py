@@ -30,6 +30,7 @@ class DataConfig:
     valid_split: str = "valid"
     feature_cache: str = ""  # cached encoder features of the train manifest; "" = run the encoder on the fly
     valid_feature_cache: str = ""  # "" = feature_cache
+    check_fresh: bool = True  # refuse cached features whose audio changed since caching (one stat per file)
     max_frames: int = 12_000  # budget per batch: batch size x longest clip, in encoder frames (0 = none)
     max_tokens: int = 512  # budget per batch: batch size x longest transcript, in LLM tokens (0 = none)
     max_batch: int = 0  # cap on utterances per batch (0 = none)
