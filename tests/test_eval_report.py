@@ -60,6 +60,7 @@ def test_wer_normalises_case_and_punctuation():
     assert word_error_rate(["Tom was late."], ["tom was late"]) == 0.0
     assert word_error_rate(["tom was late", "a cat"], ["tom was", "a dog"]) == pytest.approx(2 / 5)
     assert normalize_text("It\u2019s  FIVE, o'clock!") == "it's five o'clock"
+    assert normalize_text("The 26-year-old paid 1,200.") == "the twenty six year old paid one thousand two hundred"
     with pytest.raises(ValueError, match="empty"):
         word_error_rate(["..."], ["x"])
 

@@ -24,9 +24,13 @@ DEFAULT_PROMPT = "Repeat the text exactly.\nText: {speech}\nRepeat:"
 
 
 def normalize_text(text: str) -> str:
-    """Lower case, punctuation removed (apostrophes kept), whitespace collapsed: the WER convention here."""
-    text = text.lower().replace("\u2019", "'")
-    text = re.sub(r"[^a-z0-9' ]+", " ", text)
+    """Lower case, digits as words ("26" -> "twenty six", as our references spell them), punctuation removed
+    (apostrophes kept), whitespace collapsed: the WER convention here."""
+    from alignment.tokens import number_to_words
+
+    text = text.lower().replace("\u2019", "'").replace(",", "")  # "1,000" is one number
+    text = re.sub(r"\d+", lambda m: f" {number_to_words(int(m.group()))} ", text)
+    text = re.sub(r"[^a-z' ]+", " ", text)
     return " ".join(text.split())
 
 
@@ -42,12 +46,13 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
     return float(jiwer.wer(refs, [normalize_text(h) for h in hypotheses]))
 
 
-def read_asr_inputs(manifest: str | Path, sample_rate: int = 16000, limit: int | None = None) -> list[SpeechInput]:
+def read_asr_inputs(manifest: str | Path, sample_rate: int = 16000, limit: int | None = None,
+                    split: str | None = None) -> list[SpeechInput]:
     """Utterances of a manifest (the project's JSONL format) as SpeechInputs with reference transcripts."""
     from speechlm.data.audio import load_audio
     from speechlm.data.manifest import read_manifest
 
-    rows = read_manifest(manifest)[:limit]
+    rows = [u for u in read_manifest(manifest) if split is None or u.split == split][:limit]
     return [SpeechInput(load_audio(u.audio_path, sample_rate, expected_sr=u.sample_rate), u.text, u.id) for u in rows]
 
 

@@ -1,0 +1,101 @@
+"""Zero-shot ASR: greedy read-out of connector vectors through the frozen LLM, WER on a manifest (+ Whisper).
+
+    python recipes/eval_asr.py manifest=runs/tiny/corpus/test.jsonl connectors=[runs/tiny/stage1/connector] \\
+        aligner=runs/tiny/aligner [limit=50] [whisper_baseline=true] [summary=runs/tiny/summary.json]
+
+Writes ``<out_dir>/<name>.json`` (WER per system, boundary mode, the first hypotheses) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+
+from speechlm.atomic import atomic_write_text
+from speechlm.config import load_config
+from speechlm.eval.asr import (
+    DEFAULT_PROMPT,
+    WhisperCascade,
+    read_asr_inputs,
+    transcribe_speechlm,
+    word_error_rate,
+)
+from speechlm.eval.report import merge_summary
+from speechlm.eval.scoring import load_front_end
+from speechlm.training.build import load_llm
+
+log = logging.getLogger("eval_asr")
+
+
+@dataclass
+class ASREvalConfig:
+    manifest: str = ""
+    split: str = ""  # keep only rows of this split ("" = all)
+    llm: str = ""
+    connectors: list[str] = field(default_factory=list)
+    aligner: str = ""
+    encoder: str = ""
+    boundaries: str = "free"
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 64
+    limit: int = 0
+    whisper_baseline: bool = False
+    whisper: str = ""
+    batch_size: int = 8
+    threads: int = 0
+    device: str = "cpu"
+    out_dir: str = "runs/eval"
+    name: str = "asr"
+    summary: str = ""  # JSON file to merge {"asr": {"wer": ...}} (first connector) into
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(ASREvalConfig, args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    inputs = read_asr_inputs(cfg.manifest, split=cfg.split or None, limit=cfg.limit or None)
+    refs = [x.text or "" for x in inputs]
+    results = []
+    if cfg.connectors:
+        llm, tok = load_llm(cfg.llm)
+        llm.to(cfg.device)
+        for folder in cfg.connectors:
+            model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
+            hyps = transcribe_speechlm(model, front, inputs, cfg.prompt, cfg.max_new_tokens, cfg.batch_size)
+            results.append({"system": Path(folder).name, "boundaries": front.label, "wer": word_error_rate(refs, hyps),
+                            "n": len(refs), "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
+            log.info("%s: WER %.3f", folder, results[-1]["wer"])
+    if cfg.whisper_baseline:
+        from speechlm.paths import WHISPER_BASE, default_model
+
+        hyps = WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device).transcribe(
+            [x.wave for x in inputs], cfg.batch_size)
+        results.append({"system": "whisper", "boundaries": "none", "wer": word_error_rate(refs, hyps), "n": len(refs),
+                        "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
+    out = Path(cfg.out_dir)
+    atomic_write_text(out / f"{cfg.name}.json", json.dumps({"manifest": cfg.manifest, "results": results}, indent=2) + "\n")
+    table = "| system | boundaries | n | WER % |\n|---|---|---|---|\n" + "".join(
+        f"| {r['system']} | {r['boundaries']} | {r['n']} | {100 * r['wer']:.1f} |\n" for r in results)
+    atomic_write_text(out / f"{cfg.name}.md", f"# {cfg.name}\n\n- manifest: {cfg.manifest}\n\n" + table)
+    print(table)
+    if cfg.summary and results:
+        merge_summary(cfg.summary, "asr", {"wer": results[0]["wer"], "system": results[0]["system"],
+                                           "boundaries": results[0]["boundaries"]})
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    main()
