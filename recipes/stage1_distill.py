@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     engine = build_engine(model, cfg.engine, cfg.loop.max_steps, info)
     identity = build.run_identity("stage1", connector)
     start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
-    seed_everything(cfg.seed, info.rank) if start is None else None  # a resumed run restored its RNG
+    if start is None:  # a resumed run has restored every rank's RNG instead
+        seed_everything(cfg.seed, info.rank)
 
     # Data
     if encoder is not None:

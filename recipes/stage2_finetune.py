@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     identity = build.run_identity("stage2", connector, variant=cfg.variant, lora=vars(cfg.lora) if
                                   cfg.variant != "frozen" else None)
     start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
-    seed_everything(cfg.seed, info.rank) if start is None else None
+    if start is None:  # a resumed run has restored every rank's RNG instead
+        seed_everything(cfg.seed, info.rank)
 
     # Data (+ text-only batches for multitask)
     if encoder is not None:
