@@ -128,7 +128,7 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    skip = ("step", "tokens", "targets", "leakage_targets")
+    skip = ("step", "tokens", "targets", "leakage_targets", "time_s")
     valid_keys = sorted({k for r in history["valid"] for k in r if k not in skip})
     n = 1 + len(valid_keys)
     cols = min(4, n)
@@ -169,6 +169,7 @@ def train_loop(engine: Engine, batches: Iterator[Batch], prep: BatchPrep, run_va
     runlog = RunLog(out_dir, info.is_main, start.get("history") if start else None)
     position = start.get("position", (0, 0)) if start else (0, 0)
     step_times: list[float] = []
+    wall_start = time.perf_counter()
     frozen_start = frozen_check() if frozen_check else None
     accum = engine.cfg.grad_accum
     from tqdm import tqdm
@@ -176,6 +177,11 @@ def train_loop(engine: Engine, batches: Iterator[Batch], prep: BatchPrep, run_va
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (info.is_main and cfg.progress), desc=title,
                dynamic_ncols=True)
     engine.ds.train()
+
+    def valid_row() -> dict:
+        t = time.perf_counter()
+        row = run_validation()
+        return {**row, "time_s": time.perf_counter() - t}
 
     def checkpoint(done: int) -> None:
         state = {"position": position, "history": runlog.history if info.is_main else None}
@@ -203,17 +209,17 @@ def train_loop(engine: Engine, batches: Iterator[Batch], prep: BatchPrep, run_va
             if not cfg.progress and info.is_main:
                 log.info("step %d loss %.4f lr %.3g", step, values["loss"], lr)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            runlog.add("valid", step, run_validation())
+            runlog.add("valid", step, valid_row())
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
             if step == cfg.max_steps:
-                runlog.add("valid", step, run_validation())
+                runlog.add("valid", step, valid_row())
             checkpoint(step)
         if cfg.crash_after and step == cfg.crash_after:
             bar.close()
             os._exit(17)  # simulates a crash: no cleanup, no final files
     bar.close()
     if not runlog.history["valid"] or runlog.history["valid"][-1]["step"] != step:
-        runlog.add("valid", step, run_validation())  # a resumed run that had already finished
+        runlog.add("valid", step, valid_row())  # a resumed run that had already finished
     final = runlog.history["valid"][-1]
     times = sorted(step_times)
     result = {
@@ -223,6 +229,7 @@ def train_loop(engine: Engine, batches: Iterator[Batch], prep: BatchPrep, run_va
         "final_train_loss": runlog.history["train"][-1]["loss"] if runlog.history["train"] else None,
         "step_time_s_median": times[len(times) // 2] if times else None,
         "step_time_s_mean": sum(times) / len(times) if times else None,
+        "loop_wall_s": time.perf_counter() - wall_start,  # this process: steps + validation + checkpoints
         "train_losses": [r["loss"] for r in runlog.history["train"]],
     }
     if frozen_check is not None:
