@@ -29,7 +29,7 @@ from speechlm.eval.asr import (
     word_error_rate,
 )
 from speechlm.eval.report import merge_summary
-from speechlm.eval.scoring import load_front_end
+from speechlm.eval.scoring import connector_label, load_front_end
 from speechlm.training.build import load_llm
 
 log = logging.getLogger("eval_asr")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         for folder in cfg.connectors:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
             hyps = transcribe_speechlm(model, front, inputs, cfg.prompt, cfg.max_new_tokens, cfg.batch_size)
-            results.append({"system": Path(folder).name, "boundaries": front.label, "wer": word_error_rate(refs, hyps),
+            results.append({"system": connector_label(folder), "boundaries": front.label, "wer": word_error_rate(refs, hyps),
                             "n": len(refs), "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
             log.info("%s: WER %.3f", folder, results[-1]["wer"])
     if cfg.whisper_baseline:

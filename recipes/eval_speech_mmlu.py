@@ -26,7 +26,7 @@ import torch
 from speechlm.config import load_config, save_config
 from speechlm.eval import speech_mmlu as mm
 from speechlm.eval.report import Accuracy, ResultRow, merge_summary, write_report
-from speechlm.eval.scoring import load_front_end
+from speechlm.eval.scoring import connector_label, load_front_end
 from speechlm.eval.storycloze import default_eval_voices
 from speechlm.training.build import load_llm
 
@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
             for method in cfg.methods:
                 for k in cfg.shots:
                     res = mm.eval_speech(model, front, spoken, dev, method, k, cfg.batch_size)
-                    r, total = per_subject_rows("speech_mmlu", f"speech_{k}shot", Path(folder).name, front.label,
+                    r, total = per_subject_rows("speech_mmlu", f"speech_{k}shot", connector_label(folder), front.label,
                                                 method, res, text_res[(method, k)])
                     rows += r
-                    log.info("%s %s %d-shot: %d/%d", Path(folder).name, method, k, total.correct, total.total)
+                    log.info("%s %s %d-shot: %d/%d", connector_label(folder), method, k, total.correct, total.total)
                     if method == cfg.headline_method and folder == cfg.connectors[0]:
                         summary[f"speech_acc_{k}shot"] = total.value
 

@@ -26,7 +26,7 @@ import torch
 from speechlm.config import load_config, save_config
 from speechlm.eval import storycloze as sc
 from speechlm.eval.report import Accuracy, ResultRow, merge_summary, write_report
-from speechlm.eval.scoring import SCORINGS, load_front_end
+from speechlm.eval.scoring import SCORINGS, connector_label, load_front_end
 from speechlm.training.build import load_llm
 
 log = logging.getLogger("eval_storycloze")
@@ -104,14 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
             conds = [c for c in cfg.conditions if c in ("s2t", "s") and (c != "s" or front.uses_boundaries)]
             res = sc.score_speech_conditions(model, front, stories, conds, cfg.batch_size)
             for cond, scores in res.items():
-                rows += rows_for(task, cond, Path(folder).name, front.label, scores, text)
-                log.info("%s %s %s: %s", task, Path(folder).name, cond, sc.accuracy_counts(scores))
+                rows += rows_for(task, cond, connector_label(folder), front.label, scores, text)
+                log.info("%s %s %s: %s", task, connector_label(folder), cond, sc.accuracy_counts(scores))
                 if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
                     summary[f"{cond}_acc"] = Accuracy.of([p.correct(cfg.headline_scoring) for p in scores]).value
             if cfg.release and style == cfg.wrong_styles[0]:
                 pairs = sc.read_spoken_release(cfg.release)[: cfg.limit or None]
                 rel = sc.score_release(model, front, pairs)
-                rows += rows_for(f"release/{Path(cfg.release).name}", "s", Path(folder).name, front.label, rel, None)
+                rows += rows_for(f"release/{Path(cfg.release).name}", "s", connector_label(folder), front.label, rel, None)
 
     meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
             "headline_scoring": cfg.headline_scoring}

@@ -8,6 +8,7 @@ import torch
 from speechlm.errors import ManifestError
 from speechlm.eval import storycloze as sc
 from speechlm.eval.scoring import SpeechFrontEnd, SpeechInput, choose, score_text, start_ids, text_ids
+from speechlm.models.speechlm import TextSegment
 from tests.eval_helpers import (
     OracleFrontEnd,
     speech_model,
@@ -184,13 +185,17 @@ class StubEncoder:
 class StubAligner:
     """Free mode 'decodes' a fixed transcript; forced mode aligns the given one. Boundaries spread evenly."""
 
-    def __init__(self, tok):
-        self.tok, self.calls = tok, []
+    def __init__(self, tok, fail=()):
+        self.tok, self.calls, self.fail = tok, [], set(fail)
 
     def align(self, features, lengths, texts, utt_ids=None, target_frame_rate_hz=None, target_num_frames=None):
         from types import SimpleNamespace
 
+        from speechlm.errors import AlignmentError
+
         self.calls.append(list(texts))
+        if self.fail & set(utt_ids):
+            raise AlignmentError(f"utterance {min(self.fail & set(utt_ids))!r}: free mode decoded no speech")
         out = []
         for t, n in zip(texts, target_num_frames):
             ids = text_ids(self.tok, t if t is not None else "what is two plus two")
@@ -219,3 +224,19 @@ def test_default_voices_are_held_out_from_training():
 
     voices = sc.default_eval_voices()
     assert voices and not set(voices) & set(corpus.train_voices())
+
+
+def test_front_end_survives_an_utterance_without_boundaries():
+    tok = word_tokenizer()
+    model = speech_model(tiny_llm(len(tok)), tok)
+    model.encoder = StubEncoder()
+    front = SpeechFrontEnd(model, StubAligner(tok, fail={"u2"}), mode="free")
+    segs = front.embed([SpeechInput(torch.zeros(16000), id="u1"), SpeechInput(torch.zeros(9600), id="u2")])
+    assert segs[0].ids == text_ids(tok, "what is two plus two") and segs[0].embeds.shape[0] == 5
+    assert segs[1].ids == [] and segs[1].embeds.shape[0] == 0
+    assert len(front.failures) == 1 and "u2" in front.failures[0]
+    # An ending without speech vectors scores -inf: it can only lose (a tie counts as wrong).
+    pre = [[TextSegment(start_ids(tok)), segs[0]]] * 2
+    lp = model.score_speech(pre, [segs[0], segs[1]])
+    pair = sc.PairScores("x", lp[0], lp[1])
+    assert pair.correct("summed") and not sc.PairScores("y", lp[1], lp[1]).correct("length_norm")

@@ -12,12 +12,15 @@ mode; ``forced``: the reference transcript is aligned, a labelled upper bound) -
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 SCORINGS = ("summed", "length_norm")
 BOUNDARY_MODES = ("free", "forced")
@@ -124,6 +127,7 @@ class SpeechFrontEnd:
         self.aligner = aligner
         self.mode = mode
         self.uses_boundaries = model.connector.cfg.name == "ssr"
+        self.failures: list[str] = []  # utterances that got no boundaries (see _align)
         if self.uses_boundaries and aligner is None:
             raise ValueError("the SSR connector needs an aligner for test-time boundaries")
 
@@ -131,6 +135,31 @@ class SpeechFrontEnd:
     def label(self) -> str:
         """What made the boundaries, for reports: ``free`` / ``forced`` / ``none`` (baseline connector)."""
         return self.mode if self.uses_boundaries else "none"
+
+    def _align(self, features: torch.Tensor, lengths: torch.Tensor, texts: list[str | None], ids: list[str]) -> list[Any]:
+        """Aligner results; an utterance the aligner cannot handle (e.g. free mode decodes nothing from
+        a short word) gets no tokens: an empty segment, counted in ``failures``, never a crash."""
+        from types import SimpleNamespace
+
+        from speechlm.errors import AlignmentError
+
+        rate = self.model.connector.cfg.frame_rate_hz
+        try:
+            return self.aligner.align(features, lengths, texts, utt_ids=ids, target_frame_rate_hz=rate,
+                                      target_num_frames=[int(n) for n in lengths])
+        except AlignmentError:
+            pass
+        out = []
+        for b in range(len(texts)):
+            try:
+                [r] = self.aligner.align(features[b:b + 1], lengths[b:b + 1], texts[b:b + 1], utt_ids=ids[b:b + 1],
+                                         target_frame_rate_hz=rate, target_num_frames=[int(lengths[b])])
+            except AlignmentError as e:
+                log.warning("no boundaries (%s): the utterance gets no speech vectors", e)
+                self.failures.append(str(e))
+                r = SimpleNamespace(token_ids=[], token_boundaries=[])
+            out.append(r)
+        return out
 
     @torch.no_grad()
     def embed(self, inputs: Sequence[SpeechInput]) -> list[Any]:
@@ -145,9 +174,7 @@ class SpeechFrontEnd:
         texts = [None if self.mode == "free" else x.text for x in inputs]
         if self.mode == "forced" and any(t is None for t in texts):
             raise ValueError("forced boundaries need the reference transcript of every utterance")
-        rate = self.model.connector.cfg.frame_rate_hz
-        results = self.aligner.align(features, lengths, texts, utt_ids=[x.id for x in inputs],
-                                     target_frame_rate_hz=rate, target_num_frames=[int(n) for n in lengths])
+        results = self._align(features, lengths, texts, [x.id for x in inputs])
         n = max(1, max(len(r.token_ids) for r in results))
         bounds = torch.zeros(len(inputs), n, dtype=torch.long)
         mask = torch.zeros(len(inputs), n, dtype=torch.bool)
@@ -158,6 +185,13 @@ class SpeechFrontEnd:
         out = self.model.speech_embeds(features.to(dev), lengths.to(dev), bounds.to(dev), mask.to(dev))
         segs = self.model.speech_segments(out, ids=[list(r.token_ids) for r in results])
         return [SpeechSegment(s.embeds, ids=s.ids) for s in segs]
+
+
+def connector_label(folder: str) -> str:
+    """A connector's name in reports: its folder's last two parts (``stage2/connector``)."""
+    from pathlib import Path
+
+    return "/".join(Path(folder).resolve().parts[-2:])
 
 
 def load_front_end(connector_folder: str, llm: torch.nn.Module, tokenizer: Any, aligner_folder: str = "",
