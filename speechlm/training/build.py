@@ -92,6 +92,10 @@ def make_connector(model: ModelConfig, enc: EncoderFacts, llm: nn.Module) -> Con
     connector = build_connector(connector_config_from_dict(data))
     if model.init_output_mean and hasattr(connector, "init_output_bias"):
         connector.init_output_bias(llm.get_input_embeddings().weight.detach().float().mean(0))
+    proj = getattr(connector, "proj", None)
+    if model.init_output_scale != 1.0 and isinstance(proj, nn.Linear):
+        with torch.no_grad():
+            proj.weight.mul_(model.init_output_scale)
     return connector
 
 
