@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -46,28 +45,43 @@ class BoundaryErrors:
 
 
 def _key(word: str) -> str:
-    return normalize_for_alignment(word).text
+    # one token per whitespace word, also when normalisation splits it ("eighty-three")
+    return normalize_for_alignment(word).text.replace(" ", "_")
+
+
+def matched_pairs(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, int]]:
+    """Index pairs of a longest common subsequence of two word lists (most words matched, in order)."""
+    n, m = len(ref), len(hyp)
+    best = np.zeros((n + 1, m + 1), dtype=np.int32)
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            best[i, j] = best[i + 1, j + 1] + 1 if ref[i] == hyp[j] else max(best[i + 1, j], best[i, j + 1])
+    pairs, i, j = [], 0, 0
+    while i < n and j < m:
+        if ref[i] == hyp[j]:
+            pairs.append((i, j))
+            i, j = i + 1, j + 1
+        elif best[i + 1, j] >= best[i, j + 1]:
+            i += 1
+        else:
+            j += 1
+    return pairs
 
 
 def word_boundary_errors(reference: Sequence[tuple[str, float, float]],
                          predicted: Sequence[tuple[str, float, float]]) -> BoundaryErrors:
-    """Match predicted words to reference words by their normalised spelling, in order, then compare times.
+    """Match predicted words to reference words by their normalised spelling, then compare times.
 
-    In forced mode the word sequences are the same; in free mode only the words the aligner decoded
-    correctly (an in-order exact match) are scored, and ``words_matched`` says how many that was.
+    In forced mode the word sequences are the same; in free mode only the words of a longest common
+    subsequence of the two are scored; ``words_matched`` says how many.
     """
     ref = [(w, s, e) for w, s, e in reference if _key(w)]
     hyp = [(w, s, e) for w, s, e in predicted if _key(w)]
     out = BoundaryErrors(words_ref=len(ref))
-    matcher = difflib.SequenceMatcher(None, [_key(w) for w, _, _ in ref], [_key(w) for w, _, _ in hyp],
-                                      autojunk=False)
-    for block in matcher.get_matching_blocks():
-        for k in range(block.size):
-            _, rs, re_ = ref[block.a + k]
-            _, hs, he = hyp[block.b + k]
-            out.start.append(abs(hs - rs))
-            out.end.append(abs(he - re_))
-            out.words_matched += 1
+    for i, j in matched_pairs([_key(w) for w, _, _ in ref], [_key(w) for w, _, _ in hyp]):
+        out.start.append(abs(hyp[j][1] - ref[i][1]))
+        out.end.append(abs(hyp[j][2] - ref[i][2]))
+        out.words_matched += 1
     return out
 
 
