@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The embedded default, end to end on the CPU (what `make demo` runs):
+#   prepare models -> synthesize corpus -> cache encoder features -> train the CTC aligner -> align
+#   -> stage 1 (distill) -> stage 2 (next-token) -> evaluate -> runs/tiny/summary.json + a table.
+# Models: Whisper base (encoder) + SmolLM2-135M (frozen LLM), converted from registry packages.
+# The training stages run with 2 CPU ranks through the deepspeed launcher, one torch thread each.
+# Knobs (environment): RUN=runs/tiny HOURS=2.0 ALIGNER_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=...
+#   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+export PATH="$(cd "$VENV/bin" && pwd):$PATH" TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+RUN=${RUN:-runs/tiny}
+HOURS=${HOURS:-2.0}
+RANKS=${RANKS:-2}
+ALIGNER_STEPS=${ALIGNER_STEPS:-1200}
+STAGE1_STEPS=${STAGE1_STEPS:-}
+STAGE2_STEPS=${STAGE2_STEPS:-}
+CACHE=$("$PY" -c "from speechlm.paths import cache_dir; print(cache_dir())")
+MODELS=$("$PY" -c "from speechlm.paths import models_dir; print(models_dir())")
+CORPUS=${CORPUS:-$CACHE/corpus/tiny-${HOURS}h}
+FEATURES=$CACHE/features/tiny-${HOURS}h
+WHISPER=$MODELS/whisper-base
+LLM=$MODELS/smollm2-135m
+mkdir -p "$RUN"
+rm -f "$RUN/summary.json" "$RUN/times.json"
+
+# step NAME CMD...: run a step, record its wall time in $RUN/times.json.
+step() {
+  local name=$1; shift
+  echo; echo "=== [$name] $*"
+  local t0=$(date +%s.%N)
+  "$@"
+  "$PY" - "$RUN/times.json" "$name" "$t0" <<'PYEOF'
+import json, sys, time
+from pathlib import Path
+from speechlm.atomic import atomic_write_text
+path, name, t0 = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+times = json.loads(path.read_text()) if path.is_file() else {}
+times[name] = round(time.time() - t0, 1)
+atomic_write_text(path, json.dumps(times, indent=1))
+print(f"=== [{name}] done in {times[name]:.0f} s")
+PYEOF
+}
+
+# launch SCRIPT ARGS...: a training stage with $RANKS CPU ranks (deepspeed launcher) or one process.
+launch() {
+  if [ "$RANKS" -gt 1 ]; then
+    deepspeed --num_gpus "$RANKS" --master_port "${MASTER_PORT:-29511}" "$@"
+  else
+    "$PY" "$@"
+  fi
+}
+
+step prepare_models "$PY" tools/prepare_models.py --threads 2
+step synthesize_corpus "$PY" tools/synthesize_corpus.py --out "$CORPUS" --hours "$HOURS" --workers 2
+step cache_features bash -c "for s in train valid test; do \
+  '$PY' tools/cache_features.py --manifest '$CORPUS/'\$s.jsonl --encoder '$WHISPER' --out '$FEATURES/'\$s \
+    --batch-size 8 --threads 2 || exit 1; done"
+step train_aligner "$PY" recipes/train_aligner.py --config recipes/configs/aligner_tiny.yaml \
+  train_manifest="$CORPUS/train.jsonl" valid_manifest="$CORPUS/valid.jsonl" \
+  feature_cache_train="$FEATURES/train" feature_cache_valid="$FEATURES/valid" \
+  out_dir="$RUN/aligner" steps="$ALIGNER_STEPS"
+step eval_aligner "$PY" tools/eval_alignment.py --manifest "$CORPUS/test.jsonl" --aligner "$RUN/aligner" \
+  --feature-cache "$FEATURES/test" --out "$RUN/aligner_eval.json" --modes forced free
+step align bash -c "for s in train valid; do \
+  '$PY' tools/align.py --manifest '$CORPUS/'\$s.jsonl --aligner '$RUN/aligner' --tokenizer '$LLM' \
+    --feature-cache '$FEATURES/'\$s --out '$RUN/aligned/'\$s.jsonl --skip-bad || exit 1; done"
+
+common=(data.train_manifest="$RUN/aligned/train.jsonl" data.valid_manifest="$RUN/aligned/valid.jsonl"
+        data.feature_cache="$FEATURES/train" data.valid_feature_cache="$FEATURES/valid"
+        model.llm="$LLM" model.encoder="$WHISPER")
+# shellcheck disable=SC2086
+step stage1 launch recipes/stage1_distill.py --config recipes/configs/stage1_tiny.yaml "${common[@]}" \
+  out_dir="$RUN/stage1" ${STAGE1_STEPS:+loop.max_steps=$STAGE1_STEPS} ${EXTRA1:-}
+# shellcheck disable=SC2086
+step stage2 launch recipes/stage2_finetune.py --config recipes/configs/stage2_tiny.yaml "${common[@]}" \
+  out_dir="$RUN/stage2" model.init_connector="$RUN/stage1/connector" \
+  ${STAGE2_STEPS:+loop.max_steps=$STAGE2_STEPS} ${EXTRA2:-}
+
+step eval_storycloze "$PY" recipes/eval_storycloze.py llm="$LLM" connectors="[$RUN/stage2/connector]" \
+  aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json"
+step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py llm="$LLM" connectors="[$RUN/stage2/connector]" \
+  aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json"
+step eval_asr "$PY" recipes/eval_asr.py manifest="$CORPUS/test.jsonl" connectors="[$RUN/stage1/connector]" \
+  aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json"
+
+"$PY" tools/summarize_run.py --run "$RUN"
