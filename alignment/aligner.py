@@ -59,7 +59,8 @@ class AlignmentResult:
 
 
 class Aligner:
-    """An aligner model (charCTC, subCTC or CIF) + the LLM tokenizer whose tokens get boundaries.
+    """An aligner model (charCTC, subCTC or CIF) + the LLM tokenizer whose tokens get boundaries
+    (``llm_tokenizer=None``: word timings only).
 
     ``decoder`` and ``beam_size`` apply to the CTC models; CIF segments by its own firing.
     """
@@ -147,7 +148,19 @@ class Aligner:
 
     def _char_frames(self, log_probs: torch.Tensor, text: str, utt_id: str
                      ) -> tuple[list[int | None], list[int | None], LabelSpans]:
-        """Start/end aligner frame of every character of ``text`` (None: not spoken)."""
+        """Start/end aligner frame of every character of ``text`` (None: not spoken), calibrated."""
+        starts, ends, spans = self._raw_char_frames(log_probs, text, utt_id)
+        c = self.model.config
+        if c.start_offset_frames or c.end_offset_frames:
+            last = spans.num_frames - 1
+            for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
+                if a is not None and b is not None:
+                    starts[i] = min(max(a + c.start_offset_frames, 0), last)
+                    ends[i] = min(max(b + c.end_offset_frames, starts[i]), last)
+        return starts, ends, spans
+
+    def _raw_char_frames(self, log_probs: torch.Tensor, text: str, utt_id: str
+                         ) -> tuple[list[int | None], list[int | None], LabelSpans]:
         norm = normalize_for_alignment(text)
         if not norm.text:
             raise AlignmentError(f"utterance {utt_id!r}: transcript {text!r} has nothing to speak")
@@ -210,10 +223,12 @@ def build_result(utt_id: str, text: str, mode: str, char_start: Sequence[int | N
                  ) -> AlignmentResult:
     """Character frames (aligner rate) -> :class:`AlignmentResult` with LLM-token boundaries at the target rate."""
     num_frames, rate = spans.num_frames, spans.frame_rate_hz
-    llm_ids, llm_spans = token_char_spans(llm_tokenizer, text)
-    bounds = token_boundaries(llm_spans, char_start, char_end, num_frames)
     to_hz = target_frame_rate_hz or rate
     n_target = target_num_frames or max(1, int(np.ceil(num_frames * to_hz / rate - 1e-6)))
-    bounds = convert_boundaries(bounds, rate, to_hz, n_target)
+    llm_ids, bounds = [], []
+    if llm_tokenizer is not None:  # None: word timings only
+        llm_ids, llm_spans = token_char_spans(llm_tokenizer, text)
+        bounds = token_boundaries(llm_spans, char_start, char_end, num_frames)
+        bounds = convert_boundaries(bounds, rate, to_hz, n_target)
     words = [WordAlignment(*w) for w in words_from_char_spans(text, char_start, char_end, rate) if w is not None]
     return AlignmentResult(utt_id, text, mode, words, llm_ids, bounds, to_hz, n_target, spans.score, spans)

@@ -40,6 +40,10 @@ class CIFAlignerConfig:
     tokenizer: str = ""
     tail_threshold: float = 0.5        # free mode: a leftover weight >= this fires one more token
     start_share: float = 0.05          # a token "starts" once it has integrated this share of its weight
+    #: Calibration: whole frames added to every character's start / end (estimated on held-out data
+    #: with reference timings by recipes/train_aligner.py, to undo the model's constant timing bias).
+    start_offset_frames: int = 0
+    end_offset_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.kind != "CIF":

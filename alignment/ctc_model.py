@@ -40,6 +40,10 @@ class CTCAlignerConfig:
     encoder_layers: list[int] = field(default_factory=lambda: [-1])
     frame_rate_hz: float = 50.0        # encoder frame rate = the aligner's frame rate
     tokenizer: str = ""                # subCTC: the tokenizer the subword labels come from
+    #: Calibration: whole frames added to every character's start / end (estimated on held-out data
+    #: with reference timings by recipes/train_aligner.py, to undo the model's constant timing bias).
+    start_offset_frames: int = 0
+    end_offset_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -12,7 +12,7 @@ from alignment.tokens import normalize_for_alignment
 
 @dataclass
 class BoundaryErrors:
-    """Absolute errors (seconds) of matched words' start and end times."""
+    """Signed errors (predicted - reference, seconds) of matched words' start and end times."""
 
     start: list[float] = field(default_factory=list)
     end: list[float] = field(default_factory=list)
@@ -27,15 +27,17 @@ class BoundaryErrors:
 
     def summary(self) -> dict:
         """MAE in ms (start, end, both), share of boundaries within 20 and 50 ms, match rate."""
-        both = np.asarray(self.start + self.end)
+        both = np.abs(np.asarray(self.start + self.end))
         if both.size == 0:
             return {"boundaries": 0, "mae_ms": None, "within_20ms": None, "within_50ms": None,
                     "words_ref": self.words_ref, "words_matched": 0}
         return {
             "boundaries": int(both.size),
             "mae_ms": float(both.mean() * 1000),
-            "start_mae_ms": float(np.mean(self.start) * 1000),
-            "end_mae_ms": float(np.mean(self.end) * 1000),
+            "start_mae_ms": float(np.mean(np.abs(self.start)) * 1000),
+            "end_mae_ms": float(np.mean(np.abs(self.end)) * 1000),
+            "start_bias_ms": float(np.mean(self.start) * 1000),
+            "end_bias_ms": float(np.mean(self.end) * 1000),
             "median_ms": float(np.median(both) * 1000),
             "within_20ms": float((both <= 0.020 + 1e-9).mean()),
             "within_50ms": float((both <= 0.050 + 1e-9).mean()),
@@ -79,10 +81,18 @@ def word_boundary_errors(reference: Sequence[tuple[str, float, float]],
     hyp = [(w, s, e) for w, s, e in predicted if _key(w)]
     out = BoundaryErrors(words_ref=len(ref))
     for i, j in matched_pairs([_key(w) for w, _, _ in ref], [_key(w) for w, _, _ in hyp]):
-        out.start.append(abs(hyp[j][1] - ref[i][1]))
-        out.end.append(abs(hyp[j][2] - ref[i][2]))
+        out.start.append(hyp[j][1] - ref[i][1])
+        out.end.append(hyp[j][2] - ref[i][2])
         out.words_matched += 1
     return out
+
+
+def median_offsets_frames(errors: BoundaryErrors, frame_rate_hz: float) -> tuple[int, int]:
+    """Whole-frame shifts that best undo a constant bias: ``-median(error)`` for starts and for ends."""
+    if not errors.start:
+        return 0, 0
+    return (round(-float(np.median(errors.start)) * frame_rate_hz),
+            round(-float(np.median(errors.end)) * frame_rate_hz))
 
 
 def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:

@@ -29,11 +29,16 @@ import itertools
 import torch
 from tqdm import tqdm
 
-from alignment.aligner import Aligner
+from alignment.aligner import Aligner, load_aligner_model
 from alignment.cif import CIFAligner, cif_config, cif_loss
 from alignment.ctc_model import CTCAligner, char_ctc_config, sub_ctc_config
 from alignment.features import describe, iter_feature_batches
-from alignment.metrics import character_error_rate
+from alignment.metrics import (
+    BoundaryErrors,
+    character_error_rate,
+    median_offsets_frames,
+    word_boundary_errors,
+)
 from alignment.tokens import normalize_for_alignment
 from speechlm.atomic import atomic_write_text
 from speechlm.config import load_config, to_dict
@@ -64,6 +69,7 @@ class TrainAlignerConfig:
     feature_cache_valid: str = ""
     tokenizer: str = ""                     # subCTC/CIF: default the converted SmolLM2 tokenizer
     quantity_weight: float = 1.0            # CIF: weight of the quantity loss
+    calibrate: bool = True                  # after training: fit whole-frame start/end offsets on valid words
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 2000
     batch_size: int = 16
@@ -137,6 +143,29 @@ def evaluate_cer(model, data, cfg: TrainAlignerConfig, tokenizer) -> float:
             hyps.append(aligner.decode(out[k, : int(lengths[k])]))
     model.train()
     return character_error_rate(refs, hyps)
+
+
+@torch.no_grad()
+def calibrate(out_dir: Path, data, cfg: TrainAlignerConfig, tokenizer) -> dict:
+    """Fit the saved model's whole-frame start/end offsets to the reference words of ``data``; re-save."""
+    model = load_aligner_model(out_dir)
+    model.config.start_offset_frames = model.config.end_offset_frames = 0
+    aligner = Aligner(model, llm_tokenizer=None, sub_tokenizer=tokenizer)
+    errors = BoundaryErrors()
+    for i in range(0, len(data), cfg.batch_size):
+        items = [(u, f) for u, f in data[i:i + cfg.batch_size] if u.words]
+        if not items:
+            continue
+        x, lengths, *_ = collate(items, [[1]] * len(items), "cpu")
+        for (utt, _), res in zip(items, aligner.align(x, lengths, [u.text for u, _ in items],
+                                                      [u.id for u, _ in items]), strict=True):
+            errors.extend(word_boundary_errors([(w.word, w.start_s, w.end_s) for w in utt.words],
+                                               [(w.word, w.start_s, w.end_s) for w in res.words]))
+    before = errors.summary()
+    start, end = median_offsets_frames(errors, model.frame_rate_hz)
+    model.config.start_offset_frames, model.config.end_offset_frames = start, end
+    model.save_pretrained(out_dir, tokenizer=tokenizer)
+    return {"start_offset_frames": start, "end_offset_frames": end, "uncalibrated_valid": before}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +271,15 @@ def train(cfg: TrainAlignerConfig) -> int:
         if last:
             break
     bar.close()
+    if cfg.calibrate and best_cer < math.inf and any(u.words for u, _ in valid_data):
+        cal = calibrate(out_dir, valid_data, cfg, tokenizer)
+        state_path = out_dir.parent / f"{out_dir.name}.train_state.json"
+        state = json.loads(state_path.read_text())
+        state["calibration"] = cal
+        atomic_write_text(state_path, json.dumps(state, indent=2))
+        print(f"calibrated on {len(valid_data)} valid rows: start {cal['start_offset_frames']:+d} frames, end "
+              f"{cal['end_offset_frames']:+d} frames (uncalibrated valid MAE "
+              f"{cal['uncalibrated_valid']['mae_ms']:.1f} ms)")
     print(f"done: {step + 1} steps in {(time.time() - start) / 60:.1f} min, best valid CER {best_cer:.4f}, "
           f"saved to {out_dir}")
     return 0

@@ -137,3 +137,15 @@ def test_encoder_mismatch_is_a_model_error():
 
     with pytest.raises(ModelError, match="tiny-encoder"):
         check_encoder(model, FakeEncoder())
+
+
+def test_calibration_offsets_shift_words_and_boundaries(bpe):
+    model = _tiny_char_model()
+    path, _ = _char_path(model, "the cat sat")
+    lp = torch.from_numpy(peaky_posteriors(path + [0, 0, 0], model.config.vocab_size))
+    plain = Aligner(model, bpe).align_posteriors(lp, "the cat sat", "u")
+    model.config.start_offset_frames, model.config.end_offset_frames = -1, 2
+    shifted = Aligner(model, bpe).align_posteriors(lp, "the cat sat", "u")
+    for w0, w1 in zip(plain.words, shifted.words, strict=True):
+        assert w1.start_s == pytest.approx(w0.start_s - 1 / 50) and w1.end_s == pytest.approx(w0.end_s + 2 / 50)
+    assert shifted.token_boundaries == [b + 2 for b in plain.token_boundaries]

@@ -26,6 +26,7 @@ def test_free_words_are_matched_by_edit_distance():
     e = word_boundary_errors(REF, hyp)
     assert e.words_ref == 4 and e.words_matched == 2
     assert sorted(round(x, 3) for x in e.start + e.end) == [0.0, 0.0, 0.01, 0.05]
+    assert e.summary()["start_bias_ms"] == pytest.approx(5.0) and e.summary()["end_bias_ms"] == pytest.approx(25.0)
     assert word_boundary_errors(REF, []).summary()["mae_ms"] is None
 
 
@@ -40,6 +41,14 @@ def test_cer_rtf_and_merging():
     total.extend(word_boundary_errors(REF, REF))
     total.extend(word_boundary_errors(REF, REF))
     assert total.summary()["boundaries"] == 16 and total.summary()["mae_ms"] == 0.0
+
+
+def test_median_offsets_undo_a_constant_bias():
+    from alignment.metrics import median_offsets_frames
+
+    late = [(w, s + 0.041, e - 0.019) for w, s, e in REF]
+    assert median_offsets_frames(word_boundary_errors(REF, late), 50.0) == (-2, 1)
+    assert median_offsets_frames(BoundaryErrors(), 50.0) == (0, 0)
 
 
 def test_matched_pairs_is_a_longest_common_subsequence():

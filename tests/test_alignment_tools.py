@@ -76,6 +76,8 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
     assert cfg["encoder_name"] == encoder and (out / "model.safetensors").is_file()
     state = json.loads((tmp_path / "aligner.train_state.json").read_text())
     assert [h["step"] for h in state["history"]] == [2, 4]
+    cal = state["calibration"]                     # offsets fitted on the valid rows' reference words
+    assert (cfg["start_offset_frames"], cfg["end_offset_frames"]) == (cal["start_offset_frames"], cal["end_offset_frames"])
 
     align = _load("tools/align.py")
     aligned = tmp_path / "valid.aligned.jsonl"
