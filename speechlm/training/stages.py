@@ -103,6 +103,21 @@ class Stage2Finetune(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- leakage
+def _samples_for_frames(encoder: nn.Module, frames: int, samples_per_frame: float) -> int:
+    """The fewest samples from which ``encoder`` yields ``frames`` frames.
+
+    frames x hop is not enough for every encoder: w2v-BERT's 25 ms fbank window needs 240 samples
+    more, so a cut there would end one frame early (and a token ending in frame 0 would get no frame).
+    """
+    n = max(1, round(frames * samples_per_frame))
+    step = max(1, round(samples_per_frame / 4))
+    for _ in range(16):
+        if int(encoder.frame_lengths(torch.tensor([n]))[0]) >= frames:
+            break
+        n += step
+    return n
+
+
 @torch.no_grad()
 def truncated_vectors(connector: Connector, encoder: nn.Module, wave: torch.Tensor, boundaries: list[int]
                       ) -> torch.Tensor:
@@ -113,7 +128,7 @@ def truncated_vectors(connector: Connector, encoder: nn.Module, wave: torch.Tens
     """
     sr, rate = encoder.sample_rate, connector.cfg.frame_rate_hz
     ends = sorted(set(boundaries))
-    cuts = [min(wave.numel(), max(1, round((b + 1) * sr / rate))) for b in ends]
+    cuts = [min(wave.numel(), _samples_for_frames(encoder, b + 1, sr / rate)) for b in ends]
     enc = encoder([wave[:c] for c in cuts])  # features (U, L, T, D), lengths (U,)
     dev = next(connector.parameters()).device
     n = len(boundaries)
