@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from speechlm.config import load_config, save_config
+from speechlm.errors import ConfigError
 from speechlm.eval import storycloze as sc
 from speechlm.eval.report import Accuracy, ResultRow, merge_summary, write_report
 from speechlm.eval.scoring import SCORINGS, connector_label, load_front_end
@@ -85,9 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
     voices = cfg.voices or sc.default_eval_voices()
     rows: list[ResultRow] = []
     summary: dict[str, float | None] = {}
+    base = sc.read_story_items(data)
+    base = base[:cfg.limit] if cfg.limit else base  # random wrong endings are drawn inside this subset
+    if any(style not in sc.WRONG_STYLES for style in cfg.wrong_styles):
+        raise ConfigError(f"wrong_styles must be among {sc.WRONG_STYLES}, got {cfg.wrong_styles}")
+    spoken_cache: list[sc.SpokenStory] = []  # audio of the first style, reused by the others
     for style in cfg.wrong_styles:
-        items = sc.read_story_items(data, wrong_style=style)
-        items = items[:cfg.limit] if cfg.limit else items
+        items = base if style == "adversarial" else sc.random_wrong_endings(base, seed=0)
         task = f"storycloze/{style}"
         text = sc.score_text_condition(llm, tok, items, cfg.batch_size)
         rows += rows_for(task, "text", "llm", "none", text, None)
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
             summary["text_acc"] = Accuracy.of([p.correct(cfg.headline_scoring) for p in text]).value
         if cfg.text_only:
             continue
-        stories = sc.speak_items(items, voices, cfg.rate_wpm)
+        stories = reuse_audio(items, spoken_cache) if spoken_cache else sc.speak_items(items, voices, cfg.rate_wpm)
+        spoken_cache = spoken_cache or stories
         if cfg.cascade:
             rows += cascade_rows(cfg, llm, tok, task, stories, text)
         for folder in cfg.connectors:
@@ -120,6 +126,18 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.summary:
         merge_summary(cfg.summary, "storycloze", summary)
     return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md)}
+
+
+def reuse_audio(items: list[sc.StoryItem], spoken: list[sc.SpokenStory]) -> list[sc.SpokenStory]:
+    """Spoken stories for another wrong-ending style of the same stories: contexts and right endings are
+    the same audio; a random-style wrong ending is another story's right ending, so its audio exists too."""
+    by_id = {s.item.id: s for s in spoken}
+    by_text = {s.item.right_ending: s.right for s in spoken} | {s.item.wrong_ending: s.wrong for s in spoken}
+    out = []
+    for it in items:
+        base = by_id[it.id]
+        out.append(sc.SpokenStory(it, base.context, base.right, by_text[it.wrong_ending], base.voice))
+    return out
 
 
 def cascade_rows(cfg: StoryClozeEvalConfig, llm, tok, task: str, stories: list[sc.SpokenStory],

@@ -88,3 +88,21 @@ def test_embedded_mmlu_set_shape():
     assert all(len(v) >= 5 for v in dev.values())
     text = " ".join(it.question + " " + " ".join(it.options) for v in test.values() for it in v)
     assert not any(ch.isdigit() for ch in text)
+
+
+def test_next_token_logprobs_equal_one_token_scores():
+    from speechlm.eval.scoring import next_token_logprobs, start_ids, text_ids
+    from speechlm.models.speechlm import TextSegment
+    from tests.eval_helpers import tiny_llm
+
+    tok = word_tokenizer()
+    model = speech_model(tiny_llm(len(tok), seed=5), tok)
+    front = OracleFrontEnd(model)
+    speech = front.embed([SpeechInput(torch.zeros(1), "what is two plus four ?"), SpeechInput(torch.zeros(1), "a cat")])
+    prefixes = [[TextSegment(start_ids(tok)), speech[0], TextSegment(text_ids(tok, "\nAnswer:"))],
+                [TextSegment(start_ids(tok) + text_ids(tok, "tom was late")), speech[1]]]  # different lengths
+    dist = next_token_logprobs(model, prefixes)
+    letters = [text_ids(tok, " " + L) for L in mm.LETTERS]
+    for b, p in enumerate(prefixes):
+        want = torch.stack([x[0] for x in model.score([p] * 4, letters)])
+        torch.testing.assert_close(dist[b, [c[0] for c in letters]], want, atol=1e-5, rtol=1e-5)

@@ -85,6 +85,19 @@ def score_text(llm: torch.nn.Module, prefixes: Sequence[Sequence[int]], continua
     return out  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def next_token_logprobs(model: Any, prefixes: Sequence[Sequence[Any]]) -> torch.Tensor:
+    """``(B, V)`` log-distribution of the token after each mixed text/speech prefix (one pass each).
+
+    Equal to :meth:`SpeechLM.score` of a one-token continuation, but every candidate token (e.g. the
+    four answer letters) is read from the same pass.
+    """
+    inputs = model.build_inputs([list(p) for p in prefixes], padding_side="right")
+    logits = model.lm_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)  # (B, S, V)
+    last = inputs.attention_mask.sum(1) - 1  # (B,) last real position
+    return F.log_softmax(logits[torch.arange(len(prefixes)), last].float(), dim=-1).cpu()
+
+
 def aggregate(logprobs: torch.Tensor, scoring: str) -> float:
     """One option's score from its per-token log-probs: ``summed`` or ``length_norm`` (mean per token)."""
     if scoring not in SCORINGS:

@@ -26,7 +26,15 @@ import torch
 
 from speechlm.atomic import atomic_write_text
 from speechlm.errors import ManifestError
-from speechlm.eval.scoring import SpeechFrontEnd, SpeechInput, aggregate, score_text, start_ids, text_ids
+from speechlm.eval.scoring import (
+    SpeechFrontEnd,
+    SpeechInput,
+    aggregate,
+    next_token_logprobs,
+    score_text,
+    start_ids,
+    text_ids,
+)
 
 LETTERS = ("A", "B", "C", "D")
 METHODS = ("letter", "cloze")
@@ -267,7 +275,11 @@ def eval_speech(model: Any, front: SpeechFrontEnd, test: dict[str, list[SpokenMC
                     prefixes.append([TextSegment(start + text_ids(tok, header(subject) + ex + "Question:")), q[j],
                                      TextSegment(text_ids(tok, "\nAnswer:"))])
             conts = [c for s in chunk for c in continuations(tok, s.item, method)]
-            lp = model.score([p for p in prefixes for _ in range(4)], conts)
+            if all(len(c) == 1 for c in conts):  # answer letters: one pass, four candidates
+                dist = next_token_logprobs(model, prefixes)  # (B, V)
+                lp = [dist[j, conts[4 * j + n]] for j in range(len(chunk)) for n in range(4)]
+            else:
+                lp = model.score([p for p in prefixes for _ in range(4)], conts)
             res += [predict(lp[4 * j:4 * j + 4], method) == s.item.answer for j, s in enumerate(chunk)]
         out[subject] = res
     return out

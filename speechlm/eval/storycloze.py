@@ -148,11 +148,12 @@ def read_story_items(path: str | Path, wrong_style: str = "adversarial", seed: i
     if not items:
         raise ManifestError(f"{path}: no stories")
     if wrong_style == "random":
-        items = _random_wrong_endings(items, seed)
+        items = random_wrong_endings(items, seed)
     return items
 
 
-def _random_wrong_endings(items: list[StoryItem], seed: int) -> list[StoryItem]:
+def random_wrong_endings(items: list[StoryItem], seed: int = 0) -> list[StoryItem]:
+    """tStoryCloze construction: each wrong ending becomes the right ending of another story of ``items``."""
     if len(items) < 2:
         raise ValueError("random wrong endings need at least two stories")
     rng = random.Random(seed)
