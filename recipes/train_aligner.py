@@ -43,7 +43,7 @@ from alignment.tokens import normalize_for_alignment
 from speechlm.atomic import atomic_write_text
 from speechlm.config import load_config, to_dict
 from speechlm.data.manifest import Utterance, read_manifest
-from speechlm.errors import SpeechLMError
+from speechlm.errors import ModelError, SpeechLMError
 from speechlm.paths import SMOLLM2_135M, WHISPER_BASE, default_model
 from speechlm.training.schedule import warmup_cosine
 
@@ -70,6 +70,7 @@ class TrainAlignerConfig:
     tokenizer: str = ""                     # subCTC/CIF: default the converted SmolLM2 tokenizer
     quantity_weight: float = 1.0            # CIF: weight of the quantity loss
     calibrate: bool = True                  # after training: fit whole-frame start/end offsets on valid words
+    init_from: str = ""                     # continue from this aligner folder's weights (same model config)
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 2000
     batch_size: int = 16
@@ -217,6 +218,13 @@ def train(cfg: TrainAlignerConfig) -> int:
             CTCAligner(sub_ctc_config(tokenizer, **common))
     else:
         model = CTCAligner(char_ctc_config(**common))
+    if cfg.init_from:
+        # weights only: the model config above must match; calibration is refitted at the end
+        init = load_aligner_model(Path(cfg.init_from).expanduser())
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError as e:
+            raise ModelError(f"{cfg.init_from}: weights do not match this run's model config ({e})") from None
     model.to(cfg.device).train()
 
     labels = [labels_for(u, m.kind, model, tokenizer) for u, _ in train_data]

@@ -79,6 +79,15 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
     cal = state["calibration"]                     # offsets fitted on the valid rows' reference words
     assert (cfg["start_offset_frames"], cfg["end_offset_frames"]) == (cal["start_offset_frames"], cal["end_offset_frames"])
 
+    # continue from the trained weights; a different model size is refused
+    train_args = ["--config", str(ROOT / "recipes/configs/aligner_tiny.yaml"), f"train_manifest={train}",
+                  f"valid_manifest={train}", f"encoder={encoder}", "steps=2", "valid_every=2", "batch_size=2",
+                  "model.layers=1", "model.heads=2", "threads=1", f"init_from={out}"]
+    recipe = _load("recipes/train_aligner.py")
+    assert recipe.main([*train_args, f"out_dir={tmp_path / 'more'}", "model.d_model=32"]) == 0
+    assert recipe.main([*train_args, f"out_dir={tmp_path / 'other'}", "model.d_model=48"]) == 1
+    assert "do not match" in capsys.readouterr().err
+
     align = _load("tools/align.py")
     aligned = tmp_path / "valid.aligned.jsonl"
     assert align.main(["--manifest", str(valid), "--aligner", str(out), "--tokenizer", str(tok_dir),
