@@ -219,12 +219,17 @@ def train(cfg: TrainAlignerConfig) -> int:
     else:
         model = CTCAligner(char_ctc_config(**common))
     if cfg.init_from:
-        # weights only: the model config above must match; calibration is refitted at the end
-        init = load_aligner_model(Path(cfg.init_from).expanduser())
-        try:
-            model.load_state_dict(init.state_dict())
-        except RuntimeError as e:
-            raise ModelError(f"{cfg.init_from}: weights do not match this run's model config ({e})") from None
+        # Weights only; calibration is refitted at the end. Tensors are taken by name, so a CIF model
+        # can start from a charCTC model's frame Transformer ("body.*"); a name with another shape is an error.
+        src = load_aligner_model(Path(cfg.init_from).expanduser()).state_dict()
+        own = model.state_dict()
+        shared = {k: v for k, v in src.items() if k in own}
+        bad = [k for k, v in shared.items() if v.shape != own[k].shape]
+        if bad or not any(k.startswith("body.") for k in shared):
+            raise ModelError(f"{cfg.init_from}: weights do not match this run's model config "
+                             f"({', '.join(bad[:3]) or 'no shared frame Transformer'})")
+        model.load_state_dict(shared, strict=False)
+        print(f"init_from {cfg.init_from}: {len(shared)} of {len(own)} tensors")
     model.to(cfg.device).train()
 
     labels = [labels_for(u, m.kind, model, tokenizer) for u, _ in train_data]
