@@ -54,7 +54,13 @@ launch() {
 }
 
 step prepare_models "$PY" tools/prepare_models.py --threads 2
-step synthesize_corpus "$PY" tools/synthesize_corpus.py --out "$CORPUS" --hours "$HOURS" --workers 2
+# The corpus is deterministic for its arguments: reuse a complete one (FORCE=1 rebuilds it), since
+# rewriting its audio would also invalidate the cached features.
+if [ "${FORCE:-0}" = 1 ] || [ ! -f "$CORPUS/summary.json" ] || [ ! -f "$CORPUS/test.jsonl" ]; then
+  step synthesize_corpus "$PY" tools/synthesize_corpus.py --out "$CORPUS" --hours "$HOURS" --workers 2
+else
+  echo "=== [synthesize_corpus] reusing $CORPUS (FORCE=1 rebuilds it)"
+fi
 step cache_features bash -c "for s in train valid test; do \
   '$PY' tools/cache_features.py --manifest '$CORPUS/'\$s.jsonl --encoder '$WHISPER' --out '$FEATURES/'\$s \
     --batch-size 8 --threads 2 || exit 1; done"
