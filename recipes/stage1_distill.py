@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 recipes/stage1_distill.py --config recipes/configs/stage1_tiny.yaml [key=value ...]
     python recipes/stage1_distill.py --config recipes/configs/stage1_tiny.yaml [key=value ...]
 
-The LLM never runs: only its input-embedding table (the targets) is kept. Writes to ``out_dir``:
+The LLM never runs: only its input-embedding table (the targets) is read, from the safetensors
+themselves when it can be (no full model load). Writes to ``out_dir``:
 checkpoints/ (resumable), connector/ (the exported connector folder), metrics.json, history.json,
 curves.png, tensorboard/, config.yaml.
 """
@@ -28,6 +29,7 @@ from speechlm.training.engine import (
     load_checkpoint,
     seed_everything,
     set_threads,
+    train_dtype,
 )
 from speechlm.training.loop import BatchPrep, train_loop, validate
 from speechlm.training.stages import Stage1Distill, TokenEmbedding
@@ -49,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, out_dir / "config.yaml")
 
     # Models: the embedding table of the frozen LLM (targets), the encoder only if features are not cached.
-    llm, tokenizer = build.load_llm(cfg.model.llm)
-    encoder = None if cfg.data.feature_cache else build.load_encoder(cfg.model)
+    llm, tokenizer = build.load_llm_embeddings(cfg.model.llm)  # config + input-embedding table only
+    encoder = None if cfg.data.feature_cache else build.load_encoder(cfg.model, train_dtype(cfg.engine))
     enc = build.encoder_facts(cfg.model, cfg.data, encoder)
     connector = build.make_connector(cfg.model, enc, llm)
     embedding = TokenEmbedding(llm.get_input_embeddings().weight)

@@ -35,6 +35,7 @@ from speechlm.training.engine import (
     load_checkpoint,
     seed_everything,
     set_threads,
+    train_dtype,
 )
 from speechlm.training.loop import BatchPrep, train_loop, validate
 from speechlm.training.stages import Stage2Finetune
@@ -58,9 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, out_dir / "config.yaml")
 
     # Models: frozen LLM + connector (from stage 1); the encoder when features are not cached or for leakage.
-    llm, tokenizer = build.load_llm(cfg.model.llm)
+    # The LLM is read straight into the training precision (bf16 on GPUs): no ranks x fp32 copies in host RAM.
+    dtype = train_dtype(cfg.engine)
+    llm, tokenizer = build.load_llm(cfg.model.llm, dtype)
     need_encoder = not cfg.data.feature_cache or cfg.leakage_utts > 0
-    encoder = build.load_encoder(cfg.model) if need_encoder else None
+    encoder = build.load_encoder(cfg.model, dtype) if need_encoder else None
     enc = build.encoder_facts(cfg.model, cfg.data, encoder)
     if cfg.model.init_connector:
         connector = load_connector(cfg.model.init_connector, llm=llm)

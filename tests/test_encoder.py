@@ -222,6 +222,25 @@ def test_cache_key_identifies_weights_and_settings(folders, tmp_path):
     assert b["weights_sha256"] != a["weights_sha256"]
 
 
+
+@pytest.mark.parametrize("kind", ["whisper", "wav2vec2", "w2v-bert"])
+def test_half_precision_encoder_runs_in_its_dtype_and_returns_float32(folders, kind):
+    ref = SpeechEncoder.from_pretrained(folders[kind], layers=(0, -1))
+    half = SpeechEncoder.from_pretrained(folders[kind], layers=(0, -1), dtype="bf16")
+    assert ref.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in half.model.parameters())
+    waves = _waves(0.7, 1.1)
+    a, b = ref(waves), half(waves)
+    assert b.features.dtype == torch.float32 and b.lengths.tolist() == a.lengths.tolist()
+    for i, n in enumerate(a.lengths.tolist()):
+        # bf16 keeps 8 mantissa bits: frames agree in direction, not to the last digit
+        cos = torch.nn.functional.cosine_similarity(a.features[i, :, :n], b.features[i, :, :n], dim=-1)
+        assert cos.min() > 0.98, cos.min()
+        assert not torch.equal(a.features[i, :, :n], b.features[i, :, :n])  # it did run in bf16
+    assert ref.cache_key()["dtype"] == "float32" and half.cache_key()["dtype"] == "bfloat16"
+    with pytest.raises(ModelError, match="dtype"):
+        SpeechEncoder.from_pretrained(folders[kind], dtype="int8")
+
 @pytest.mark.slow
 def test_real_whisper_base_on_speech():
     """The converted Whisper base: shapes, batch == alone, variable-length close to the padded standard."""

@@ -1,7 +1,8 @@
 """Encode a manifest's audio once with a frozen speech encoder and store the features (fp16 shards + index).
 
     python tools/cache_features.py --manifest data/train.jsonl --encoder ~/.cache/speechlm/models/whisper-base \
-        --out ~/.cache/speechlm/features/train-whisper-base [--layers -1] [--batch-size 8] [--skip-bad]
+        --out ~/.cache/speechlm/features/train-whisper-base [--layers -1] [--batch-size 8] [--skip-bad] \
+        [--dtype auto|fp32|fp16|bf16]
 
 Running it again reuses what is cached and fresh; changed audio or another encoder is re-encoded.
 """
@@ -16,7 +17,7 @@ import torch
 
 from speechlm.data.feature_cache import build_feature_cache
 from speechlm.errors import SpeechLMError
-from speechlm.models.encoder import SpeechEncoder
+from speechlm.models.encoder import DTYPES, SpeechEncoder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--skip-bad", action="store_true", help="skip and report unreadable audio instead of stopping")
     ap.add_argument("--whisper-pad-to-30s", action="store_true", help="Whisper: the standard 30 s padded input")
+    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                    help="precision the encoder runs in (auto: bf16 on a GPU that has it, else fp32); "
+                         "the cache stores fp16 either way")
     ap.add_argument("--shard-mb", type=float, default=256.0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
@@ -36,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        gpu = torch.cuda.is_available()
+        dtype = args.dtype
+        if dtype == "auto":
+            dtype = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
         encoder = SpeechEncoder.from_pretrained(args.encoder, layers=args.layers,
-                                                whisper_pad_to_30s=args.whisper_pad_to_30s)
-        if torch.cuda.is_available():
+                                                whisper_pad_to_30s=args.whisper_pad_to_30s, dtype=dtype)
+        if gpu:
             encoder.to("cuda")
         cache = build_feature_cache(args.manifest, encoder, args.out, batch_size=args.batch_size,
                                     skip_bad=args.skip_bad, shard_mb=args.shard_mb)

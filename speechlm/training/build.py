@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,23 +38,121 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- models
-def load_llm(path: str) -> tuple[nn.Module, Any]:
-    """(frozen causal LM in eval mode, its tokenizer) from a local folder ("" = embedded SmolLM2-135M)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _llm_folder(path: str) -> Path:
     folder = Path(path) if path else default_model(SMOLLM2_135M)
     if not folder.is_dir():
         raise ModelError(f"{folder}: LLM folder not found (run tools/prepare_models.py for the embedded models)")
+    return folder
+
+
+def load_llm(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(frozen causal LM in eval mode, its tokenizer) from a local folder ("" = embedded SmolLM2-135M).
+
+    ``dtype``: the precision the LLM runs in (bf16 when training runs bf16, see engine.train_dtype);
+    weights are read straight into it, shard by shard, so a rank never holds an fp32 copy of the model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _llm_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    llm = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    llm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, low_cpu_mem_usage=True)
     return llm.requires_grad_(False).eval(), tokenizer
 
 
-def load_encoder(cfg: ModelConfig) -> Any:
+class InputEmbeddingsOnly(nn.Module):
+    """The LLM reduced to its config and input-embedding table (V, d): all stage 1 needs of it.
+
+    Answers ``.config`` and ``get_input_embeddings()`` like the full model, so the connector
+    builders (llm_identity, the mean-embedding init) take it in the model's place.
+    """
+
+    def __init__(self, config: Any, table: torch.Tensor):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding.from_pretrained(table, freeze=True)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+
+def _safetensors_files(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> the safetensors file holding it, or None when the folder has no safetensors weights."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def _embedding_key_candidates(config: Any) -> list[str]:
+    """Checkpoint names the input-embedding table may have, most likely first.
+
+    The names come from the model class itself, built on the meta device (no memory): every name
+    of the input table's parameter, which includes the output head's when the two are tied (a tied
+    checkpoint may keep either). A checkpoint saved from the bare base model lacks the
+    ``base_model_prefix.`` part of the names.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    names = ["model.embed_tokens.weight"] + (["lm_head.weight"] if tied else [])  # the usual layout
+    prefix = "model"
+    try:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+        table = meta.get_input_embeddings().weight
+        names = [n for n, p in meta.named_parameters(remove_duplicate=False) if p is table] or names
+        prefix = str(getattr(meta, "base_model_prefix", "") or "")
+    except (ValueError, KeyError, ImportError, RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
+        # e.g. an architecture this transformers does not know, or one that cannot be built on meta
+        log.info("%s: no meta-device model (%s); trying the usual embedding names", config.model_type, e)
+    out: list[str] = []
+    for n in names:
+        out += [n] + ([n[len(prefix) + 1:]] if prefix and n.startswith(prefix + ".") else [])
+    return list(dict.fromkeys(out))
+
+
+def load_llm_embeddings(path: str) -> tuple[InputEmbeddingsOnly, Any]:
+    """(the LLM's config + input-embedding table only, its tokenizer), reading one tensor from safetensors.
+
+    Stage 1 needs no more of the LLM: for Llama-3-8B this reads 1 GB instead of 32 GB per rank. The
+    table is bit-identical to ``load_llm(path)[0].get_input_embeddings().weight``. A folder whose
+    weights are not safetensors (.bin, GGUF) or whose table cannot be named falls back to the full load.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = _llm_folder(path)
+    config = AutoConfig.from_pretrained(str(folder))
+    files = _safetensors_files(folder)
+    if files is not None:
+        for name in _embedding_key_candidates(config):
+            if name in files:
+                with safe_open(str(files[name]), framework="pt") as f:
+                    table = f.get_tensor(name)  # (V, d) in the checkpoint's dtype
+                tokenizer = AutoTokenizer.from_pretrained(str(folder))
+                log.info("%s: read only the input-embedding table %s %s from %s", folder, name,
+                         tuple(table.shape), files[name].name)
+                return InputEmbeddingsOnly(config, table), tokenizer
+    why = "no safetensors weights" if files is None else "no input-embedding tensor name found in its safetensors"
+    log.warning("%s: %s; loading the whole LLM just for its input-embedding table", folder, why)
+    llm, tokenizer = load_llm(path)
+    return InputEmbeddingsOnly(llm.config, llm.get_input_embeddings().weight.detach()), tokenizer
+
+
+def load_encoder(cfg: ModelConfig, train_dtype: torch.dtype = torch.float32) -> Any:
+    """The frozen encoder for on-the-fly features, in ``cfg.encoder_dtype`` ("auto" = ``train_dtype``)."""
     from speechlm.models.encoder import SpeechEncoder
 
     folder = cfg.encoder or str(default_model(WHISPER_BASE))
-    return SpeechEncoder(folder, layers=tuple(cfg.encoder_layers))
+    dtype = train_dtype if cfg.encoder_dtype == "auto" else cfg.encoder_dtype
+    return SpeechEncoder(folder, layers=tuple(cfg.encoder_layers), dtype=dtype)
 
 
 @dataclass

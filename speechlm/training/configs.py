@@ -14,6 +14,9 @@ class ModelConfig:
     llm: str = ""  # LLM folder; "" = the embedded SmolLM2-135M (speechlm.paths)
     encoder: str = ""  # encoder folder; "" = the embedded Whisper base. Loaded only when needed
     encoder_layers: list[int] = field(default_factory=lambda: [-1])
+    # Precision of the on-the-fly encoder: auto (the training precision: bf16 on a bf16 GPU, else fp32)
+    # | fp32 | fp16 | bf16. Cached features were computed in the precision tools/cache_features.py used.
+    encoder_dtype: str = "auto"
     # ConnectorConfig fields (name: ssr | stack | conv | qformer); encoder/LLM sizes are filled in.
     connector: dict[str, Any] = field(default_factory=lambda: {"name": "ssr"})
     init_output_mean: bool = True  # start the SSR output bias at the LLM's mean token embedding

@@ -181,6 +181,11 @@ def ds_config(cfg: EngineConfig) -> dict:
     return conf
 
 
+def train_dtype(cfg: EngineConfig) -> torch.dtype:
+    """The precision DeepSpeed will train in: frozen models are loaded straight into it (no fp32 copy)."""
+    return torch.bfloat16 if ds_config(cfg)["bf16"]["enabled"] else torch.float32
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters only; no weight decay on biases, norms and 1-D weights (fusion logits)."""
     decay, no_decay = [], []
