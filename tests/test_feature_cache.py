@@ -173,3 +173,11 @@ def test_cli(tmp_path, whisper_dir):
     assert cache["u1"].shape == (2, 40, 32)
     assert tool.main(["--manifest", str(tmp_path / "none.jsonl"), "--encoder", whisper_dir,
                       "--out", str(tmp_path / "c2")]) == 1
+    # a bf16 encoder: its own key (refused as the fp32 one's cache), frames still stored as fp16
+    assert tool.main(["--manifest", str(manifest), "--encoder", whisper_dir, "--out", str(tmp_path / "bf"),
+                      "--layers", "0", "-1", "--dtype", "bf16"]) == 0
+    bf16 = SpeechEncoder.from_pretrained(whisper_dir, layers=(0, -1), dtype="bf16")
+    half = FeatureCache.open(tmp_path / "bf", bf16.cache_key())
+    assert half.encoder_key["dtype"] == "bfloat16" and half["u1"].shape == (2, 40, 32)
+    with pytest.raises(FeatureCacheError, match="dtype"):
+        FeatureCache.open(tmp_path / "bf", SpeechEncoder.from_pretrained(whisper_dir, layers=(0, -1)).cache_key())
