@@ -149,3 +149,14 @@ def test_calibration_offsets_shift_words_and_boundaries(bpe):
     for w0, w1 in zip(plain.words, shifted.words, strict=True):
         assert w1.start_s == pytest.approx(w0.start_s - 1 / 50) and w1.end_s == pytest.approx(w0.end_s + 2 / 50)
     assert shifted.token_boundaries == [b + 2 for b in plain.token_boundaries]
+
+
+def test_alignment_package_does_not_import_the_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, alignment.aligner, alignment.cif, alignment.features, alignment.metrics, alignment.plot; "
+            "print([m for m in sys.modules if m.startswith('speechlm.training')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.stdout.strip() == "[]"
