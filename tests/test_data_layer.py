@@ -196,3 +196,13 @@ def test_config_yaml_and_overrides(tmp_path):
         load_config(_Cfg, None, ["steps=ten"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(_Cfg, None, ["steps"])
+
+
+def test_write_manifest_rebases_relative_audio(tmp_path):
+    (tmp_path / "corpus" / "audio").mkdir(parents=True)
+    write_manifest(tmp_path / "corpus" / "m.jsonl", [_utt(0)])
+    rows = read_manifest(tmp_path / "corpus" / "m.jsonl")
+    write_manifest(tmp_path / "run" / "aligned" / "m.jsonl", rows)
+    moved = read_manifest(tmp_path / "run" / "aligned" / "m.jsonl")
+    assert moved[0].audio_path.resolve() == (tmp_path / "corpus" / "audio" / "u0.wav").resolve()
+    assert moved[0].audio == "../../corpus/audio/u0.wav"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,10 +162,20 @@ def read_manifest(path: str | Path, skip_bad: bool = False, bad_rows: list[str] 
 
 
 def write_manifest(path: str | Path, rows: Iterable[Utterance]) -> int:
-    """Write ``rows`` to ``path`` atomically; returns the number written."""
+    """Write ``rows`` to ``path`` atomically; returns the number written.
+
+    Relative audio paths of rows read from a manifest in another folder are rewritten relative to
+    ``path``'s folder, so they still name the same files.
+    """
+    path = Path(path)
+    out_dir = path.parent.resolve()
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for utt in rows:
-            f.write(json.dumps(utt.to_json(), ensure_ascii=False) + "\n")
+            row = utt.to_json()
+            if utt.root is not None and not Path(utt.audio).is_absolute():
+                # A row read from another manifest keeps pointing at the same file from its new home.
+                row["audio"] = os.path.relpath(utt.audio_path.resolve(), out_dir)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
