@@ -6,6 +6,7 @@
 # The training stages run with 2 CPU ranks through the deepspeed launcher, one torch thread each.
 # Knobs (environment): RUN=runs/tiny HOURS=2.0 ALIGNER_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=...
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
+#   FROM=stage1 (start at this step, reusing the outputs of the earlier ones)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -23,12 +24,20 @@ CORPUS=${CORPUS:-$CACHE/corpus/tiny-${HOURS}h}
 FEATURES=$CACHE/features/tiny-${HOURS}h
 WHISPER=$MODELS/whisper-base
 LLM=$MODELS/smollm2-135m
+STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 stage2
+       eval_storycloze eval_speech_mmlu eval_asr)
+FROM=${FROM:-prepare_models}
+[[ " ${STEPS[*]} " == *" $FROM "* ]] || { echo "FROM must be one of: ${STEPS[*]}" >&2; exit 2; }
 mkdir -p "$RUN"
-rm -f "$RUN/summary.json" "$RUN/times.json"
+rm -f "$RUN/summary.json"
+[ "$FROM" = prepare_models ] && rm -f "$RUN/times.json"
+skipping=1
 
 # step NAME CMD...: run a step, record its wall time in $RUN/times.json.
 step() {
   local name=$1; shift
+  [ "$name" = "$FROM" ] && skipping=0
+  if [ "$skipping" = 1 ]; then echo "=== [$name] skipped (FROM=$FROM)"; return 0; fi
   echo; echo "=== [$name] $*"
   local t0=$(date +%s.%N)
   "$@"
@@ -60,6 +69,7 @@ if [ "${FORCE:-0}" = 1 ] || [ ! -f "$CORPUS/summary.json" ] || [ ! -f "$CORPUS/t
   step synthesize_corpus "$PY" tools/synthesize_corpus.py --out "$CORPUS" --hours "$HOURS" --workers 2
 else
   echo "=== [synthesize_corpus] reusing $CORPUS (FORCE=1 rebuilds it)"
+  [ "$FROM" = synthesize_corpus ] && skipping=0
 fi
 step cache_features bash -c "for s in train valid test; do \
   '$PY' tools/cache_features.py --manifest '$CORPUS/'\$s.jsonl --encoder '$WHISPER' --out '$FEATURES/'\$s \
@@ -85,11 +95,14 @@ step stage2 launch recipes/stage2_finetune.py --config recipes/configs/stage2_ti
   out_dir="$RUN/stage2" model.init_connector="$RUN/stage1/connector" \
   ${STAGE2_STEPS:+loop.max_steps=$STAGE2_STEPS} ${EXTRA2:-}
 
-step eval_storycloze "$PY" recipes/eval_storycloze.py llm="$LLM" connectors="[$RUN/stage2/connector]" \
-  aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json"
-step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py llm="$LLM" connectors="[$RUN/stage2/connector]" \
-  aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json"
-step eval_asr "$PY" recipes/eval_asr.py manifest="$CORPUS/test.jsonl" connectors="[$RUN/stage1/connector]" \
-  aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json"
+# Evaluation: held-out voices, boundaries from the aligner in free mode (no transcript given);
+# the Whisper-base cascade (Whisper transcribes, the LLM reads) is reported beside SSR.
+evals=(llm="$LLM" aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json" threads=2)
+step eval_storycloze "$PY" recipes/eval_storycloze.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
+  cascade=true
+step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
+  methods="[cloze]" cascade=true
+step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \
+  connectors="[$RUN/stage1/connector]" whisper_baseline=true
 
 "$PY" tools/summarize_run.py --run "$RUN"
