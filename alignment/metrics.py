@@ -52,18 +52,33 @@ def _key(word: str) -> str:
 
 
 def matched_pairs(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, int]]:
-    """Index pairs of a longest common subsequence of two word lists (most words matched, in order)."""
+    """Index pairs of equal words in a minimum-edit-distance alignment of two word lists.
+
+    Among alignments with the fewest edits (substitution, insertion, deletion: 1 each) the one with
+    the most matches wins. Unlike a longest common subsequence, a match never costs a long run of
+    insertions and deletions, so a frequent word ("the") is not paired with a copy seconds away.
+    """
     n, m = len(ref), len(hyp)
-    best = np.zeros((n + 1, m + 1), dtype=np.int32)
-    for i in range(n - 1, -1, -1):
-        for j in range(m - 1, -1, -1):
-            best[i, j] = best[i + 1, j + 1] + 1 if ref[i] == hyp[j] else max(best[i + 1, j], best[i, j + 1])
+    # cost[i][j] = (edits, -matches) of aligning ref[i:] with hyp[j:]
+    cost = [[(0, 0)] * (m + 1) for _ in range(n + 1)]
+    for i in range(n, -1, -1):
+        for j in range(m, -1, -1):
+            if i == n or j == m:
+                cost[i][j] = ((n - i) + (m - j), 0)
+                continue
+            e, k = cost[i + 1][j + 1]
+            diag = (e, k - 1) if ref[i] == hyp[j] else (e + 1, k)
+            down, right = cost[i + 1][j], cost[i][j + 1]
+            cost[i][j] = min(diag, (down[0] + 1, down[1]), (right[0] + 1, right[1]))
     pairs, i, j = [], 0, 0
     while i < n and j < m:
-        if ref[i] == hyp[j]:
-            pairs.append((i, j))
+        e, k = cost[i + 1][j + 1]
+        diag = (e, k - 1) if ref[i] == hyp[j] else (e + 1, k)
+        if cost[i][j] == diag:
+            if ref[i] == hyp[j]:
+                pairs.append((i, j))
             i, j = i + 1, j + 1
-        elif best[i + 1, j] >= best[i, j + 1]:
+        elif cost[i][j] == (cost[i + 1][j][0] + 1, cost[i + 1][j][1]):
             i += 1
         else:
             j += 1
@@ -74,8 +89,8 @@ def word_boundary_errors(reference: Sequence[tuple[str, float, float]],
                          predicted: Sequence[tuple[str, float, float]]) -> BoundaryErrors:
     """Match predicted words to reference words by their normalised spelling, then compare times.
 
-    In forced mode the word sequences are the same; in free mode only the words of a longest common
-    subsequence of the two are scored; ``words_matched`` says how many.
+    In forced mode the word sequences are the same; in free mode only words paired as equal by
+    :func:`matched_pairs` are scored; ``words_matched`` says how many.
     """
     ref = [(w, s, e) for w, s, e in reference if _key(w)]
     hyp = [(w, s, e) for w, s, e in predicted if _key(w)]

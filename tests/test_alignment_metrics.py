@@ -51,9 +51,12 @@ def test_median_offsets_undo_a_constant_bias():
     assert median_offsets_frames(BoundaryErrors(), 50.0) == (0, 0)
 
 
-def test_matched_pairs_is_a_longest_common_subsequence():
+def test_matched_pairs_follow_the_edit_distance_alignment():
     from alignment.metrics import matched_pairs
 
     assert matched_pairs(["a", "b", "c", "d"], ["a", "x", "c", "d"]) == [(0, 0), (2, 2), (3, 3)]
     assert matched_pairs(["the", "cat", "the", "dog"], ["cat", "the", "dog"]) == [(1, 0), (2, 1), (3, 2)]
     assert matched_pairs([], ["a"]) == []
+    # a garbled decode: pairing the last "the" with the first would cost 8 edits instead of 5
+    ref = ["the", "b", "c", "d", "e"]
+    assert matched_pairs(ref, ["v", "w", "x", "y", "the"]) == []
