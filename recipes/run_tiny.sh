@@ -7,6 +7,7 @@
 # Knobs (environment): RUN=runs/tiny HOURS=2.0 ALIGNER_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=...
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
 #   FROM=stage1 (start at this step, reusing the outputs of the earlier ones)
+#   STORIES=60 QUESTIONS_PER_SUBJECT=8 ASR_UTTS=40 (evaluation subset sizes; 0 = all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -15,7 +16,12 @@ export PATH="$(cd "$VENV/bin" && pwd):$PATH" TOKENIZERS_PARALLELISM=false PYTHON
 RUN=${RUN:-runs/tiny}
 HOURS=${HOURS:-2.0}
 RANKS=${RANKS:-2}
-ALIGNER_STEPS=${ALIGNER_STEPS:-1200}
+ALIGNER_STEPS=${ALIGNER_STEPS:-600}
+# Evaluation subset sizes (0 = whole embedded sets: 210 stories, 8 x 25 questions); they bound the
+# tiny run's time on 2 CPU cores, and every report states its item counts and 95% intervals.
+STORIES=${STORIES:-60}
+QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-8}
+ASR_UTTS=${ASR_UTTS:-40}
 STAGE1_STEPS=${STAGE1_STEPS:-}
 STAGE2_STEPS=${STAGE2_STEPS:-}
 CACHE=$("$PY" -c "from speechlm.paths import cache_dir; print(cache_dir())")
@@ -99,10 +105,10 @@ step stage2 launch recipes/stage2_finetune.py --config recipes/configs/stage2_ti
 # the Whisper-base cascade (Whisper transcribes, the LLM reads) is reported beside SSR.
 evals=(llm="$LLM" aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json" threads=2)
 step eval_storycloze "$PY" recipes/eval_storycloze.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
-  cascade=true
+  cascade=true limit="$STORIES"
 step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
-  methods="[cloze]" cascade=true
+  methods="[cloze]" cascade=true limit="$QUESTIONS_PER_SUBJECT"
 step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \
-  connectors="[$RUN/stage1/connector]" whisper_baseline=true
+  connectors="[$RUN/stage1/connector]" whisper_baseline=true limit="$ASR_UTTS"
 
 "$PY" tools/summarize_run.py --run "$RUN"
