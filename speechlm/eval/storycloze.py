@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from speechlm.errors import ManifestError
 from speechlm.eval.scoring import (
@@ -294,7 +295,8 @@ def score_speech_conditions(model: Any, front: SpeechFrontEnd, stories: Sequence
     tok = model.tokenizer
     start = start_ids(tok)
     out: dict[str, list[PairScores]] = {c: [] for c in conditions}
-    for chunk in _batches(list(stories), batch_size):
+    chunks = _batches(list(stories), batch_size)
+    for chunk in tqdm(chunks, desc="spoken StoryCloze", unit="batch", total=len(chunks)):
         ctx = front.embed([s.context for s in chunk])
         prefixes = [[TextSegment(start), c] for c in ctx]
         if "s2t" in conditions:
