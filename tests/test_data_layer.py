@@ -94,11 +94,10 @@ def test_atomic_folder_replace(tmp_path):
     with atomic_path(target) as tmp:
         tmp.mkdir()
         (tmp / "a.txt").write_text("1")
-    with pytest.raises(ValueError):
-        with atomic_path(target) as tmp:
-            tmp.mkdir()
-            (tmp / "a.txt").write_text("2")
-            raise ValueError
+    with pytest.raises(ValueError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("2")
+        raise ValueError
     assert (target / "a.txt").read_text() == "1"
     atomic_write_text(tmp_path / "x.txt", "hello")
     assert (tmp_path / "x.txt").read_text() == "hello"

@@ -18,9 +18,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speechlm.atomic import atomic_write_text  # noqa: E402
-from speechlm.data.feature_cache import FORMAT, INDEX, FeatureCache, key_mismatch  # noqa: E402
-from speechlm.errors import FeatureCacheError, SpeechLMError  # noqa: E402
+from speechlm.atomic import atomic_write_text
+from speechlm.data.feature_cache import FORMAT, INDEX, FeatureCache, key_mismatch
+from speechlm.errors import FeatureCacheError, SpeechLMError
 
 
 def merge_feature_caches(inputs: list[str | Path], out_dir: str | Path) -> FeatureCache:

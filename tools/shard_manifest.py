@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speechlm.data.manifest import Utterance, read_manifest, write_manifest  # noqa: E402
-from speechlm.errors import SpeechLMError  # noqa: E402
+from speechlm.data.manifest import Utterance, read_manifest, write_manifest
+from speechlm.errors import SpeechLMError
 
 
 def shard_paths(out_dir: Path, name: str, shards: int) -> list[Path]:

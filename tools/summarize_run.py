@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speechlm.atomic import atomic_write_text  # noqa: E402
-from speechlm.data.manifest import iter_manifest  # noqa: E402
+from speechlm.atomic import atomic_write_text
+from speechlm.data.manifest import iter_manifest
 
 #: (decoder/mode) whose numbers stand for the aligner in the summary: the default decoder, forced mode.
 HEADLINE_ALIGNMENT = "ctc_segmentation/forced"

@@ -12,8 +12,6 @@ import torchaudio.functional as AF
 from speechlm.errors import AudioError
 
 
-
-
 def resample(wave: torch.Tensor, orig_hz: int, new_hz: int) -> torch.Tensor:
     """Resample a 1-D float waveform from ``orig_hz`` to ``new_hz`` (no-op when equal)."""
     if orig_hz == new_hz:
@@ -34,7 +32,7 @@ def load_audio(path: str | Path, target_sr: int | None = 16_000, expected_sr: in
         raise AudioError(f"{path}: audio file not found")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError ...
+    except Exception as e:  # noqa: BLE001 -- soundfile raises LibsndfileError, RuntimeError, TypeError ...
         raise AudioError(f"{path}: cannot read audio ({e})") from None
     if expected_sr is not None and sr != expected_sr:
         raise AudioError(f"{path}: sample rate is {sr} Hz but {expected_sr} Hz was expected")
@@ -54,7 +52,7 @@ def audio_info(path: str | Path) -> tuple[int, float]:
         raise AudioError(f"{path}: audio file not found")
     try:
         info = sf.info(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- any header failure is the same user error
         raise AudioError(f"{path}: cannot read audio header ({e})") from None
     if info.frames == 0:
         raise AudioError(f"{path}: audio is empty")

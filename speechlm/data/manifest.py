@@ -14,6 +14,7 @@ timings in seconds) and ``token_boundaries`` (inclusive end frame of each LLM to
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -109,7 +110,7 @@ def _parse_row(row: object, where: str, root: Path | None) -> Utterance:
         boundaries = [int(b) for b in row["token_boundaries"]]
         if rate is None or float(rate) <= 0:
             raise ManifestError(f"{where}: token_boundaries given without a positive boundary_frame_rate_hz")
-        if any(b < 0 for b in boundaries) or any(b2 < b1 for b1, b2 in zip(boundaries, boundaries[1:])):
+        if any(b < 0 for b in boundaries) or any(b2 < b1 for b1, b2 in itertools.pairwise(boundaries)):
             raise ManifestError(f"{where}: token_boundaries must be non-negative and non-decreasing")
         rate = float(rate)
     return Utterance(
