@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from alignment.tokens import convert_boundaries  # the one boundary rate conversion (re-exported here)
 from speechlm.data.audio import load_audio
 from speechlm.data.manifest import Utterance, iter_manifest
 from speechlm.errors import ConfigError, ManifestError
@@ -121,18 +122,6 @@ def encode_batch(batch: Batch, encoder: Any) -> Batch:
         boundaries = torch.minimum(boundaries, (lengths - 1).clamp(min=0)[:, None])
     return replace(batch, features=features.to(batch.token_ids.device), frame_lengths=lengths,
                    boundaries=boundaries, waves=None)
-
-
-def convert_boundaries(boundaries: Sequence[int], src_hz: float, dst_hz: float) -> list[int]:
-    """Inclusive end frames at ``src_hz`` -> inclusive end frames at ``dst_hz``.
-
-    Frame b ends at (b + 1) / src_hz seconds; the destination frame containing that instant's left
-    side is ceil((b + 1) * dst / src) - 1. Monotone, so non-decreasing boundaries stay so.
-    """
-    if abs(src_hz - dst_hz) < 1e-9:
-        return [int(b) for b in boundaries]
-    ratio = dst_hz / src_hz
-    return [max(0, math.ceil((int(b) + 1) * ratio - 1e-6) - 1) for b in boundaries]
 
 
 # ---------------------------------------------------------------------------------------- examples
