@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 export PYTHON VENV
 
-.PHONY: demo test install install-dev lint
+.PHONY: demo small test install install-dev lint
 
 install:
 	bash tools/install.sh
@@ -14,6 +14,11 @@ install-dev:
 demo: install
 	bash tools/install_text_data.sh
 	bash recipes/run_tiny.sh
+
+# The larger CPU recipe (about an hour on 2 cores): what the method reaches -> runs/small/summary.json.
+small: install
+	bash tools/install_text_data.sh
+	bash recipes/run_small.sh
 
 test: install-dev
 	$(VENV)/bin/python -m pytest -q tests

@@ -1,7 +1,10 @@
 """Zero-shot ASR: greedy read-out of connector vectors through the frozen LLM, WER on a manifest (+ Whisper).
 
     python recipes/eval_asr.py manifest=runs/tiny/corpus/test.jsonl connectors=[runs/tiny/stage1/connector] \\
-        aligner=runs/tiny/aligner [limit=50] [whisper_baseline=true] [summary=runs/tiny/summary.json]
+        aligner=runs/tiny/aligner [limit=50] [whisper_baseline=true] [text_oracle=true] [summary=runs/tiny/summary.json]
+
+``text_oracle`` (on by default) reads the reference transcripts out through the same prompt and decoding:
+the WER a connector whose vectors equalled the LLM's own embeddings would get (the frozen LLM's copying).
 
 Writes ``<out_dir>/<name>.json`` (WER per system, boundary mode, the first hypotheses) and ``.md``.
 """
@@ -26,6 +29,7 @@ from speechlm.eval.asr import (
     WhisperCascade,
     read_asr_inputs,
     transcribe_speechlm,
+    transcribe_text_oracle,
     word_error_rate,
 )
 from speechlm.eval.report import merge_summary
@@ -48,6 +52,7 @@ class ASREvalConfig:
     max_new_tokens: int = 64
     limit: int = 0
     whisper_baseline: bool = False
+    text_oracle: bool = True  # also read out the reference transcripts themselves: the read-out's ceiling
     whisper: str = ""
     batch_size: int = 8
     threads: int = 0
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
             results.append({"system": connector_label(folder), "boundaries": front.label, "wer": word_error_rate(refs, hyps),
                             "n": len(refs), "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
             log.info("%s: WER %.3f", folder, results[-1]["wer"])
+        if cfg.text_oracle:  # the same prompt and decoding on the transcripts: what perfect vectors would get
+            hyps = transcribe_text_oracle(model, refs, cfg.prompt, cfg.max_new_tokens, cfg.batch_size)
+            results.append({"system": "llm/text-oracle", "boundaries": "none", "wer": word_error_rate(refs, hyps),
+                            "n": len(refs), "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
     if cfg.whisper_baseline:
         from speechlm.paths import WHISPER_BASE, default_model
 

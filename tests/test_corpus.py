@@ -116,3 +116,21 @@ def test_corpus_deterministic_and_rebuild_removes_stale_audio(tmp_path):
     build_corpus(a, hours=0.005, text_files=[text], seed=5, workers=1, progress=False)
     named = {r.audio_path.resolve() for s in ("train", "valid", "test") for r in read_manifest(a / f"{s}.jsonl")}
     assert {p.resolve() for p in (a / "audio").rglob("*.wav")} == named
+
+
+def test_corpus_from_the_same_plan_is_kept_unless_forced(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"The {c} cat slept on the {p} all day." for c in ("red", "big", "old")
+                                for p in ("mat", "sofa", "roof", "step")))
+    out = tmp_path / "c"
+    first = build_corpus(out, hours=0.006, text_files=[text], seed=1, workers=1, progress=False)
+    assert len(first.plan_sha256) == 64
+    wav = next((out / "audio").rglob("*.wav"))
+    stamp = wav.stat().st_mtime_ns
+    again = build_corpus(out, hours=0.006, text_files=[text], seed=1, workers=1, progress=False)
+    assert again == first and wav.stat().st_mtime_ns == stamp  # kept: cached features stay fresh
+    other = build_corpus(out, hours=0.006, text_files=[text], seed=2, workers=1, progress=False)
+    assert other.plan_sha256 != first.plan_sha256  # another plan is synthesized
+    forced = build_corpus(out, hours=0.006, text_files=[text], seed=2, workers=1, progress=False, force=True)
+    assert forced.plan_sha256 == other.plan_sha256
+    assert all(w.stat().st_mtime_ns != stamp for w in (out / "audio").rglob("*.wav"))

@@ -17,10 +17,10 @@ from speechlm.errors import AudioError, ConfigError, ManifestError
 
 
 def _utt(i=0, **kw):
-    row = dict(id=f"u{i}", audio=f"audio/u{i}.wav", sample_rate=16000, duration_s=1.5, text="the cat sat",
-               split="train", speaker="en-us", words=[WordTiming("the", 0.1, 0.3), WordTiming("cat", 0.3, 0.7),
+    row = {"id": f"u{i}", "audio": f"audio/u{i}.wav", "sample_rate": 16000, "duration_s": 1.5, "text": "the cat sat",
+               "split": "train", "speaker": "en-us", "words": [WordTiming("the", 0.1, 0.3), WordTiming("cat", 0.3, 0.7),
                                                       WordTiming("sat", 0.7, 1.2)],
-               token_boundaries=[10, 30, 55], boundary_frame_rate_hz=50.0)
+               "token_boundaries": [10, 30, 55], "boundary_frame_rate_hz": 50.0}
     row.update(kw)
     return Utterance(**row)
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from speechlm.eval.asr import normalize_text, transcribe_speechlm, word_error_rate
+from speechlm.eval.asr import normalize_text, transcribe_speechlm, transcribe_text_oracle, word_error_rate
 from speechlm.eval.report import Accuracy, ResultRow, markdown_table, parity, wilson_interval, write_report
-from speechlm.eval.scoring import SpeechInput
+from speechlm.eval.scoring import SpeechInput, start_ids, text_ids
 from tests.eval_helpers import OracleFrontEnd, speech_model, unigram_llm, word_tokenizer
 
 
@@ -65,17 +65,38 @@ def test_wer_normalises_case_and_punctuation():
         word_error_rate(["..."], ["x"])
 
 
-def test_asr_read_out_generates_until_newline():
+def test_asr_read_out_generates_one_line_of_at_least_one_token():
     tok = word_tokenizer()
-    # The rigged LLM always predicts "tom" most, then "\n" ... but greedy picks the single top token:
-    # make "\n" the top token so the read-out stops at once, then "tom" so it runs to max_new_tokens.
-    stop = unigram_llm(tok, {"\n": 9.0})
-    model = speech_model(stop, tok)
+    # The rigged LLM predicts the same distribution everywhere. With a newline or EOS on top the read-out
+    # stops at once, but not before its first token (the runner-up, "tom"): a read-out is never empty.
     inputs = [SpeechInput(torch.zeros(10), "a cat", "u1"), SpeechInput(torch.zeros(10), "tom was late", "u2")]
-    assert transcribe_speechlm(model, OracleFrontEnd(model), inputs) == ["", ""]
+    for line_end in ("\n", tok.eos_token):
+        model = speech_model(unigram_llm(tok, {line_end: 9.0, "tom": 5.0}), tok)
+        assert transcribe_speechlm(model, OracleFrontEnd(model), inputs) == ["tom", "tom"]
+    # with "tom" on top it runs to max_new_tokens
     run = unigram_llm(tok, {"tom": 9.0})
     model = speech_model(run, tok)
     hyps = transcribe_speechlm(model, OracleFrontEnd(model), inputs, max_new_tokens=3, batch_size=1)
     assert [h.split() for h in hyps] == [["tom"] * 3] * 2
     with pytest.raises(ValueError, match="placeholder"):
         transcribe_speechlm(model, OracleFrontEnd(model), inputs, prompt="no placeholder")
+
+
+def test_asr_text_oracle_reads_the_transcript_in_the_prompt():
+    tok = word_tokenizer()
+    seen = []
+
+    class Recorder:  # stands in for a SpeechLM: records what generate() is given, answers one token
+        tokenizer = tok
+
+        def generate(self, prefixes, max_new_tokens, eos, min_new_tokens):
+            seen.extend((p, min_new_tokens) for p in prefixes)
+            return [[tok.convert_tokens_to_ids("tom")] for _ in prefixes]
+
+    hyps = transcribe_text_oracle(Recorder(), ["a cat", "tom was late"], prompt="say {speech} now", batch_size=1)
+    assert hyps == ["tom", "tom"]
+    assert [p[0].ids for p, _ in seen] == [start_ids(tok) + text_ids(tok, "say a cat now"),
+                                           start_ids(tok) + text_ids(tok, "say tom was late now")]
+    assert [tok.decode(p[0].ids, skip_special_tokens=True).split() for p, _ in seen] == [
+        ["a", "cat"], ["tom", "was", "late"]]  # (the test tokenizer knows no "say" or "now")
+    assert all(m == 1 for _, m in seen)

@@ -133,6 +133,10 @@ def test_generate_with_rigged_llm():
     model = SpeechLM(tiny_ssr(), rigged_llm())
     prefixes = [[SpeechSegment(torch.randn(5, D_LLM)), TextSegment([10])], [TextSegment([1, 2, 3, 50])]]
     assert model.generate(prefixes, max_new_tokens=6, eos=14) == [[11, 12, 13], [51, 52, 53, 54, 55, 56]]
+    # EOS as the very next token: nothing comes out, unless a first token is required
+    assert model.generate([[TextSegment([50])]], max_new_tokens=4, eos=51) == [[]]
+    forced = model.generate([[TextSegment([50])]], max_new_tokens=4, eos=51, min_new_tokens=1)[0]
+    assert forced and forced[0] != 51
 
 
 def test_generate_matches_uncached_greedy():

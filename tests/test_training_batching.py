@@ -63,7 +63,7 @@ def test_batches_respect_the_padded_budget():
 
 def test_sampler_partitions_across_ranks_and_is_deterministic_per_epoch():
     frames, tokens = _lengths(101)
-    kw = dict(max_frames=2000, max_tokens=150, world_size=3, seed=7, infinite=False)
+    kw = {"max_frames": 2000, "max_tokens": 150, "world_size": 3, "seed": 7, "infinite": False}
     per_rank = []
     for rank in range(3):
         s = DistributedBucketSampler(frames, tokens, rank=rank, **kw)

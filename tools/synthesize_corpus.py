@@ -1,10 +1,11 @@
 """Synthesize a spoken corpus with eSpeak voices: WAVs plus train/valid/test manifests with word timings.
 
     python tools/synthesize_corpus.py --out ~/.cache/speechlm/corpus/default [--hours 2.0] \
-        [--text FILE ...] [--seed 0] [--workers 2]
+        [--text FILE ...] [--seed 0] [--workers 2] [--force]
 
 Default text: news, Wikipedia and movie reviews from gensim's test data plus generated everyday
 sentences; ``--text`` files replace them. Valid and test hold unseen sentences in held-out voices.
+A complete corpus in --out made from the same plan is kept (so are its cached features); --force redoes it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", nargs="+", default=None, metavar="FILE", help="plain-text files to speak")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--force", action="store_true",
+                    help="synthesize again even if --out holds a complete corpus from the same plan")
     args = ap.parse_args(argv)
     try:
         s = build_corpus(Path(args.out).expanduser(), hours=args.hours, text_files=args.text, seed=args.seed,
-                         workers=args.workers)
+                         workers=args.workers, force=args.force)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -57,24 +57,61 @@ def read_asr_inputs(manifest: str | Path, sample_rate: int = 16000, limit: int |
 
 
 @torch.no_grad()
+def _split_prompt(prompt: str) -> tuple[str, str]:
+    if prompt.count("{speech}") != 1:
+        raise ValueError("the ASR prompt needs exactly one {speech} placeholder")
+    before, after = prompt.split("{speech}")
+    return before, after
+
+
+_LINE_ENDS: dict[tuple[str, int], list[int]] = {}
+
+
+def line_end_ids(tok: Any) -> list[int]:
+    """EOS and every token whose text holds a newline ("\n", "\n\n", ".\n", ...): where one line ends."""
+    key = (getattr(tok, "name_or_path", ""), len(tok))
+    if key not in _LINE_ENDS:
+        ids = {i for i in range(len(tok)) if "\n" in tok.decode([i])}
+        ids |= {i for i in (tok.eos_token_id,) if i is not None} | set(text_ids(tok, "\n"))
+        _LINE_ENDS[key] = sorted(ids)
+    return _LINE_ENDS[key]
+
+
+def _read_out(model: Any, prefixes: list[list[Any]], max_new_tokens: int) -> list[str]:
+    """Greedy generation of one line: it stops at EOS or a newline, but not before its first token."""
+    tok = model.tokenizer
+    ids = model.generate(prefixes, max_new_tokens=max_new_tokens, eos=line_end_ids(tok), min_new_tokens=1)
+    return [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
 def transcribe_speechlm(model: Any, front: SpeechFrontEnd, inputs: Sequence[SpeechInput], prompt: str = DEFAULT_PROMPT,
                         max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
     """Greedy read-out of each utterance's connector vectors through the frozen LLM."""
     from speechlm.models.speechlm import TextSegment
 
-    if prompt.count("{speech}") != 1:
-        raise ValueError("the ASR prompt needs exactly one {speech} placeholder")
     tok = model.tokenizer
-    before, after = prompt.split("{speech}")
+    before, after = _split_prompt(prompt)
     pre_ids, post_ids = start_ids(tok) + text_ids(tok, before), text_ids(tok, after)
-    # Stop at EOS or at the first newline token: the read-out is one line.
-    stops = {i for i in (tok.eos_token_id,) if i is not None} | set(text_ids(tok, "\n"))
     out: list[str] = []
     for k in range(0, len(inputs), batch_size):
         segs = front.embed(inputs[k:k + batch_size])
         prefixes = [[TextSegment(pre_ids), s] + ([TextSegment(post_ids)] if post_ids else []) for s in segs]
-        for ids in model.generate(prefixes, max_new_tokens=max_new_tokens, eos=sorted(stops)):
-            out.append(tok.decode(ids, skip_special_tokens=True).strip())
+        out += _read_out(model, prefixes, max_new_tokens)
+    return out
+
+
+def transcribe_text_oracle(model: Any, texts: Sequence[str], prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64,
+                           batch_size: int = 8) -> list[str]:
+    """The read-out's ceiling: the same prompt and decoding with the reference transcript itself in place of
+    the speech vectors. A connector whose vectors equalled the LLM's embeddings would get this WER."""
+    from speechlm.models.speechlm import TextSegment
+
+    tok = model.tokenizer
+    before, after = _split_prompt(prompt)
+    out: list[str] = []
+    for k in range(0, len(texts), batch_size):
+        prefixes = [[TextSegment(start_ids(tok) + text_ids(tok, before + t + after))] for t in texts[k:k + batch_size]]
+        out += _read_out(model, prefixes, max_new_tokens)
     return out
 
 

