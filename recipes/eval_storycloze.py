@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     if any(style not in sc.WRONG_STYLES for style in cfg.wrong_styles):
         raise ConfigError(f"wrong_styles must be among {sc.WRONG_STYLES}, got {cfg.wrong_styles}")
     spoken_cache: list[sc.SpokenStory] = []  # audio of the first style, reused by the others
+    transcripts: dict[int, str] = {}  # the cascade's Whisper output per waveform, reused likewise
     for style in cfg.wrong_styles:
         items = base if style == "adversarial" else sc.random_wrong_endings(base, seed=0)
         task = f"storycloze/{style}"
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         stories = reuse_audio(items, spoken_cache) if spoken_cache else sc.speak_items(items, voices, cfg.rate_wpm)
         spoken_cache = spoken_cache or stories
         if cfg.cascade:
-            rows += cascade_rows(cfg, llm, tok, task, stories, text)
+            rows += cascade_rows(cfg, llm, tok, task, stories, text, transcripts)
         for folder in cfg.connectors:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
             conds = [c for c in cfg.conditions if c in ("s2t", "s") and (c != "s" or front.uses_boundaries)]
@@ -141,14 +142,20 @@ def reuse_audio(items: list[sc.StoryItem], spoken: list[sc.SpokenStory]) -> list
 
 
 def cascade_rows(cfg: StoryClozeEvalConfig, llm, tok, task: str, stories: list[sc.SpokenStory],
-                 text: list[sc.PairScores]) -> list[ResultRow]:
-    """Whisper transcripts read by the LLM: S->T (transcribed context) and S (transcribed endings too)."""
+                 text: list[sc.PairScores], transcripts: dict[int, str]) -> list[ResultRow]:
+    """Whisper transcripts read by the LLM: S->T (transcribed context) and S (transcribed endings too).
+
+    ``transcripts`` maps id(waveform) -> Whisper's text; styles that reuse the same audio tensors
+    (see reuse_audio) are transcribed once."""
     from speechlm.eval.asr import WhisperCascade
     from speechlm.paths import WHISPER_BASE, default_model
 
-    whisper = WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device)
     waves = [w for s in stories for w in (s.context.wave, s.right.wave, s.wrong.wave)]
-    hyp = whisper.transcribe(waves, cfg.batch_size)
+    todo = list({id(w): w for w in waves if id(w) not in transcripts}.values())
+    if todo:
+        whisper = WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device)
+        transcripts.update(zip(map(id, todo), whisper.transcribe(todo, cfg.batch_size)))
+    hyp = [transcripts[id(w)] for w in waves]
     s2t, s_all = [], []
     for k, s in enumerate(stories):
         ctx, right, wrong = (h or "." for h in hyp[3 * k:3 * k + 3])

@@ -8,7 +8,7 @@
 # rest. Knobs (environment): RUN HOURS ALIGNER_STEPS STAGE1_STEPS STAGE2_STEPS (empty = the config's)
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
 #   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) FORCE=1 (new corpus)
-#   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES
+#   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES CASCADE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -25,6 +25,7 @@ STORIES=${STORIES:-60}
 QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-8}
 ASR_UTTS=${ASR_UTTS:-40}
 WRONG_STYLES=${WRONG_STYLES:-[adversarial,random]}  # StoryCloze wrong endings (the first is the headline)
+CASCADE=${CASCADE:-true}  # also evaluate the Whisper-base cascade (Whisper transcribes, the LLM reads)
 STAGE1_STEPS=${STAGE1_STEPS:-}
 STAGE2_STEPS=${STAGE2_STEPS:-}
 CONFIGS=recipes/configs
@@ -105,13 +106,13 @@ step stage2 launch recipes/stage2_finetune.py --config "$CONFIGS/stage2_$PRESET.
   ${STAGE2_STEPS:+loop.max_steps=$STAGE2_STEPS} ${EXTRA2:-}
 
 # Evaluation: held-out voices, boundaries from the aligner in free mode (no transcript given);
-# the Whisper-base cascade (Whisper transcribes, the LLM reads) is reported beside SSR.
+# the Whisper-base cascade (Whisper transcribes, the LLM reads) is reported beside SSR (CASCADE=true).
 evals=(llm="$LLM" aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json" threads=2)
 step eval_storycloze "$PY" recipes/eval_storycloze.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
-  cascade=true limit="$STORIES" wrong_styles="$WRONG_STYLES"
+  cascade="$CASCADE" limit="$STORIES" wrong_styles="$WRONG_STYLES"
 step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
-  methods="[cloze]" cascade=true limit="$QUESTIONS_PER_SUBJECT"
+  methods="[cloze]" cascade="$CASCADE" limit="$QUESTIONS_PER_SUBJECT"
 step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \
-  connectors="[$RUN/stage1/connector]" whisper_baseline=true limit="$ASR_UTTS"
+  connectors="[$RUN/stage1/connector]" whisper_baseline="$CASCADE" limit="$ASR_UTTS"
 
 "$PY" tools/summarize_run.py --run "$RUN"

@@ -56,3 +56,36 @@ def test_speech_mmlu_recipe_text_only(tmp_path):
     assert out["summary"] == {"text_acc": 1.0}
     tasks = {(r["task"], r["condition"], r["scoring"]) for r in out["rows"]}
     assert ("speech_mmlu/all", "text_1shot", "letter") in tasks and ("speech_mmlu/maths", "text_0shot", "cloze") in tasks
+
+
+def test_storycloze_cascade_transcribes_each_waveform_once(tmp_path, monkeypatch):
+    import torch
+
+    import speechlm.eval.asr as asr
+    from speechlm.eval import storycloze as sc
+    from speechlm.eval.scoring import SpeechInput
+
+    calls = []
+
+    class FakeWhisper:  # "hears" each clip as its length in words, and counts what it is asked
+        def __init__(self, folder, device):
+            pass
+
+        def transcribe(self, waves, batch_size):
+            calls.append(len(waves))
+            return [" ".join(["tom"] * w.numel()) for w in waves]
+
+    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    mod = recipe("eval_storycloze")
+    tok = word_tokenizer()
+    llm = unigram_llm(tok, {"tom": 4.0})
+    cfg = mod.StoryClozeEvalConfig(whisper="unused")
+    item = sc.StoryItem("a", ["tom was late ."], "tom was sad .", "he was happy .")
+    story = sc.SpokenStory(item, *(SpeechInput(torch.zeros(n), None, f"w{n}") for n in (3, 2, 1)))
+    text = sc.score_text_condition(llm, tok, [item], 1)
+    transcripts: dict[int, str] = {}
+    rows = mod.cascade_rows(cfg, llm, tok, "t", [story], text, transcripts)
+    assert calls == [3] and sorted(transcripts.values()) == ["tom", "tom tom", "tom tom tom"]
+    again = mod.cascade_rows(cfg, llm, tok, "t2", [story], text, transcripts)  # same audio: no new transcription
+    assert calls == [3]
+    assert [r.accuracy for r in rows] == [r.accuracy for r in again] and {r.condition for r in rows} == {"s2t", "s"}
