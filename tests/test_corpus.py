@@ -134,3 +134,15 @@ def test_corpus_from_the_same_plan_is_kept_unless_forced(tmp_path):
     forced = build_corpus(out, hours=0.006, text_files=[text], seed=2, workers=1, progress=False, force=True)
     assert forced.plan_sha256 == other.plan_sha256
     assert all(w.stat().st_mtime_ns != stamp for w in (out / "audio").rglob("*.wav"))
+
+
+def test_plan_fingerprint_covers_plan_and_synthesis_version(monkeypatch):
+    from speechlm.data import corpus
+
+    plan = [corpus.PlannedUtterance("train-000000-x", "A cat sat.", "train", "x", "en-us", 175, 50)]
+    first = corpus.plan_fingerprint(plan)
+    assert first == corpus.plan_fingerprint(list(plan))
+    other_voice = [corpus.PlannedUtterance("train-000000-x", "A cat sat.", "train", "x", "en-us+m1", 175, 50)]
+    assert corpus.plan_fingerprint(other_voice) != first
+    monkeypatch.setattr(corpus, "SYNTHESIS_VERSION", corpus.SYNTHESIS_VERSION + 1)
+    assert corpus.plan_fingerprint(plan) != first  # new synthesis code: old corpora are not reused

@@ -61,7 +61,7 @@ def test_speech_mmlu_recipe_text_only(tmp_path):
 def test_storycloze_cascade_transcribes_each_waveform_once(tmp_path, monkeypatch):
     import torch
 
-    import speechlm.eval.asr as asr
+    from speechlm.eval import asr
     from speechlm.eval import storycloze as sc
     from speechlm.eval.scoring import SpeechInput
 

@@ -475,9 +475,21 @@ class CorpusSummary:
         return self.__dict__.copy()
 
 
+#: Bump when synthesis itself changes (audio, word timings, manifest rows): older corpora are then redone.
+SYNTHESIS_VERSION = 1
+
+
 def plan_fingerprint(plan: list[PlannedUtterance]) -> str:
-    """SHA-256 of everything that decides the corpus audio: same fingerprint, same corpus."""
-    blob = json.dumps([[p.id, p.text, p.split, p.source, p.voice, p.rate_wpm, p.pitch] for p in plan])
+    """SHA-256 of everything that decides the corpus: the plan (sentences, splits, voices, rates,
+    pitches), the synthesis code's version and eSpeak's package version. Same fingerprint, same corpus."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        espeak = version("espeakng-loader")
+    except PackageNotFoundError:
+        espeak = "?"
+    blob = json.dumps({"synthesis": SYNTHESIS_VERSION, "espeak": espeak,
+                       "plan": [[p.id, p.text, p.split, p.source, p.voice, p.rate_wpm, p.pitch] for p in plan]})
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
