@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
+from alignment.metrics import character_error_rate
 from speechlm.atomic import atomic_write_text
 from speechlm.config import load_config
 from speechlm.eval.asr import (
@@ -34,7 +35,7 @@ from speechlm.eval.asr import (
 )
 from speechlm.eval.report import merge_summary
 from speechlm.eval.scoring import connector_label, load_front_end
-from speechlm.training.build import load_llm
+from speechlm.training.build import eval_dtype, load_llm
 
 log = logging.getLogger("eval_asr")
 
@@ -57,9 +58,17 @@ class ASREvalConfig:
     batch_size: int = 8
     threads: int = 0
     device: str = "cpu"
+    dtype: str = "auto"  # LLM precision: auto (bf16 on a CUDA device that has it, else fp32), fp32, bf16, fp16
     out_dir: str = "runs/eval"
     name: str = "asr"
     summary: str = ""  # JSON file to merge {"asr": {"wer": ...}} (first connector) into
+
+
+def _row(system: str, boundaries: str, refs: list[str], hyps: list[str]) -> dict:
+    """One result row: WER, and CER in the aligner's alphabet (comparable with tools/eval_alignment.py's CER)."""
+    return {"system": system, "boundaries": boundaries, "wer": word_error_rate(refs, hyps),
+            "cer": character_error_rate(refs, hyps), "n": len(refs),
+            "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,29 +84,27 @@ def main(argv: list[str] | None = None) -> dict:
     refs = [x.text or "" for x in inputs]
     results = []
     if cfg.connectors:
-        llm, tok = load_llm(cfg.llm)
+        llm, tok = load_llm(cfg.llm, eval_dtype(cfg.dtype, cfg.device))
         llm.to(cfg.device)
         for folder in cfg.connectors:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
             hyps = transcribe_speechlm(model, front, inputs, cfg.prompt, cfg.max_new_tokens, cfg.batch_size)
-            results.append({"system": connector_label(folder), "boundaries": front.label, "wer": word_error_rate(refs, hyps),
-                            "n": len(refs), "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
+            results.append(_row(connector_label(folder), front.label, refs, hyps))
             log.info("%s: WER %.3f", folder, results[-1]["wer"])
         if cfg.text_oracle:  # the same prompt and decoding on the transcripts: what perfect vectors would get
             hyps = transcribe_text_oracle(model, refs, cfg.prompt, cfg.max_new_tokens, cfg.batch_size)
-            results.append({"system": "llm/text-oracle", "boundaries": "none", "wer": word_error_rate(refs, hyps),
-                            "n": len(refs), "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
+            results.append(_row("llm/text-oracle", "none", refs, hyps))
     if cfg.whisper_baseline:
         from speechlm.paths import WHISPER_BASE, default_model
 
         hyps = WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device).transcribe(
             [x.wave for x in inputs], cfg.batch_size)
-        results.append({"system": "whisper", "boundaries": "none", "wer": word_error_rate(refs, hyps), "n": len(refs),
-                        "examples": [[r, h] for r, h in zip(refs[:5], hyps[:5])]})
+        results.append(_row("whisper", "none", refs, hyps))
     out = Path(cfg.out_dir)
     atomic_write_text(out / f"{cfg.name}.json", json.dumps({"manifest": cfg.manifest, "results": results}, indent=2) + "\n")
-    table = "| system | boundaries | n | WER % |\n|---|---|---|---|\n" + "".join(
-        f"| {r['system']} | {r['boundaries']} | {r['n']} | {100 * r['wer']:.1f} |\n" for r in results)
+    table = "| system | boundaries | n | WER % | CER % |\n|---|---|---|---|---|\n" + "".join(
+        f"| {r['system']} | {r['boundaries']} | {r['n']} | {100 * r['wer']:.1f} | {100 * r['cer']:.1f} |\n"
+        for r in results)
     atomic_write_text(out / f"{cfg.name}.md", f"# {cfg.name}\n\n- manifest: {cfg.manifest}\n\n" + table)
     print(table)
     if cfg.summary and results:

@@ -28,7 +28,7 @@ from speechlm.eval import speech_mmlu as mm
 from speechlm.eval.report import Accuracy, ResultRow, merge_summary, write_report
 from speechlm.eval.scoring import connector_label, load_front_end
 from speechlm.eval.storycloze import default_eval_voices
-from speechlm.training.build import load_llm
+from speechlm.training.build import eval_dtype, load_llm
 
 log = logging.getLogger("eval_speech_mmlu")
 
@@ -57,6 +57,7 @@ class SpeechMMLUEvalConfig:
     batch_size: int = 8
     threads: int = 0
     device: str = "cpu"
+    dtype: str = "auto"  # LLM precision: auto (bf16 on a CUDA device that has it, else fp32), fp32, bf16, fp16
     out_dir: str = "runs/eval"
     name: str = "speech_mmlu"
     summary: str = ""  # JSON file to merge {"speech_mmlu": {text_acc, speech_acc_0shot, speech_acc_5shot}} into
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.limit:
         test = {k: v[:cfg.limit] for k, v in test.items()}
     dev = mm.read_mmlu_folder(data, "dev", subjects) if any(cfg.shots) else None
-    llm, tok = load_llm(cfg.llm)
+    llm, tok = load_llm(cfg.llm, eval_dtype(cfg.dtype, cfg.device))
     llm.to(cfg.device)
 
     rows: list[ResultRow] = []

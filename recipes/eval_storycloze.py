@@ -28,7 +28,7 @@ from speechlm.errors import ConfigError
 from speechlm.eval import storycloze as sc
 from speechlm.eval.report import Accuracy, ResultRow, merge_summary, write_report
 from speechlm.eval.scoring import SCORINGS, connector_label, load_front_end
-from speechlm.training.build import load_llm
+from speechlm.training.build import eval_dtype, load_llm
 
 log = logging.getLogger("eval_storycloze")
 
@@ -54,6 +54,7 @@ class StoryClozeEvalConfig:
     batch_size: int = 8
     threads: int = 0  # torch threads (0 = leave as is)
     device: str = "cpu"
+    dtype: str = "auto"  # LLM precision: auto (bf16 on a CUDA device that has it, else fp32), fp32, bf16, fp16
     out_dir: str = "runs/eval"
     name: str = "storycloze"
     summary: str = ""  # JSON file to merge {"storycloze": {text_acc, s2t_acc, s_acc}} into
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     save_config(cfg, Path(cfg.out_dir) / f"{cfg.name}.config.yaml")
 
-    llm, tok = load_llm(cfg.llm)
+    llm, tok = load_llm(cfg.llm, eval_dtype(cfg.dtype, cfg.device))
     llm.to(cfg.device)
     data = cfg.data or str(sc.embedded_set_path())
     voices = cfg.voices or sc.default_eval_voices()

@@ -89,3 +89,58 @@ def test_storycloze_cascade_transcribes_each_waveform_once(tmp_path, monkeypatch
     again = mod.cascade_rows(cfg, llm, tok, "t2", [story], text, transcripts)  # same audio: no new transcription
     assert calls == [3]
     assert [r.accuracy for r in rows] == [r.accuracy for r in again] and {r.condition for r in rows} == {"s2t", "s"}
+
+
+def test_asr_recipe_reports_wer_and_cer_per_system(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    from speechlm.data.manifest import Utterance, write_manifest
+
+    texts = {"a": "the cat sat", "b": "a dog ran home"}
+    heard = {16000: "the cat sad", 24000: "a dog ran home"}  # one character wrong in the first clip
+
+    class FakeWhisper:  # "hears" a fixed transcript per clip length
+        def __init__(self, folder, device):
+            pass
+
+        def transcribe(self, waves, batch_size):
+            return [heard[w.numel()] for w in waves]
+
+    rows = []
+    for (uid, text), n in zip(texts.items(), heard):
+        sf.write(tmp_path / f"{uid}.wav", np.zeros(n, dtype=np.float32), 16000)
+        rows.append(Utterance(uid, f"{uid}.wav", 16000, n / 16000, text, "test"))
+    write_manifest(tmp_path / "m.jsonl", rows)
+    mod = recipe("eval_asr")
+    monkeypatch.setattr(mod, "WhisperCascade", FakeWhisper)
+    out = mod.main([f"manifest={tmp_path / 'm.jsonl'}", "whisper_baseline=true", f"out_dir={tmp_path / 'out'}"])
+    (row,) = out["results"]
+    assert row["system"] == "whisper" and row["n"] == 2
+    assert row["wer"] == 1 / 7  # one word of seven
+    assert row["cer"] == 1 / (len("the cat sat") + len("a dog ran home"))  # one character
+    assert "| whisper | none | 2 | 14.3 | 4.0 |" in (tmp_path / "out" / "asr.md").read_text()
+
+
+def test_eval_dtype_choice():
+    import pytest
+    import torch
+
+    from speechlm.errors import ConfigError
+    from speechlm.training.build import eval_dtype
+
+    assert eval_dtype("auto", "cpu") == torch.float32  # CPU bf16 matmuls are slower than fp32
+    assert eval_dtype("bf16", "cpu") == torch.bfloat16 and eval_dtype("fp32", "cuda") == torch.float32
+    with pytest.raises(ConfigError, match="float64"):
+        eval_dtype("float64")
+
+
+def test_storycloze_text_only_in_bf16_picks_the_same_endings(tmp_path):
+    llm = saved_llm(tmp_path, {"sad": 4.0})
+    data = tmp_path / "s.jsonl"
+    ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
+    data.write_text(json.dumps({"id": "a", "context": ctx, "right_ending": "tom was sad .",
+                                "wrong_ending": "tom was happy ."}) + "\n")
+    out = recipe("eval_storycloze").main([f"llm={llm}", f"data={data}", "text_only=true", "dtype=bf16",
+                                          "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}"])
+    assert out["summary"] == {"text_acc": 1.0}

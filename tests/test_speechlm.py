@@ -117,6 +117,25 @@ def test_speech_condition_scores_transcript_tokens():
     assert torch.equal(other[0][:2], scores[0][:2]) and other[0][2] != scores[0][2]
 
 
+def test_bf16_llm_with_fp32_connector_scores_like_fp32():
+    """Evaluation with dtype=bf16 (eval_dtype): fp32 connector vectors enter a bf16 LLM; scores come back
+    float32 and close to the fp32 model's."""
+    import copy
+
+    torch.manual_seed(0)
+    connector, llm = tiny_ssr(), tiny_llm()
+    feats, lengths, bnd, tmask, ids = speech_batch()
+    scores = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = SpeechLM(connector, copy.deepcopy(llm).to(dtype))
+        with torch.no_grad():
+            segs = model.speech_segments(model.speech_embeds(feats, lengths, bnd, tmask), ids)
+        scores[dtype] = model.score([[TextSegment([1]), segs[0]]], [[30, 31]])[0]
+    assert scores[torch.bfloat16].dtype == torch.float32
+    assert torch.allclose(scores[torch.bfloat16], scores[torch.float32], atol=0.1)
+    assert not torch.equal(scores[torch.bfloat16], scores[torch.float32])  # it really ran in bf16
+
+
 def rigged_llm():
     """A Llama whose layers do nothing and whose head maps token x to x+1: greedy output is predictable."""
     llm = tiny_llm()
@@ -226,9 +245,9 @@ def test_connector_must_fit_llm():
 def test_real_smollm2_scores_ssr_speech(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = paths.default_model(paths.SMOLLM2_135M)
-    if not (folder / "config.json").is_file():
-        pytest.fail(f"{folder}: run tools/prepare_models.py first")
+    from speechlm.models.convert import prepare_model
+
+    folder, _ = prepare_model(paths.SMOLLM2_135M)  # reuses a complete folder, converts otherwise
     tok = AutoTokenizer.from_pretrained(folder)
     llm = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     d_llm = llm.config.hidden_size

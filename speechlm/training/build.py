@@ -45,6 +45,21 @@ def _llm_folder(path: str) -> Path:
     return folder
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def eval_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The precision a frozen LLM scores in: "fp32", "bf16", "fp16", or "auto" (bf16 on a CUDA device
+    that supports it, else fp32: CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+    if name == "auto":
+        dev = torch.device(device)
+        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r}: use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def load_llm(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """(frozen causal LM in eval mode, its tokenizer) from a local folder ("" = embedded SmolLM2-135M).
 
