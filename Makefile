@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 export PYTHON VENV
 
-.PHONY: demo small test install install-dev lint
+.PHONY: demo small test install install-dev lint lock
 
 install:
 	bash tools/install.sh
@@ -25,3 +25,8 @@ test: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check speechlm alignment recipes tools tests
+
+# After a deliberate upgrade (CONSTRAINTS= make install-dev, then make test): record the versions CI installs.
+lock:
+	{ sed -n '1,3p' tools/constraints.txt; $(VENV)/bin/python -m pip freeze --exclude-editable \
+	  | grep -v -E '^(nvidia-|cuda-|triton=|#)'; } > tools/constraints.txt.new && mv tools/constraints.txt.new tools/constraints.txt

