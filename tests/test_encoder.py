@@ -234,7 +234,7 @@ def test_half_precision_encoder_runs_in_its_dtype_and_returns_float32(folders, k
     assert b.features.dtype == torch.float32 and b.lengths.tolist() == a.lengths.tolist()
     for i, n in enumerate(a.lengths.tolist()):
         # bf16 keeps 8 mantissa bits: frames agree in direction, not to the last digit. How closely depends
-        # on the CPU's bf16 kernels: > 0.98 everywhere on AVX2 machines; with AMX/AVX512-bf16 the tiny random
+        # on the CPU's bf16 kernels: > 0.98 on earlier machines; on one with AMX/AVX512-bf16 the tiny random
         # wav2vec2 gives mean 0.95, worst frame 0.87 (every layer rounds to bf16). A wrong path gives ~0.
         cos = torch.nn.functional.cosine_similarity(a.features[i, :, :n], b.features[i, :, :n], dim=-1)
         assert cos.mean() > 0.93 and cos.min() > 0.8, (cos.mean(), cos.min())
@@ -261,7 +261,7 @@ def test_real_whisper_base_on_speech():
     for b, w in enumerate(waves):
         alone = enc([w])
         # Masked vs unmasked fp32 attention sums in another order: up to ~5e-4 on last-layer values of
-        # magnitude ~16 (layers 4-5 carry outliers ~50) with AVX2 kernels, up to 1.9e-3 on an AVX-512/AMX
+        # magnitude ~16 (layers 4-5 carry outliers ~50) on earlier machines, up to 1.9e-3 on an AVX-512/AMX
         # CPU. In float64 the two are identical, so it is rounding; a masking bug moves values by O(1).
         torch.testing.assert_close(out.features[b, :, : out.lengths[b]], alone.features[0], atol=4e-3, rtol=1e-4)
     padded = SpeechEncoder.from_pretrained(str(folder), layers=(-1,), whisper_pad_to_30s=True)(waves)
