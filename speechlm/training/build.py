@@ -51,7 +51,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def eval_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     """The precision a frozen LLM scores in: "fp32", "bf16", "fp16", or "auto" (bf16 on a CUDA device
     that supports it, else fp32: on a CPU bf16 only pays off with AMX/AVX512-bf16 units, 1.4x measured
-    for SmolLM2-135M, and is slower without them)."""
+    for SmolLM2-135M; CPUs without them have no native bf16 matmuls)."""
     if name == "auto":
         dev = torch.device(device)
         cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
