@@ -129,7 +129,7 @@ def test_eval_dtype_choice():
     from speechlm.errors import ConfigError
     from speechlm.training.build import eval_dtype
 
-    assert eval_dtype("auto", "cpu") == torch.float32  # bf16 is slower than fp32 on CPUs without AMX
+    assert eval_dtype("auto", "cpu") == torch.float32  # CPU: fp32 unless asked
     assert eval_dtype("bf16", "cpu") == torch.bfloat16 and eval_dtype("fp32", "cuda") == torch.float32
     with pytest.raises(ConfigError, match="float64"):
         eval_dtype("float64")

@@ -45,20 +45,19 @@ def _llm_folder(path: str) -> Path:
     return folder
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def eval_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     """The precision a frozen LLM scores in: "fp32", "bf16", "fp16", or "auto" (bf16 on a CUDA device
-    that supports it, else fp32: on a CPU bf16 only pays off with AMX/AVX512-bf16 units, 1.4x measured
-    for SmolLM2-135M; CPUs without them have no native bf16 matmuls)."""
+    that supports it, else fp32: on a CPU bf16 is fast only with AMX/AVX512-bf16 units, and it changes
+    the scores)."""
+    from speechlm.models.encoder import DTYPES
+
     if name == "auto":
         dev = torch.device(device)
         cuda_bf16 = dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype {name!r}: use one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def load_llm(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
