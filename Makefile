@@ -13,14 +13,17 @@ install-dev:
 
 demo: install
 	bash tools/install_text_data.sh
+	bash tools/install_tts.sh
 	bash recipes/run_tiny.sh
 
 # The larger CPU recipe (about an hour on 2 cores): what the method reaches -> runs/small/summary.json.
 small: install
 	bash tools/install_text_data.sh
+	bash tools/install_tts.sh
 	bash recipes/run_small.sh
 
 test: install-dev
+	bash tools/install_tts.sh
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: install-dev

@@ -9,6 +9,12 @@ Data: ``data`` (a StoryCloze JSONL: ours, or a spoken manifest with audio paths;
 random wrong endings (``wrong_styles``); ``release`` (a TWIST sStoryCloze/tStoryCloze folder) adds the
 whole-story S condition. Boundaries come from the aligner in ``boundaries=free`` mode (default) or
 ``forced`` (labelled in every row). ``cascade=true`` adds Whisper -> transcript -> LLM.
+
+Every spoken figure (S->T, S, speech and cascade, and the text condition on the same stories) is also
+reported per TTS engine of the story's voice (``voices[i % n]``, or a spoken manifest's ``speaker``;
+see :func:`speechlm.eval.report.engine_of`): ``by_engine`` in the JSON report, a second markdown table,
+and ``storycloze.by_engine`` in the summary (``{engine: {n, text_acc, s2t_acc, s_acc, cascade_s2t_acc,
+cascade_s_acc}}``, first wrong-ending style, headline scoring, first connector).
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ import torch
 from speechlm.config import load_config, save_config
 from speechlm.errors import ConfigError
 from speechlm.eval import storycloze as sc
-from speechlm.eval.report import Accuracy, ResultRow, merge_summary, write_report
+from speechlm.eval.report import (
+    Accuracy,
+    ResultRow,
+    add_engine_rows,
+    engine_of,
+    engine_rows,
+    merge_summary,
+    write_report,
+)
 from speechlm.eval.scoring import SCORINGS, connector_label, load_front_end
 from speechlm.training.build import eval_dtype, load_llm
 
@@ -44,7 +58,7 @@ class StoryClozeEvalConfig:
     data: str = ""  # StoryCloze JSONL ("" = embedded mini set)
     wrong_styles: list[str] = field(default_factory=lambda: ["adversarial", "random"])
     release: str = ""  # optional TWIST sStoryCloze/tStoryCloze folder (whole-story S condition)
-    voices: list[str] = field(default_factory=list)  # eSpeak voices ([] = held-out defaults)
+    voices: list[str] = field(default_factory=list)  # TTS voices ("engine:name"), or [natural] / [hard] ([] = natural)
     rate_wpm: int = 175
     limit: int = 0  # first N stories only (0 = all)
     conditions: list[str] = field(default_factory=lambda: ["text", "s2t", "s"])
@@ -57,7 +71,7 @@ class StoryClozeEvalConfig:
     dtype: str = "auto"  # LLM precision: auto (bf16 on a CUDA device that has it, else fp32), fp32, bf16, fp16
     out_dir: str = "runs/eval"
     name: str = "storycloze"
-    summary: str = ""  # JSON file to merge {"storycloze": {text_acc, s2t_acc, s_acc}} into
+    summary: str = ""  # JSON file to merge {"storycloze": {text_acc, s2t_acc, s_acc, by_engine}} into
 
 
 def rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.PairScores],
@@ -67,6 +81,34 @@ def rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.Pai
         acc = Accuracy.of([p.correct(s) for p in scores])
         ref = Accuracy.of([p.correct(s) for p in text]) if text is not None else None
         out.append(ResultRow(task, cond, connector, bnd, s, acc, ref))
+    return out
+
+
+def engine_rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.PairScores],
+                    text: list[sc.PairScores] | None, engines: list[str], by_engine: dict[str, list[ResultRow]]) -> None:
+    """:func:`rows_for` per engine (``engines[i]`` is story i's), appended to ``by_engine``."""
+    for s in SCORINGS:
+        template = ResultRow(task, cond, connector, bnd, s, Accuracy(0, 0))
+        add_engine_rows(by_engine, engine_rows(template, [p.correct(s) for p in scores], engines,
+                                               [p.correct(s) for p in text] if text is not None else None))
+
+
+def engine_summary(by_engine: dict[str, list[ResultRow]], task: str, scoring: str, connector: str | None) -> dict:
+    """``{engine: {n, text_acc, s2t_acc, s_acc, cascade_s2t_acc, cascade_s_acc}}`` for one task and scoring."""
+    out: dict[str, dict] = {}
+    for e, rows in sorted(by_engine.items()):
+        entry: dict[str, float | int | None] = {}
+        for r in rows:
+            if r.task != task or r.scoring != scoring:
+                continue
+            if r.connector == "llm" and r.condition == "text":
+                entry["n"], entry["text_acc"] = r.accuracy.total, r.accuracy.value
+            elif r.connector == connector:
+                entry[f"{r.condition}_acc"] = r.accuracy.value
+            elif r.connector == "cascade-whisper":
+                entry[f"cascade_{r.condition}_acc"] = r.accuracy.value
+        if entry:
+            out[e] = entry
     return out
 
 
@@ -84,9 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     llm, tok = load_llm(cfg.llm, eval_dtype(cfg.dtype, cfg.device))
     llm.to(cfg.device)
     data = cfg.data or str(sc.embedded_set_path())
-    voices = cfg.voices or sc.default_eval_voices()
+    voices = sc.resolve_eval_voices(cfg.voices)
     rows: list[ResultRow] = []
-    summary: dict[str, float | None] = {}
+    by_engine: dict[str, list[ResultRow]] = {}
+    summary: dict = {}
     base = sc.read_story_items(data)
     base = base[:cfg.limit] if cfg.limit else base  # random wrong endings are drawn inside this subset
     if any(style not in sc.WRONG_STYLES for style in cfg.wrong_styles):
@@ -105,14 +148,17 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         stories = reuse_audio(items, spoken_cache) if spoken_cache else sc.speak_items(items, voices, cfg.rate_wpm)
         spoken_cache = spoken_cache or stories
+        engines = [engine_of(s.voice) for s in stories]
+        engine_rows_for(task, "text", "llm", "none", text, None, engines, by_engine)
         if cfg.cascade:
-            rows += cascade_rows(cfg, llm, tok, task, stories, text, transcripts)
+            rows += cascade_rows(cfg, llm, tok, task, stories, text, transcripts, by_engine)
         for folder in cfg.connectors:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
             conds = [c for c in cfg.conditions if c in ("s2t", "s") and (c != "s" or front.uses_boundaries)]
             res = sc.score_speech_conditions(model, front, stories, conds, cfg.batch_size)
             for cond, scores in res.items():
                 rows += rows_for(task, cond, connector_label(folder), front.label, scores, text)
+                engine_rows_for(task, cond, connector_label(folder), front.label, scores, text, engines, by_engine)
                 log.info("%s %s %s: %s", task, connector_label(folder), cond, sc.accuracy_counts(scores))
                 if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
                     summary[f"{cond}_acc"] = Accuracy.of([p.correct(cfg.headline_scoring) for p in scores]).value
@@ -123,11 +169,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
             "headline_scoring": cfg.headline_scoring}
-    js, md = write_report(rows, cfg.out_dir, cfg.name, meta)
+    js, md = write_report(rows, cfg.out_dir, cfg.name, meta, by_engine)
     print(md.read_text())
+    if by_engine:
+        summary["by_engine"] = engine_summary(by_engine, f"storycloze/{cfg.wrong_styles[0]}", cfg.headline_scoring,
+                                              connector_label(cfg.connectors[0]) if cfg.connectors else None)
     if cfg.summary:
         merge_summary(cfg.summary, "storycloze", summary)
-    return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md)}
+    return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md),
+            "by_engine": {e: [r.to_json() for r in v] for e, v in sorted(by_engine.items())}}
 
 
 def reuse_audio(items: list[sc.StoryItem], spoken: list[sc.SpokenStory]) -> list[sc.SpokenStory]:
@@ -143,11 +193,12 @@ def reuse_audio(items: list[sc.StoryItem], spoken: list[sc.SpokenStory]) -> list
 
 
 def cascade_rows(cfg: StoryClozeEvalConfig, llm, tok, task: str, stories: list[sc.SpokenStory],
-                 text: list[sc.PairScores], transcripts: dict[int, str]) -> list[ResultRow]:
+                 text: list[sc.PairScores], transcripts: dict[int, str],
+                 by_engine: dict[str, list[ResultRow]] | None = None) -> list[ResultRow]:
     """Whisper transcripts read by the LLM: S->T (transcribed context) and S (transcribed endings too).
 
     ``transcripts`` maps id(waveform) -> Whisper's text; styles that reuse the same audio tensors
-    (see reuse_audio) are transcribed once."""
+    (see reuse_audio) are transcribed once. ``by_engine`` (if given) gets the same rows per engine."""
     from speechlm.eval.asr import WhisperCascade
     from speechlm.paths import WHISPER_BASE, default_model
 
@@ -162,8 +213,13 @@ def cascade_rows(cfg: StoryClozeEvalConfig, llm, tok, task: str, stories: list[s
         ctx, right, wrong = (h or "." for h in hyp[3 * k:3 * k + 3])
         s2t.append(sc.StoryItem(s.item.id, [ctx], s.item.right_ending, s.item.wrong_ending))
         s_all.append(sc.StoryItem(s.item.id, [ctx], right, wrong))
-    rows = rows_for(task, "s2t", "cascade-whisper", "none", sc.score_text_condition(llm, tok, s2t, cfg.batch_size), text)
-    rows += rows_for(task, "s", "cascade-whisper", "none", sc.score_text_condition(llm, tok, s_all, cfg.batch_size), text)
+    engines = [engine_of(s.voice) for s in stories]
+    rows = []
+    for cond, items in (("s2t", s2t), ("s", s_all)):
+        scores = sc.score_text_condition(llm, tok, items, cfg.batch_size)
+        rows += rows_for(task, cond, "cascade-whisper", "none", scores, text)
+        if by_engine is not None:
+            engine_rows_for(task, cond, "cascade-whisper", "none", scores, text, engines, by_engine)
     return rows
 
 

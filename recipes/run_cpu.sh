@@ -8,7 +8,7 @@
 # rest. Knobs (environment): RUN HOURS ALIGNER_STEPS STAGE1_STEPS STAGE2_STEPS (empty = the config's)
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
 #   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) FORCE=1 (new corpus)
-#   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES CASCADE
+#   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES CASCADE LIBRIVOX VOICES
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -26,6 +26,8 @@ QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-8}
 ASR_UTTS=${ASR_UTTS:-40}
 WRONG_STYLES=${WRONG_STYLES:-[adversarial,random]}  # StoryCloze wrong endings (the first is the headline)
 CASCADE=${CASCADE:-true}  # also evaluate the Whisper-base cascade (Whisper transcribes, the LLM reads)
+LIBRIVOX=${LIBRIVOX:-true}  # zero-shot ASR also on the 5 LibriVox clips of Debian's pocketsphinx-testdata
+VOICES=${VOICES:-natural}  # StoryCloze / Speech-MMLU voices: natural (held-out Festival ked + Piper joe) | hard
 STAGE1_STEPS=${STAGE1_STEPS:-}
 STAGE2_STEPS=${STAGE2_STEPS:-}
 CONFIGS=recipes/configs
@@ -107,12 +109,15 @@ step stage2 launch recipes/stage2_finetune.py --config "$CONFIGS/stage2_$PRESET.
 
 # Evaluation: held-out voices, boundaries from the aligner in free mode (no transcript given);
 # the Whisper-base cascade (Whisper transcribes, the LLM reads) is reported beside SSR (CASCADE=true).
+# Zero-shot ASR always runs Whisper base too: its WER on the test rows is corpus.whisper_wer_test.
 evals=(llm="$LLM" aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summary.json" threads=2)
+# LibriVox needs Debian's pocketsphinx-testdata (tools/install_tts.sh installs it where apt-get works).
+[ -d /usr/share/pocketsphinx/test/data/librivox ] || LIBRIVOX=false
 step eval_storycloze "$PY" recipes/eval_storycloze.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
-  cascade="$CASCADE" limit="$STORIES" wrong_styles="$WRONG_STYLES"
+  cascade="$CASCADE" limit="$STORIES" wrong_styles="$WRONG_STYLES" voices="[$VOICES]"
 step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
-  methods="[cloze]" cascade="$CASCADE" limit="$QUESTIONS_PER_SUBJECT"
+  methods="[cloze]" cascade="$CASCADE" limit="$QUESTIONS_PER_SUBJECT" voices="[$VOICES]"
 step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \
-  connectors="[$RUN/stage1/connector]" whisper_baseline="$CASCADE" limit="$ASR_UTTS"
+  connectors="[$RUN/stage1/connector]" whisper_baseline=true limit="$ASR_UTTS" librivox="$LIBRIVOX"
 
-"$PY" tools/summarize_run.py --run "$RUN"
+"$PY" tools/summarize_run.py --run "$RUN" --corpus "$CORPUS"

@@ -59,8 +59,40 @@ def unigram_logprobs(llm) -> torch.Tensor:
         return torch.log_softmax(llm(input_ids=torch.tensor([[1]])).logits[0, -1].float(), -1)
 
 
+def bigram_llm(tokenizer, follows: dict[str, str | list[str]], hidden: int = 64) -> LlamaForCausalLM:
+    """A Llama whose next token depends only on the current one: ``follows[w]`` (a word, or words best
+    first) is what comes after ``w``; any other token is followed by the same fixed preference.
+
+    As :func:`unigram_llm` the layers are switched off, but every token's embedding is its own unit
+    vector (``hidden >= vocabulary``), so the head reads which token is at a position: ``lm_head[v, t]``
+    is the score of ``t -> v`` (scaled by the final norm's ``sqrt(hidden)``).
+    """
+    v = len(tokenizer)
+    if hidden < v:
+        raise ValueError(f"hidden size {hidden} < vocabulary {v}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=v, max_position_embeddings=512, tie_word_embeddings=False)
+    llm = LlamaForCausalLM(cfg).eval()
+    score = torch.linspace(-1.0, 1.0, v)[:, None].repeat(1, hidden)  # score[next, current]
+    for word, nxt in follows.items():
+        cur = tokenizer.convert_tokens_to_ids(word)
+        for rank, w in enumerate([nxt] if isinstance(nxt, str) else nxt):
+            score[tokenizer.convert_tokens_to_ids(w), cur] += 10.0 - rank
+    with torch.no_grad():
+        for layer in llm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        llm.model.embed_tokens.weight.zero_()
+        llm.model.embed_tokens.weight[:, :v] = torch.eye(v)
+        llm.model.norm.weight.fill_(1.0)
+        llm.lm_head.weight.copy_(score / hidden ** 0.5)
+    return llm
+
+
 def speech_model(llm, tokenizer) -> SpeechLM:
-    conn = build_connector({"name": "ssr", "d_enc": 8, "d_llm": D_LLM, "d_model": 16, "n_heads": 2, "n_layers": 1})
+    d_llm = llm.config.hidden_size
+    conn = build_connector({"name": "ssr", "d_enc": 8, "d_llm": d_llm, "d_model": 16, "n_heads": 2, "n_layers": 1})
     return SpeechLM(conn, llm, tokenizer=tokenizer)
 
 

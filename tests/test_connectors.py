@@ -186,3 +186,29 @@ def test_bad_boundaries_raise():
         conn(feats, lengths, torch.tensor([[5, 4, 10, 30, 52], [3, 20, 36, 0, 0]]), tmask)
     with pytest.raises(ValueError):
         conn(feats, lengths, None, None)
+
+
+def test_slot_readout_separates_tokens_sharing_a_frame():
+    # Stack 4: boundaries 9 and 10 both fall in stacked frame 2, 10 and 10 share exactly.
+    feats, lengths, _, tmask = batch()
+    bnd = torch.tensor([[5, 9, 10, 10, 52], [3, 20, 36, 0, 0]])
+    plain = small("ssr", n_layers=1, stack=4).eval()
+    out = plain(feats, lengths, bnd, tmask).embeds
+    assert torch.equal(out[0, 1], out[0, 2]) and torch.equal(out[0, 2], out[0, 3])  # the defect: one vector
+    conn = small("ssr", n_layers=1, stack=4, slot_readout=True).eval()
+    rank, shared_next, offset = conn.slots(bnd, torch.div(bnd, 4, rounding_mode="floor"), tmask)
+    assert rank[0].tolist() == [0, 0, 1, 2, 0] and shared_next[0].tolist() == [0, 1, 1, 0, 0]
+    assert offset[0].tolist() == [1, 1, 2, 2, 0]
+    assert rank[1].tolist() == [0, 0, 0, 0, 0]  # padding never counts as sharing
+    out = conn(feats, lengths, bnd, tmask).embeds
+    for i, j in ((1, 2), (2, 3), (1, 3)):
+        assert not torch.allclose(out[0, i], out[0, j], atol=1e-4)
+    # Tokens that share nothing still depend only on their own read-out frame.
+    feats2 = feats.clone()
+    feats2[0, :, 56:] += 1.0  # frames after the last read-out frame (52 // 4 = 13 covers 52-55)
+    out2 = conn(feats2, lengths, bnd, tmask).embeds
+    assert torch.allclose(out[0], out2[0], atol=1e-6)
+    # Trainable: the slot parameters get gradients.
+    conn.train()
+    conn(feats, lengths, bnd, tmask).embeds.sum().backward()
+    assert conn.slot_rank.weight.grad.abs().sum() > 0 and conn.head.down.weight.grad.abs().sum() > 0

@@ -5,7 +5,6 @@ from pathlib import Path
 
 from speechlm.data.audio import audio_info
 from speechlm.data.corpus import (
-    HELD_OUT_VOICES,
     build_corpus,
     detokenize,
     everyday_sentences,
@@ -42,22 +41,70 @@ def test_everyday_sentences_deterministic_and_distinct():
     assert a == b and len(set(a)) == 200 and everyday_sentences(200, seed=2) != a
 
 
+def _voice_plan():
+    from speechlm.data.corpus import HARD_VOICES, VoicePlan
+
+    return VoicePlan(train={"espeak": train_voices(), "flite": ["flite:kal16"]},
+                     train_share={"espeak": 0.5, "flite": 0.5},
+                     held_out={"valid": ["festival:ked_diphone", *HARD_VOICES["valid"]],
+                               "test": ["festival:ked_diphone", "piper:en_US-joe-medium", *HARD_VOICES["test"]]})
+
+
 def test_plan_disjoint_sentences_and_held_out_voices():
+    from speechlm.data.augment import Augmentation
+
     sources = {"a": [f"Sentence number {i} is here." for i in range(300)],
                "b": [f"Another line {i} to say." for i in range(300)] + ["Sentence number 0 is here."]}
-    plan = plan_corpus(sources, hours=0.2, seed=3)
-    assert plan == plan_corpus(sources, hours=0.2, seed=3)
+    vp = _voice_plan()
+    plan = plan_corpus(sources, hours=0.2, seed=3, voices=vp)
+    assert plan == plan_corpus(sources, hours=0.2, seed=3, voices=vp)
     texts = {s: {p.text.lower() for p in plan if p.split == s} for s in ("train", "valid", "test")}
     assert all(texts.values())
     assert not texts["train"] & texts["valid"] and not texts["train"] & texts["test"]
     assert not texts["valid"] & texts["test"]
     assert len([p for p in plan if p.text == "Sentence number 0 is here."]) <= 1  # deduplicated
     voices = {s: {p.voice for p in plan if p.split == s} for s in ("train", "valid", "test")}
-    assert voices["train"] <= set(train_voices())
-    assert voices["valid"] <= set(HELD_OUT_VOICES["valid"]) and voices["test"] <= set(HELD_OUT_VOICES["test"])
+    assert voices["train"] <= set(train_voices()) | {"flite:kal16"} and "flite:kal16" in voices["train"]
+    assert voices["valid"] == set(vp.held_out["valid"]) and voices["test"] == set(vp.held_out["test"])
     assert not voices["train"] & (voices["valid"] | voices["test"])
-    accents = {s: {v.split("+")[0] for v in vs} for s, vs in voices.items()}
+    accents = {s: {v.split("+")[0] for v in vs if ":" not in v} for s, vs in voices.items()}
     assert not accents["train"] & (accents["valid"] | accents["test"])
+    # Training clips carry a seeded augmentation (most are changed); held-out clips are clean.
+    train_augs = [Augmentation.from_str(p.augment) for p in plan if p.split == "train"]
+    assert sum(not a.is_identity for a in train_augs) > len(train_augs) / 2
+    assert all(p.augment == "none" for p in plan if p.split != "train")
+    # Only eSpeak voices get a pitch setting; the other engines keep their own (pitch varies by augmentation).
+    assert all(p.pitch == 50 for p in plan if ":" in p.voice)
+
+
+def test_voice_plans_refuse_reserved_and_overlapping_voices(monkeypatch):
+    import pytest
+
+    from speechlm.data import corpus
+
+    with pytest.raises(corpus.CorpusError, match="training and held out"):
+        corpus.VoicePlan(train={"flite": ["flite:kal16"]}, train_share={"flite": 1.0},
+                         held_out={"valid": ["flite:kal16"], "test": ["en-gb-scotland+f4"]}).check_disjoint()
+    monkeypatch.setitem(corpus.NATURAL_TRAIN_VOICES, "flite", ("flite:kal16", "flite:slt"))
+    with pytest.raises(corpus.CorpusError, match="reserved"):
+        corpus.VoicePlan.default(engines={"flite"})
+    # An engine that is not installed is left out, and the plan says which voices went missing.
+    monkeypatch.setitem(corpus.NATURAL_TRAIN_VOICES, "flite", ("flite:kal16",))
+    plan = corpus.VoicePlan.default(engines=set())
+    assert set(plan.train) == {"espeak"} and plan.train_share == {"espeak": 1.0}
+    assert "flite:kal16" in plan.missing and "piper:en_US-joe-medium" in plan.missing
+    assert plan.held_out["test"] == list(corpus.HARD_VOICES["test"])
+
+
+def test_coverage_selection_prefers_sentences_with_needed_words():
+    from speechlm.data.corpus import select_for_coverage
+
+    pool = ["The the the the the the.", "A red cat and a blue dog.", "Cat dog red blue.", "Nothing here at all."]
+    chosen = select_for_coverage(pool, {"cat", "dog", "red", "blue"}, budget_s=100.0, depth=1)
+    assert chosen == [2]  # the densest sentence covers every target; nothing else adds any
+    chosen = select_for_coverage(pool, {"cat", "dog", "red", "blue"}, budget_s=100.0, depth=2)
+    assert sorted(chosen) == [1, 2]
+    assert select_for_coverage(pool, {"zebra"}, budget_s=100.0) == []
 
 
 def test_read_eval_texts(tmp_path):
@@ -86,8 +133,10 @@ def test_tiny_corpus_build(tmp_path):
             assert r.split == split and r.sample_rate == 16000 and not Path(r.audio).is_absolute()
             sr, duration_s = audio_info(r.audio_path)
             assert sr == 16000 and abs(duration_s - r.duration_s) < 1e-3
-            assert [w.word for w in r.words] == r.text.split()
-            assert all(w.start_s < w.end_s <= duration_s for w in r.words)
+            if r.words is not None:  # engines without word timings leave them out
+                assert [w.word for w in r.words] == r.text.split()
+                assert all(w.start_s < w.end_s <= duration_s for w in r.words)
+            assert (r.augment is None) if split != "train" else True
     assert json.loads((out / "summary.json").read_text())["counts"] == summary.counts
     assert 0.0 < summary.coverage <= 1.0
 

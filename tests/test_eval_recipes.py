@@ -5,6 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+from speechlm.errors import ManifestError
 from tests.eval_helpers import unigram_llm, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,3 +147,160 @@ def test_storycloze_text_only_in_bf16_picks_the_same_endings(tmp_path):
     out = recipe("eval_storycloze").main([f"llm={llm}", f"data={data}", "text_only=true", "dtype=bf16",
                                           "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}"])
     assert out["summary"] == {"text_acc": 1.0}
+
+
+# ------------------------------------------------------------------------------- per-engine breakdowns
+def fake_front_end(monkeypatch, mod):
+    """The recipe's connector loader replaced by the oracle front end (speech vectors = text embeddings)."""
+    from tests.eval_helpers import OracleFrontEnd, speech_model
+
+    def load(folder, llm, tok, *args):
+        model = speech_model(llm, tok)
+        return model, OracleFrontEnd(model)
+
+    monkeypatch.setattr(mod, "load_front_end", load)
+
+
+def silent_wav(path, n=1600):
+    import numpy as np
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.zeros(n, dtype=np.float32), 16000)
+    return path.name
+
+
+def test_storycloze_reports_every_spoken_figure_per_engine(tmp_path, monkeypatch):
+    from speechlm.eval import asr
+
+    class FakeWhisper:  # hears every clip as "tom was sad"
+        def __init__(self, folder, device):
+            pass
+
+        def transcribe(self, waves, batch_size):
+            return ["tom was sad ."] * len(waves)
+
+    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    llm = saved_llm(tmp_path, {"sad": 4.0})
+    ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
+    endings = [("tom was sad .", "tom was happy ."), ("he was sad .", "he was very happy ."),
+               ("tom was happy .", "tom was sad .")]  # the third: the rigged LLM picks the wrong ending
+    speakers = ["festival:ked_diphone/r175/p50", "en-us+m3/r175/p50", "festival:ked_diphone/r160/p40"]
+    rows = []
+    for k, ((right, wrong), spk) in enumerate(zip(endings, speakers)):
+        audio = {f"{part}_audio": silent_wav(tmp_path / f"s{k}-{part}.wav", 1600 + 160 * j)
+                 for j, part in enumerate(("context", "right", "wrong"))}
+        rows.append({"id": f"s{k}", "context": ctx, "right_ending": right, "wrong_ending": wrong, "speaker": spk, **audio})
+    data = tmp_path / "spoken.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"asr": {"wer": 0.5}}))
+    mod = recipe("eval_storycloze")
+    fake_front_end(monkeypatch, mod)
+    mod.main([f"llm={llm}", f"data={data}", "connectors=[x/conn]", "wrong_styles=[adversarial]", "cascade=true",
+              "whisper=unused", f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
+    s = json.loads(summary.read_text())
+    assert s["asr"] == {"wer": 0.5}
+    sc_sum = s["storycloze"]
+    assert {k: sc_sum[k] for k in ("text_acc", "s2t_acc", "s_acc")} == {"text_acc": 0.6667, "s2t_acc": 0.6667,
+                                                                         "s_acc": 0.6667}
+    eng = sc_sum["by_engine"]
+    assert sorted(eng) == ["espeak", "festival"]
+    assert eng["festival"] == {"n": 2, "text_acc": 0.5, "s2t_acc": 0.5, "s_acc": 0.5, "cascade_s2t_acc": 0.5,
+                               "cascade_s_acc": 0.0}  # the cascade hears both endings alike: a tie is wrong
+    assert eng["espeak"]["n"] == 1 and eng["espeak"]["s2t_acc"] == 1.0
+    report = json.loads((tmp_path / "out" / "storycloze.json").read_text())
+    got = {(e, r["condition"], r["connector"], r["scoring"]): r["accuracy"]["n"]
+           for e, rs in report["by_engine"].items() for r in rs}
+    for cond, conn in [("text", "llm"), ("s2t", "x/conn"), ("s", "x/conn"), ("s2t", "cascade-whisper"),
+                       ("s", "cascade-whisper")]:
+        for scoring in ("summed", "length_norm"):
+            assert got[("festival", cond, conn, scoring)] == 2 and got[("espeak", cond, conn, scoring)] == 1
+    festival_s2t = next(r for r in report["by_engine"]["festival"] if r["condition"] == "s2t"
+                        and r["connector"] == "x/conn" and r["scoring"] == "summed")
+    assert festival_s2t["text_accuracy"]["n"] == 2 and festival_s2t["parity"] == 1.0
+    assert "| festival | storycloze/adversarial | s2t | x/conn |" in (tmp_path / "out" / "storycloze.md").read_text()
+
+
+MATHS_CSV = "what is two plus four ?,five,six,three,seven,B\nwhat color is the sky ?,red,green,blue,x,C\n"
+
+
+def spoken_mmlu_set(root, subject, rows, split="test"):
+    """A spoken Speech-MMLU folder in build_speech_mmlu's format: <split>/<subject>.jsonl + silent wavs."""
+    lines = []
+    for k, (q, opts, ans, voice) in enumerate(rows):
+        qa = f"{subject}/{k}-q.wav"
+        silent_wav(root / split / qa)
+        oa = []
+        for L in "ABCD":
+            silent_wav(root / split / f"{subject}/{k}-{L}.wav")
+            oa.append(f"{subject}/{k}-{L}.wav")
+        lines.append(json.dumps({"id": f"{subject}-{k}", "subject": subject, "question": q, "options": opts,
+                                 "answer": ans, "voice": voice, "question_audio": qa, "option_audio": oa}))
+    (root / split / f"{subject}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+ASTRO = [("what color is the sky ?", ["red", "green", "blue", "x"], "C", "festival:ked_diphone"),
+         ("what is two plus four ?", ["five", "six", "three", "seven"], "B", "en-us+m3"),
+         ("what is two plus four ?", ["six", "five", "three", "seven"], "B", "festival:ked_diphone")]
+
+
+def test_speech_mmlu_spoken_set_carries_its_own_texts(tmp_path, monkeypatch):
+    """The defect: speech=FOLDER with a subject the CSV data lacks was dropped, speech accuracy "n/a" over 0."""
+    llm = saved_llm(tmp_path, {"six": 3.0, "blue": 3.0})
+    for split in ("test", "dev"):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        (tmp_path / "mmlu" / split / f"maths_{split}.csv").write_text(MATHS_CSV)
+    speech = spoken_mmlu_set(tmp_path / "speech", "astro", ASTRO)
+    mod = recipe("eval_speech_mmlu")
+    fake_front_end(monkeypatch, mod)
+    common = [f"llm={llm}", f"data={tmp_path / 'mmlu'}", f"speech={speech}", "methods=[cloze]"]
+    out = mod.main(common + ["connectors=[x/conn]", "shots=[0]", f"out_dir={tmp_path / 'out'}",
+                             f"summary={tmp_path / 's.json'}"])
+    # right, right, wrong: the rigged LLM prefers "six" and "blue" in text and in speech alike
+    assert out["summary"]["text_acc"] == pytest.approx(2 / 3) and out["summary"]["speech_acc_0shot"] == pytest.approx(2 / 3)
+    tasks = {(r["task"], r["condition"]): r["accuracy"]["n"] for r in out["rows"]}
+    assert tasks[("speech_mmlu/astro", "speech_0shot")] == 3 and tasks[("speech_mmlu/astro", "text_0shot")] == 3
+    assert ("speech_mmlu/maths", "text_0shot") not in tasks  # the spoken set's subjects are evaluated
+    s = json.loads((tmp_path / "s.json").read_text())["speech_mmlu"]
+    assert s["by_engine"] == {"espeak": {"n": 1, "text_acc": 1.0, "speech_acc_0shot": 1.0},
+                              "festival": {"n": 2, "text_acc": 0.5, "speech_acc_0shot": 0.5}}
+    assert "n/a" not in (tmp_path / "out" / "speech_mmlu.md").read_text()
+    # text only: the spoken set's texts, no audio needed
+    out = mod.main(common + ["text_only=true", "shots=[0]", f"out_dir={tmp_path / 'o2'}"])
+    assert out["summary"] == {"text_acc": pytest.approx(2 / 3)}
+    # a listed subject missing from both the spoken set and the CSVs: an error naming it
+    with pytest.raises(ManifestError, match="subject\\(s\\) art, geo: in neither"):
+        mod.main(common + ["subjects=[astro,art,geo]", "shots=[0]", "text_only=true", f"out_dir={tmp_path / 'o3'}"])
+    # k-shot exemplars: none for astro in data/dev: an error naming it; the spoken set's own dev split works
+    with pytest.raises(ManifestError, match="1-shot needs 1 exemplars.*astro"):
+        mod.main(common + ["shots=[0,1]", "text_only=true", f"out_dir={tmp_path / 'o4'}"])
+    spoken_mmlu_set(speech, "astro", ASTRO[:1], split="dev")
+    out = mod.main(common + ["connectors=[x/conn]", "shots=[0,1]", f"out_dir={tmp_path / 'o5'}"])
+    assert out["summary"]["speech_acc_1shot"] == pytest.approx(2 / 3)
+
+
+def test_speech_mmlu_listed_csv_subject_beside_a_spoken_set(tmp_path):
+    """A listed subject only the CSVs hold is evaluated from them (text here), beside the spoken one."""
+    llm = saved_llm(tmp_path, {"six": 3.0, "blue": 3.0})
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "maths_test.csv").write_text(MATHS_CSV)
+    speech = spoken_mmlu_set(tmp_path / "speech", "astro", ASTRO)
+    out = recipe("eval_speech_mmlu").main([f"llm={llm}", f"data={tmp_path / 'mmlu'}", f"speech={speech}", "text_only=true",
+                                           "subjects=[astro,maths]", "shots=[0]", "methods=[cloze]",
+                                           f"out_dir={tmp_path / 'out'}"])
+    tasks = {(r["task"], r["condition"]): r["accuracy"]["n"] for r in out["rows"]}
+    assert tasks[("speech_mmlu/astro", "text_0shot")] == 3 and tasks[("speech_mmlu/maths", "text_0shot")] == 2
+
+
+def test_spoken_mmlu_reader_rejects_an_empty_subject(tmp_path):
+    from speechlm.eval import speech_mmlu as mm
+
+    speech = spoken_mmlu_set(tmp_path / "speech", "astro", ASTRO)
+    items = mm.read_speech_mmlu(speech / "test")["astro"]
+    assert [s.voice for s in items] == ["festival:ked_diphone", "en-us+m3", "festival:ked_diphone"]
+    assert items[0].question.speaker == "festival:ked_diphone" and items[0].item.answer == 2
+    (speech / "test" / "empty.jsonl").write_text("\n")
+    with pytest.raises(ManifestError, match="empty.jsonl: no questions"):
+        mm.read_speech_mmlu_items(speech / "test")

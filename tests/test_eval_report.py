@@ -1,15 +1,26 @@
-"""Reports: Wilson intervals on known values, parity, JSON + markdown output; WER and the ASR read-out."""
+"""Reports: Wilson intervals on known values, parity, JSON + markdown output, per-engine breakdowns; WER.
+
+The ASR read-out's tests are in test_eval_asr.py."""
 
 import json
 import math
 
 import pytest
-import torch
 
-from speechlm.eval.asr import normalize_text, transcribe_speechlm, transcribe_text_oracle, word_error_rate
-from speechlm.eval.report import Accuracy, ResultRow, markdown_table, parity, wilson_interval, write_report
-from speechlm.eval.scoring import SpeechInput, start_ids, text_ids
-from tests.eval_helpers import OracleFrontEnd, speech_model, unigram_llm, word_tokenizer
+from speechlm.eval.asr import normalize_text, word_error_rate
+from speechlm.eval.report import (
+    Accuracy,
+    ResultRow,
+    add_engine_rows,
+    engine_of,
+    engine_rows,
+    group_by_engine,
+    markdown_table,
+    merge_summary,
+    parity,
+    wilson_interval,
+    write_report,
+)
 
 
 @pytest.mark.parametrize("k, n, lo, hi", [
@@ -65,38 +76,58 @@ def test_wer_normalises_case_and_punctuation():
         word_error_rate(["..."], ["x"])
 
 
-def test_asr_read_out_generates_one_line_of_at_least_one_token():
-    tok = word_tokenizer()
-    # The rigged LLM predicts the same distribution everywhere. With a newline or EOS on top the read-out
-    # stops at once, but not before its first token (the runner-up, "tom"): a read-out is never empty.
-    inputs = [SpeechInput(torch.zeros(10), "a cat", "u1"), SpeechInput(torch.zeros(10), "tom was late", "u2")]
-    for line_end in ("\n", tok.eos_token):
-        model = speech_model(unigram_llm(tok, {line_end: 9.0, "tom": 5.0}), tok)
-        assert transcribe_speechlm(model, OracleFrontEnd(model), inputs) == ["tom", "tom"]
-    # with "tom" on top it runs to max_new_tokens
-    run = unigram_llm(tok, {"tom": 9.0})
-    model = speech_model(run, tok)
-    hyps = transcribe_speechlm(model, OracleFrontEnd(model), inputs, max_new_tokens=3, batch_size=1)
-    assert [h.split() for h in hyps] == [["tom"] * 3] * 2
-    with pytest.raises(ValueError, match="placeholder"):
-        transcribe_speechlm(model, OracleFrontEnd(model), inputs, prompt="no placeholder")
+@pytest.mark.parametrize("voice, engine", [
+    ("piper:en_US-joe-medium", "piper"),
+    ("festival:ked_diphone", "festival"),
+    ("festival:ked_diphone/r175/p50", "festival"),
+    ("flite:kal16/r160/p40", "flite"),
+    ("Piper:x", "piper"),
+    ("en-gb-scotland+f4", "espeak-hard"),  # a held-out eSpeak voice of the corpus: the hard condition
+    ("en-gb-scotland+f4/r175/p50", "espeak-hard"),
+    ("en-us+m3/r175/p50", "espeak"),
+    ("en-us", "espeak"),
+    ("human:librivox/sense_and_sensibility_01", "human"),
+    ("103", "human"),  # a LibriSpeech / MLS speaker id
+    ("", "unknown"),
+    (None, "unknown"),
+    ("manifest", "unknown"),
+])
+def test_engine_of(voice, engine):
+    assert engine_of(voice) == engine
 
 
-def test_asr_text_oracle_reads_the_transcript_in_the_prompt():
-    tok = word_tokenizer()
-    seen = []
+def test_engine_rows_split_accuracy_and_text_per_engine(tmp_path):
+    engines = ["espeak", "piper", "espeak", "piper", "festival"]
+    speech = [True, False, True, True, False]
+    text = [True, True, False, True, True]
+    assert group_by_engine(engines, speech) == {"espeak": [True, True], "festival": [False], "piper": [False, True]}
+    with pytest.raises(ValueError, match="one engine per item"):
+        group_by_engine(engines[:2], speech)
+    template = ResultRow("storycloze/adversarial", "s2t", "ssr", "free", "summed", Accuracy(0, 0))
+    split = engine_rows(template, speech, engines, text)
+    assert list(split) == ["espeak", "festival", "piper"]
+    assert split["espeak"].accuracy == Accuracy(2, 2) and split["espeak"].text == Accuracy(1, 2)
+    assert split["piper"].accuracy == Accuracy(1, 2) and split["festival"].accuracy == Accuracy(0, 1)
+    assert split["piper"].condition == "s2t" and split["piper"].connector == "ssr"
+    assert sum(r.accuracy.total for r in split.values()) == len(speech)
+    by_engine: dict = {}
+    add_engine_rows(by_engine, split)
+    add_engine_rows(by_engine, engine_rows(template, speech, engines))  # no text: no parity
+    js, md = write_report([template], tmp_path, "r", {}, by_engine)
+    data = json.loads(js.read_text())
+    assert [r["accuracy"]["n"] for r in data["by_engine"]["espeak"]] == [2, 2]
+    assert data["by_engine"]["espeak"][0]["parity"] == 2.0 and data["by_engine"]["espeak"][1]["parity"] is None
+    table = md.read_text().split("## By TTS engine")[1]
+    assert "| festival | storycloze/adversarial | s2t | ssr | free | summed | 1 | 0.0 [" in table
+    # without a breakdown the report is as before
+    js, md = write_report([template], tmp_path, "plain")
+    assert "by_engine" not in json.loads(js.read_text()) and "By TTS engine" not in md.read_text()
 
-    class Recorder:  # stands in for a SpeechLM: records what generate() is given, answers one token
-        tokenizer = tok
 
-        def generate(self, prefixes, max_new_tokens, eos, min_new_tokens):
-            seen.extend((p, min_new_tokens) for p in prefixes)
-            return [[tok.convert_tokens_to_ids("tom")] for _ in prefixes]
-
-    hyps = transcribe_text_oracle(Recorder(), ["a cat", "tom was late"], prompt="say {speech} now", batch_size=1)
-    assert hyps == ["tom", "tom"]
-    assert [p[0].ids for p, _ in seen] == [start_ids(tok) + text_ids(tok, "say a cat now"),
-                                           start_ids(tok) + text_ids(tok, "say tom was late now")]
-    assert [tok.decode(p[0].ids, skip_special_tokens=True).split() for p, _ in seen] == [
-        ["a", "cat"], ["tom", "was", "late"]]  # (the test tokenizer knows no "say" or "now")
-    assert all(m == 1 for _, m in seen)
+def test_merge_summary_keeps_other_keys_and_rounds_nested_values(tmp_path):
+    p = tmp_path / "summary.json"
+    merge_summary(p, "asr", {"wer": 0.5, "by_engine": {"old": {"wer": 1.0}}})
+    merge_summary(p, "storycloze", {"text_acc": 1.0})
+    merge_summary(p, "asr", {"cer": 0.123456789, "by_engine": {"piper": {"wer": 0.333333333, "n": 3}}})
+    assert json.loads(p.read_text()) == {"asr": {"wer": 0.5, "cer": 0.1235, "by_engine": {"piper": {"wer": 0.3333, "n": 3}}},
+                                         "storycloze": {"text_acc": 1.0}}

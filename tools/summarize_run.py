@@ -2,9 +2,12 @@
 
     python tools/summarize_run.py --run runs/tiny [--corpus DIR]
 
-Reads what each step wrote: ``aligner_eval.json`` (tools/eval_alignment.py), ``stage1/metrics.json``,
+Reads what each step wrote: the corpus's ``summary.json`` (``--corpus``: hours, word-type coverage of the
+evaluation sets, utterances per engine), ``aligner_eval.json`` (tools/eval_alignment.py), ``stage1/metrics.json``,
 ``stage2/metrics.json``, ``times.json`` (wall seconds per step, from the recipe) and the evaluation
-entries the evaluation recipes already merged into ``summary.json``. ``llm_inputs_per_audio_second``
+entries the evaluation recipes already merged into ``summary.json``. ``corpus.whisper_wer_test`` is
+Whisper base's own WER on the evaluated test rows (``eval/asr.json``, the ``whisper`` system), overall and
+per engine. ``llm_inputs_per_audio_second``
 is measured on the aligned validation manifest: LLM tokens (= SSR vectors) per second of audio.
 """
 
@@ -52,8 +55,33 @@ def inputs_per_audio_second(manifest: Path) -> float | None:
     return tokens / seconds if seconds else None
 
 
-def summarize(run: Path) -> dict:
+def corpus_entry(corpus: Path | None, asr_report: dict | None) -> dict:
+    """The ``corpus`` block: size, coverage, utterances per engine and Whisper base's WER on the test rows."""
+    out: dict = {}
+    data = _load(corpus / "summary.json") if corpus else None
+    if data:
+        out["hours"] = data.get("hours")
+        out["eval_type_coverage"] = data.get("coverage")
+        out["coverage_general"] = data.get("coverage_general")
+        out["augmented_share"] = data.get("augmented_share")
+        out["by_engine"] = data.get("by_engine")
+        if data.get("missing_voices"):
+            out["missing_voices"] = ", ".join(data["missing_voices"])
+    whisper = next((r for r in (asr_report or {}).get("results", []) if r.get("system") == "whisper"), None)
+    if whisper:
+        out["whisper_wer_test"] = whisper["wer"]
+        out["whisper_n_test"] = whisper["n"]
+        out["whisper_wer_test_by_engine"] = {e: next(r["wer"] for r in rows if r["system"] == "whisper")
+                                             for e, rows in asr_report.get("by_engine", {}).items()
+                                             if any(r["system"] == "whisper" for r in rows)}
+    return out
+
+
+def summarize(run: Path, corpus: Path | None = None) -> dict:
     summary = _load(run / "summary.json") or {}
+    corpus_block = corpus_entry(corpus, _load(run / "eval" / "asr.json"))
+    if corpus_block:
+        summary["corpus"] = corpus_block
     align = _load(run / "aligner_eval.json")
     if align:
         res = align["results"].get(HEADLINE_ALIGNMENT) or next(iter(align["results"].values()))
@@ -100,8 +128,9 @@ def table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="run folder, e.g. runs/tiny")
+    ap.add_argument("--corpus", default=None, help="the corpus folder the run trained on (its summary.json)")
     args = ap.parse_args(argv)
-    summary = summarize(Path(args.run))
+    summary = summarize(Path(args.run), Path(args.corpus) if args.corpus else None)
     print(table(summary))
     print(f"\nwritten: {Path(args.run) / 'summary.json'}")
     return 0

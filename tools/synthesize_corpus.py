@@ -1,10 +1,11 @@
-"""Synthesize a spoken corpus with eSpeak voices: WAVs plus train/valid/test manifests with word timings.
+"""Synthesize a spoken corpus (Flite, Festival, Piper and eSpeak voices): WAVs plus train/valid/test manifests.
 
     python tools/synthesize_corpus.py --out ~/.cache/speechlm/corpus/default [--hours 2.0] \
         [--text FILE ...] [--seed 0] [--workers 2] [--force]
 
-Default text: news, Wikipedia and movie reviews from gensim's test data plus generated everyday
-sentences; ``--text`` files replace them. Valid and test hold unseen sentences in held-out voices.
+Default text: WordNet usage examples, generated everyday sentences, news, Wikipedia and movie reviews
+(half the training hours chosen to cover frequent English words); ``--text`` files replace them. Valid
+and test hold unseen sentences in held-out voices (see speechlm/data/corpus.py for who speaks what).
 A complete corpus in --out made from the same plan is kept (so are its cached features); --force redoes it.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speechlm.data.corpus import build_corpus
+from speechlm.data.corpus import COVERAGE_TOP_WORDS, build_corpus
 from speechlm.errors import SpeechLMError
 
 
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(s.voices[split])} voices ({', '.join(s.voices[split][:4])}"
               f"{', ...' if len(s.voices[split]) > 4 else ''}); sources {s.sources[split]}")
     print(f"  synthesis: {s.wall_s:.1f} s wall, {s.audio_s_per_wall_s:.1f} audio s per wall s")
-    print(f"  vocabulary coverage of {s.coverage_against}: {s.coverage:.1%}")
+    for split, engines in s.by_engine.items():
+        print(f"  {split:5s} by engine: " + ", ".join(f"{e} {v['utterances']} utt / {v['hours']:.2f} h"
+                                                   for e, v in engines.items()))
+    if s.missing_voices:
+        print(f"  voices left out (not installed; see tools/install_tts.sh): {', '.join(s.missing_voices)}")
+    print(f"  augmented training clips: {s.augmented_share:.0%}")
+    print(f"  word-type coverage of {s.coverage_against} by the training text: {s.coverage:.1%}")
+    print(f"  coverage of the {COVERAGE_TOP_WORDS} most frequent English words: {s.coverage_general:.1%}")
     return 0
 
 

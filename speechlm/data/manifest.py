@@ -8,8 +8,8 @@ A row::
      "token_boundaries": [4, 11, 20, 21], "boundary_frame_rate_hz": 50.0}
 
 ``audio`` may be relative: it is resolved against the manifest's folder. ``words`` (reference word
-timings in seconds) and ``token_boundaries`` (inclusive end frame of each LLM token of ``text``, at
-``boundary_frame_rate_hz``) are optional.
+timings in seconds), ``augment`` (how a synthetic clip was augmented) and ``token_boundaries``
+(inclusive end frame of each LLM token of ``text``, at ``boundary_frame_rate_hz``) are optional.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Utterance:
     words: list[WordTiming] | None = None
     token_boundaries: list[int] | None = None
     boundary_frame_rate_hz: float | None = None
+    #: Augmentation applied after synthesis (speechlm.data.augment.Augmentation.to_str()); None = clean.
+    augment: str | None = None
     #: Folder the manifest was read from; relative ``audio`` paths resolve against it.
     root: Path | None = field(default=None, repr=False, compare=False)
 
@@ -67,6 +69,8 @@ class Utterance:
         if self.token_boundaries is not None:
             row["token_boundaries"] = list(self.token_boundaries)
             row["boundary_frame_rate_hz"] = self.boundary_frame_rate_hz
+        if self.augment is not None:
+            row["augment"] = self.augment
         return row
 
 
@@ -117,7 +121,7 @@ def _parse_row(row: object, where: str, root: Path | None) -> Utterance:
         id=row["id"], audio=row["audio"], sample_rate=sample_rate, duration_s=duration_s,
         text=row["text"], split=str(row["split"]), speaker=row.get("speaker"), words=words,
         token_boundaries=boundaries, boundary_frame_rate_hz=rate if boundaries is not None else None,
-        root=root,
+        augment=str(row["augment"]) if row.get("augment") is not None else None, root=root,
     )
 
 

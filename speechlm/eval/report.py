@@ -1,16 +1,60 @@
-"""Evaluation reports: accuracy with item counts and a 95% Wilson interval, parity speech/text, JSON + markdown."""
+"""Evaluation reports: accuracy with item counts and a 95% Wilson interval, parity speech/text, JSON + markdown,
+and per-TTS-engine breakdowns (``by_engine``).
+
+The evaluation audio is rendered with several voices, possibly of several TTS engines (voice strings
+``"engine:name"``, e.g. ``"piper:en_US-joe-medium"``, ``"festival:ked_diphone"``; a bare name such as
+``"en-gb-scotland+f4"`` is an eSpeak voice), or read from a manifest whose ``speaker`` is the voice
+plus rate and pitch (``"festival:ked_diphone/r175/p50"``). :func:`engine_of` names the engine of
+either, and every quality figure is also reported per engine, with its item count.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speechlm.atomic import atomic_write_text
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+#: Engine of an utterance whose voice is not known (no ``speaker``, or a manifest without one).
+UNKNOWN_ENGINE = "unknown"
+
+
+def engine_of(voice_or_speaker: str | None) -> str:
+    """The TTS engine of a voice (``"piper:en_US-joe-medium"`` -> ``"piper"``) or a manifest speaker
+    (``"festival:ked_diphone/r175/p50"`` -> ``"festival"``).
+
+    A bare voice name (``"en-us+m3/r175/p50"``) is eSpeak's: ``"espeak"``, and ``"espeak-hard"`` for the
+    corpus's held-out eSpeak voices (``speechlm.data.corpus.HARD_VOICES``, the labelled hard condition). A bare number is a
+    speaker id of a read-speech corpus (LibriSpeech, MLS): ``"human"``. An empty or missing speaker (and
+    ``"manifest"``, what StoryCloze records for manifest audio without a speaker) is ``"unknown"``.
+    It parses the string and never imports the TTS code.
+    """
+    head = (voice_or_speaker or "").strip().split("/", 1)[0].strip()
+    if ":" in head:
+        return head.split(":", 1)[0].strip().lower() or UNKNOWN_ENGINE
+    if not head or head.lower() in ("manifest", UNKNOWN_ENGINE):
+        return UNKNOWN_ENGINE
+    if head.isdigit():
+        return "human"
+    from speechlm.data.corpus import HARD_VOICES
+
+    return "espeak-hard" if any(head in voices for voices in HARD_VOICES.values()) else "espeak"
+
+
+def group_by_engine(engines: Sequence[str], values: Sequence) -> dict[str, list]:
+    """``{engine: [values of that engine's items]}`` (item order kept, engines sorted)."""
+    if len(engines) != len(values):
+        raise ValueError(f"one engine per item: {len(engines)} engines for {len(values)} items")
+    out: dict[str, list] = {}
+    for e, v in zip(engines, values):
+        out.setdefault(e, []).append(v)
+    return dict(sorted(out.items()))
 
 
 def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
@@ -100,20 +144,70 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_report(rows: Sequence[ResultRow], out_dir: str | Path, name: str, meta: dict | None = None) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<name>.json`` and ``<name>.md`` atomically; returns both paths."""
+def engine_rows(row: ResultRow, outcomes: Sequence[bool], engines: Sequence[str],
+                text_outcomes: Sequence[bool] | None = None) -> dict[str, ResultRow]:
+    """``row`` split by engine: ``{engine: a copy of row over that engine's items}``.
+
+    ``outcomes[i]`` (right or wrong) and ``engines[i]`` belong to item i; ``text_outcomes`` (the text
+    condition on the same items, same order) gives each engine's own text accuracy and parity.
+    """
+    acc = group_by_engine(engines, list(outcomes))
+    text = group_by_engine(engines, list(text_outcomes)) if text_outcomes is not None else None
+    return {e: replace(row, accuracy=Accuracy.of(v), text=Accuracy.of(text[e]) if text is not None else None)
+            for e, v in acc.items()}
+
+
+def add_engine_rows(by_engine: dict[str, list[ResultRow]], split: Mapping[str, ResultRow]) -> None:
+    """Append the rows of :func:`engine_rows` to ``{engine: rows}``."""
+    for e, r in split.items():
+        by_engine.setdefault(e, []).append(r)
+
+
+def engine_table(by_engine: Mapping[str, Sequence[ResultRow]]) -> str:
+    """:func:`markdown_table` with an engine column in front, engines in sorted order."""
+    lines = []
+    for e in sorted(by_engine):
+        lines += [f"| {e} " + line for line in markdown_table(by_engine[e]).splitlines()[2:]]
+    head = markdown_table([]).splitlines()
+    return "\n".join(["| engine " + head[0], "|---" + head[1]] + lines) + "\n"
+
+
+def write_report(rows: Sequence[ResultRow], out_dir: str | Path, name: str, meta: dict | None = None,
+                 by_engine: Mapping[str, Sequence[ResultRow]] | None = None) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.json`` and ``<name>.md`` atomically; returns both paths.
+
+    ``by_engine`` (``{engine: rows over that engine's items}``) goes into the JSON under ``by_engine``
+    (each row with its own item count ``accuracy.n``) and into a second markdown table.
+    """
     out = Path(out_dir)
     js, md = out / f"{name}.json", out / f"{name}.md"
-    atomic_write_text(js, json.dumps({"meta": meta or {}, "results": [r.to_json() for r in rows]}, indent=2) + "\n")
+    data: dict = {"meta": meta or {}, "results": [r.to_json() for r in rows]}
+    if by_engine:
+        data["by_engine"] = {e: [r.to_json() for r in by_engine[e]] for e in sorted(by_engine)}
+    atomic_write_text(js, json.dumps(data, indent=2) + "\n")
     title = f"# {name}\n\n" + "".join(f"- {k}: {v}\n" for k, v in (meta or {}).items()) + "\n"
-    atomic_write_text(md, title + markdown_table(rows))
+    text = title + markdown_table(rows)
+    if by_engine:
+        text += "\n## By TTS engine\n\n" + engine_table(by_engine)
+    atomic_write_text(md, text)
     return js, md
 
 
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
 def merge_summary(path: str | Path, key: str, values: dict) -> None:
-    """Merge ``{key: values}`` into a run's JSON summary (e.g. ``runs/tiny/summary.json``), atomically."""
+    """Merge ``{key: values}`` into a run's JSON summary (e.g. ``runs/tiny/summary.json``), atomically.
+
+    The keys of ``values`` replace those already under ``key`` (a nested value such as ``by_engine``
+    is replaced whole, never mixed with an older run's); other keys stay. Floats are rounded to 4 places.
+    """
     p = Path(path)
     data = json.loads(p.read_text()) if p.is_file() else {}
-    rounded = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
-    data[key] = {**data.get(key, {}), **rounded}
+    data[key] = {**data.get(key, {}), **_rounded(dict(values))}
     atomic_write_text(p, json.dumps(data, indent=2) + "\n")

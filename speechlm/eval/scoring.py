@@ -121,6 +121,7 @@ class SpeechInput:
     wave: torch.Tensor  # (T,) float32 at the encoder's sample rate
     text: str | None = None  # reference transcript (needed for forced boundaries only)
     id: str = "?"
+    speaker: str | None = None  # the voice or manifest speaker ("festival:ked_diphone/r175/p50"), for by-engine reports
 
 
 class SpeechFrontEnd:

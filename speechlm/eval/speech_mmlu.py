@@ -173,11 +173,13 @@ def _shots(dev: dict[str, list[MCItem]] | None, subject: str, shots: int) -> lis
 # ------------------------------------------------------------------------------------ speech build
 def speak_items(items: Sequence[MCItem], voices: Sequence[str], rate_wpm: int = 175, sample_rate: int = 16000
                 ) -> list[SpokenMCItem]:
-    """Render each question and its four options with eSpeak (voice ``voices[i % n]``)."""
+    """Render each question and its four options with TTS (voice ``voices[i % n]``: an eSpeak name or
+    ``"engine:name"``)."""
     from speechlm.data.tts import synthesize
 
     def say(text: str, uid: str, voice: str) -> SpeechInput:
-        return SpeechInput(synthesize(text, voice=voice, rate_wpm=rate_wpm, sample_rate=sample_rate).wave, text, uid)
+        return SpeechInput(synthesize(text, voice=voice, rate_wpm=rate_wpm, sample_rate=sample_rate).wave, text, uid,
+                           voice)
 
     out = []
     for i, it in enumerate(items):
@@ -213,17 +215,19 @@ def build_speech_mmlu(csv_root: str | Path, out_dir: str | Path, voices: Sequenc
     return split_dir
 
 
-def read_speech_mmlu(split_dir: str | Path, sample_rate: int = 16000) -> dict[str, list[SpokenMCItem]]:
-    """Read a folder written by :func:`build_speech_mmlu` (one JSONL per subject)."""
-    from speechlm.data.audio import load_audio
-
+def _speech_rows(split_dir: str | Path, subjects: Sequence[str] | None = None
+                 ) -> dict[str, list[tuple[MCItem, str, dict, str]]]:
+    """``{subject: [(item, voice, row, where)]}`` of a folder written by :func:`build_speech_mmlu` (one JSONL
+    per subject; ``subjects``: only these files). A malformed row or an empty file raises naming it."""
     split_dir = Path(split_dir)
     files = sorted(split_dir.glob("*.jsonl"))
     if not files:
         raise ManifestError(f"{split_dir}: no <subject>.jsonl files")
-    out: dict[str, list[SpokenMCItem]] = {}
+    out: dict[str, list[tuple[MCItem, str, dict, str]]] = {}
     for f in files:
-        items = []
+        if subjects is not None and f.stem not in subjects:
+            continue
+        rows = []
         for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -233,15 +237,46 @@ def read_speech_mmlu(split_dir: str | Path, sample_rate: int = 16000) -> dict[st
                 opts, ans, audio = r["options"], str(r["answer"]).upper(), r["option_audio"]
                 if len(opts) != 4 or len(audio) != 4 or ans not in LETTERS:
                     raise ValueError("need 4 options, 4 option_audio and an answer letter")
-                it = MCItem(str(r["id"]), str(r["subject"]), str(r["question"]), [str(o) for o in opts],
+                it = MCItem(str(r["id"]), str(r.get("subject", f.stem)), str(r["question"]), [str(o) for o in opts],
                             LETTERS.index(ans))
-                q = SpeechInput(load_audio(f.parent / r["question_audio"], sample_rate), it.question, f"{it.id}-q")
-                o = [SpeechInput(load_audio(f.parent / a, sample_rate), t, f"{it.id}-{L}")
-                     for a, t, L in zip(audio, it.options, LETTERS)]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                if not it.question.strip() or not all(o.strip() for o in it.options):
+                    raise ValueError("empty question or option")
+                if not all(isinstance(a, str) and a for a in [r["question_audio"], *audio]):
+                    raise ValueError("audio paths must be non-empty strings")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ManifestError(f"{where}: malformed Speech-MMLU row ({e})") from None
-            items.append(SpokenMCItem(it, q, o, str(r.get("voice", ""))))
-        out[f.stem] = items
+            rows.append((it, str(r.get("voice", "")), r, where))
+        if not rows:
+            raise ManifestError(f"{f}: no questions")
+        out[f.stem] = rows
+    return out
+
+
+def read_speech_mmlu_items(split_dir: str | Path, subjects: Sequence[str] | None = None) -> dict[str, list[MCItem]]:
+    """The texts of a spoken set (question, options, answer of each row) without loading its audio: a
+    spoken set carries its own texts, so it needs no MMLU CSV."""
+    return {s: [it for it, *_ in rows] for s, rows in _speech_rows(split_dir, subjects).items()}
+
+
+def read_speech_mmlu(split_dir: str | Path, sample_rate: int = 16000, subjects: Sequence[str] | None = None
+                     ) -> dict[str, list[SpokenMCItem]]:
+    """Read a folder written by :func:`build_speech_mmlu` (one JSONL per subject; ``subjects``: only these)."""
+    from speechlm.data.audio import load_audio
+
+    split_dir = Path(split_dir)
+    out: dict[str, list[SpokenMCItem]] = {}
+    for subject, rows in _speech_rows(split_dir, subjects).items():
+        items = []
+        for it, voice, r, where in rows:
+            try:
+                q = SpeechInput(load_audio(split_dir / r["question_audio"], sample_rate), it.question, f"{it.id}-q",
+                                voice or None)
+                o = [SpeechInput(load_audio(split_dir / a, sample_rate), t, f"{it.id}-{L}", voice or None)
+                     for a, t, L in zip(r["option_audio"], it.options, LETTERS)]
+            except (TypeError, ValueError) as e:
+                raise ManifestError(f"{where}: malformed Speech-MMLU row ({e})") from None
+            items.append(SpokenMCItem(it, q, o, voice))
+        out[subject] = items
     return out
 
 

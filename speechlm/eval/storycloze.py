@@ -14,6 +14,7 @@ ending spoken together, no transcripts), so only the whole-story ``s`` condition
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Sequence
@@ -38,8 +39,7 @@ from speechlm.eval.scoring import (
 
 WRONG_STYLES = ("adversarial", "random")
 CONDITIONS = ("text", "s2t", "s")
-#: Fallback evaluation voices (the corpus's test voices, see :func:`default_eval_voices`).
-HELD_OUT_VOICES = ("en-gb-scotland+f4", "en-gb-x-gbcwmd+m6")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class StoryItem:
     context_audio: Path | None = None
     right_audio: Path | None = None
     wrong_audio: Path | None = None
+    voice: str = ""  # spoken sets: the row's "speaker" (or "voice"), e.g. "festival:ked_diphone/r175/p50"
 
     @property
     def context_text(self) -> str:
@@ -103,7 +104,8 @@ def read_story_items(path: str | Path, wrong_style: str = "adversarial", seed: i
     """Read a StoryCloze JSONL (ours or a spoken manifest); every bad row raises naming ``file:line``.
 
     A row: ``{"id", "context": [4 sentences], "right_ending", "wrong_ending"}`` plus, for spoken
-    sets, ``context_audio``, ``right_audio``, ``wrong_audio`` (paths relative to the file's folder).
+    sets, ``context_audio``, ``right_audio``, ``wrong_audio`` (paths relative to the file's folder)
+    and optionally ``speaker`` (or ``voice``): who spoke it, for the per-engine breakdown.
     ``wrong_style="random"`` replaces every wrong ending with the right ending of another story
     (a fixed-point-free shuffle seeded by ``seed``): the tStoryCloze construction.
     """
@@ -144,8 +146,10 @@ def read_story_items(path: str | Path, wrong_style: str = "adversarial", seed: i
                 if row.get(k) is not None:
                     p = Path(_text(row, k, where))
                     audio[k] = p if p.is_absolute() else path.parent / p
+            voice = row.get("speaker", row.get("voice"))
             items.append(StoryItem(sid, [s.strip() for s in ctx], right, wrong,
-                                   str(row.get("wrong_style", "adversarial")), **audio))
+                                   str(row.get("wrong_style", "adversarial")), **audio,
+                                   voice=str(voice) if voice is not None else ""))
     if not items:
         raise ManifestError(f"{path}: no stories")
     if wrong_style == "random":
@@ -165,7 +169,7 @@ def random_wrong_endings(items: list[StoryItem], seed: int = 0) -> list[StoryIte
     for i, it in enumerate(items):
         donor = items[perm[i]]
         out.append(StoryItem(it.id, it.context, it.right_ending, donor.right_ending, "random",
-                             it.context_audio, it.right_audio, donor.right_audio))
+                             it.context_audio, it.right_audio, donor.right_audio, it.voice))
     return out
 
 
@@ -218,19 +222,34 @@ def read_spoken_release(folder: str | Path) -> list[ReleasePair]:
 
 
 # --------------------------------------------------------------------------------------- rendering
-def default_eval_voices() -> list[str]:
-    """The training corpus's *test* voices (accents and variants never used in training), else
-    :data:`HELD_OUT_VOICES`; any voice the corpus trains on is dropped."""
-    try:
-        from speechlm.data import corpus
+def default_eval_voices(condition: str = "natural") -> list[str]:
+    """The training corpus's held-out *test* voices of one condition: ``"natural"`` (Festival's ked and
+    Piper's joe: voices no training clip has, those installed here) or ``"hard"`` (held-out eSpeak accents
+    and variants). Falls back to the hard voices, with a warning, when no natural engine is installed."""
+    from speechlm.data import corpus
 
-        voices, train = list(corpus.HELD_OUT_VOICES["test"]), set(corpus.train_voices())
-    except (ImportError, AttributeError, KeyError):
-        voices, train = list(HELD_OUT_VOICES), set()
-    voices = [v for v in voices if v not in train]
+    if condition not in ("natural", "hard"):
+        raise ValueError(f"unknown voice condition {condition!r} (natural | hard)")
+    hard = list(corpus.HARD_VOICES["test"])
+    if condition == "hard":
+        return hard
+    plan = corpus.VoicePlan.default()
+    natural = list(dict.fromkeys(v for v in plan.held_out["test"] if not corpus.is_hard(v)))
+    if not natural:
+        log.warning("no natural held-out voice is installed (tools/install_tts.sh): evaluating on the hard "
+                    "eSpeak voices %s", ", ".join(hard))
+        return hard
+    return natural
+
+
+def resolve_eval_voices(voices: Sequence[str]) -> list[str]:
+    """Evaluation voices from a config: explicit voice strings, or one condition name (``natural`` /
+    ``hard``, see :func:`default_eval_voices`); empty = ``natural``."""
     if not voices:
-        raise ValueError("every default evaluation voice is a training voice; pass voices explicitly")
-    return voices
+        return default_eval_voices()
+    if len(voices) == 1 and voices[0] in ("natural", "hard"):
+        return default_eval_voices(voices[0])
+    return list(voices)
 
 
 @dataclass
@@ -243,7 +262,7 @@ class SpokenStory:
 
 
 def _speech(text: str, audio: Path | None, uid: str, voice: str, rate_wpm: int, sample_rate: int) -> SpeechInput:
-    """Manifest audio where given, else eSpeak."""
+    """Manifest audio where given, else TTS (``voice``: an eSpeak name or ``"engine:name"``)."""
     from speechlm.data.audio import load_audio
     from speechlm.data.tts import synthesize
 
@@ -254,7 +273,10 @@ def _speech(text: str, audio: Path | None, uid: str, voice: str, rate_wpm: int, 
 
 def speak_items(items: Sequence[StoryItem], voices: Sequence[str] | None = None, rate_wpm: int = 175,
                 sample_rate: int = 16000) -> list[SpokenStory]:
-    """Audio for each item: its manifest audio where given, else eSpeak with voice ``voices[i % n]``."""
+    """Audio for each item: its manifest audio where given, else TTS with voice ``voices[i % n]``.
+
+    ``SpokenStory.voice`` is the voice used, or for manifest audio the row's speaker (``"manifest"``
+    when the row names none)."""
     voices = list(voices) if voices else default_eval_voices()
     out = []
     for i, it in enumerate(items):
@@ -263,7 +285,7 @@ def speak_items(items: Sequence[StoryItem], voices: Sequence[str] | None = None,
         out.append(SpokenStory(it, _speech(it.context_text, it.context_audio, f"{it.id}-context", *args),
                                _speech(it.right_ending, it.right_audio, f"{it.id}-right", *args),
                                _speech(it.wrong_ending, it.wrong_audio, f"{it.id}-wrong", *args),
-                               voice if it.context_audio is None else "manifest"))
+                               voice if it.context_audio is None else (it.voice or "manifest")))
     return out
 
 

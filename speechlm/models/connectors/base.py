@@ -62,6 +62,10 @@ class SSRConfig(ConnectorConfig):
     ffn_mult: float = 8 / 3  # SwiGLU hidden = ffn_mult * d_model (Llama's ratio)
     mask: str = "blockwise"  # "blockwise" | "causal"
     readout: str = "boundary"  # "boundary" | "mean"
+    # Tokens that share a read-out frame (after stacking, e.g. a word and the full stop after it) get
+    # distinct vectors: slot embeddings (rank among the sharers, "a later token shares this frame",
+    # the token's end offset inside the stacked frame) and a small SwiGLU head after the read-out.
+    slot_readout: bool = False
     stack: int = 1  # k encoder frames concatenated into one compressor frame
     dropout: float = 0.0
     rope: bool = False  # rotary positions over frames (the prototype used none)

@@ -1,4 +1,4 @@
-"""Speech synthesis with eSpeak NG (via ``espeakng_loader``) that also returns reference word timings.
+"""The ``espeak`` engine: eSpeak NG (via ``espeakng_loader``), with reference word timings.
 
 eSpeak's WORD events do not cover every word: it merges short function words into the preceding
 word group ("of the" -> one event). Word timings are therefore derived from PHONEME events
@@ -27,16 +27,7 @@ import torch
 
 from speechlm.data.audio import resample
 from speechlm.data.manifest import WordTiming
-from speechlm.errors import SpeechLMError
-
-
-class SynthesisError(SpeechLMError):
-    """Text cannot be synthesized (empty text, unknown voice, eSpeak failure)."""
-
-
-#: Silence kept before the first phoneme and after the last word, seconds.
-LEAD_S = 0.10
-TAIL_S = 0.15
+from speechlm.data.tts._common import LEAD_S, TAIL_S, Synthesis, SynthesisError, check_args
 
 # speak_lib.h (eSpeak NG 1.52) constants.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -72,13 +63,6 @@ class _Event(ctypes.Structure):
 
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                              ctypes.POINTER(_Event))
-
-
-@dataclass
-class Synthesis:
-    wave: torch.Tensor  # (T,) float32 in [-1, 1] at sample_rate
-    sample_rate: int
-    words: list[WordTiming]
 
 
 @dataclass
@@ -158,7 +142,8 @@ class _Engine:
         if name != self._voice:
             if self.lib.espeak_SetVoiceByName(name) != _EE_OK:
                 self._voice = None
-                raise SynthesisError(f"unknown eSpeak voice {voice!r} (see list_english_voices())")
+                raise SynthesisError(f"unknown eSpeak voice {voice!r}; English accents: "
+                                     f"{', '.join(list_english_voices())} (+ a variant, e.g. en-us+m3)")
             self._voice = name
         # Set after the voice: selecting a voice resets rate and pitch.
         self.lib.espeak_SetParameter(_PARAM_RATE, int(rate_wpm), 0)
@@ -330,12 +315,7 @@ def synthesize(text: str, voice: str = "en-us", rate_wpm: int = 175, pitch: int 
     at a time per process); processes are independent.
     """
     del seed
-    if not text or not text.strip():
-        raise SynthesisError("cannot synthesize empty text")
-    if not 80 <= rate_wpm <= 450:
-        raise SynthesisError(f"rate_wpm must be in [80, 450], got {rate_wpm}")
-    if not 0 <= pitch <= 100:
-        raise SynthesisError(f"pitch must be in [0, 100], got {pitch}")
+    check_args(text, rate_wpm, pitch)
     with _LOCK:
         engine = _Engine()
         try:
@@ -361,4 +341,4 @@ def synthesize(text: str, voice: str = "en-us", rate_wpm: int = 175, pitch: int 
     for (word, _, _), (t0, t1) in zip(_word_spans(text), times):
         s, e = t0 + shift_s, t1 + shift_s
         words.append(WordTiming(word, round(max(0.0, float(s)), 4), round(min(total_s, float(e)), 4)))
-    return Synthesis(wave=wave, sample_rate=sample_rate, words=words)
+    return Synthesis(wave=wave, sample_rate=sample_rate, words=words, engine="espeak", voice=f"espeak:{voice}")
