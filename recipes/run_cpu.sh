@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end flow on the CPU, shared by recipes/run_tiny.sh (`make demo`) and recipes/run_small.sh:
 #   prepare models -> synthesize corpus -> cache encoder features -> train the CTC aligner -> align
-#   -> stage 1 (distill) -> stage 2 (next-token) -> evaluate -> $RUN/summary.json + a table.
+#   -> stage 1 (distill) -> token error analysis -> stage 2 (next-token) -> evaluate -> $RUN/summary.json + a table.
 # Models: Whisper base (encoder) + SmolLM2-135M (frozen LLM), converted from registry packages.
 # The training stages run with 2 CPU ranks through the deepspeed launcher, one torch thread each.
 # PRESET=tiny|small picks recipes/configs/{aligner,stage1,stage2}_$PRESET.yaml; the wrappers set the
@@ -40,8 +40,8 @@ CORPUS=${CORPUS:-$CACHE/corpus/$PRESET-${HOURS}h}
 FEATURES=$CACHE/features/$PRESET-${HOURS}h
 WHISPER=$MODELS/whisper-base
 LLM=$MODELS/smollm2-135m
-STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 stage2
-       eval_storycloze eval_speech_mmlu eval_asr)
+STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 analyze_tokens
+       stage2 eval_storycloze eval_speech_mmlu eval_asr)
 FROM=${FROM:-prepare_models}
 [[ " ${STEPS[*]} " == *" $FROM "* ]] || { echo "FROM must be one of: ${STEPS[*]}" >&2; exit 2; }
 mkdir -p "$RUN"
@@ -102,6 +102,10 @@ common=(data.train_manifest="$RUN/aligned/train.jsonl" data.valid_manifest="$RUN
 # shellcheck disable=SC2086
 step stage1 launch recipes/stage1_distill.py --config "$CONFIGS/stage1_$PRESET.yaml" "${common[@]}" \
   out_dir="$RUN/stage1" ${STAGE1_STEPS:+loop.max_steps=$STAGE1_STEPS} ${EXTRA1:-}
+# Stage-1 error analysis: token accuracy and cosine by token class and by engine (valid split).
+step analyze_tokens "$PY" tools/analyze_tokens.py --connector "$RUN/stage1/connector" --llm "$LLM" \
+  --manifest "$RUN/aligned/valid.jsonl" --feature-cache "$FEATURES/valid" \
+  --train-manifest "$RUN/aligned/train.jsonl" --out "$RUN/token_analysis.json" --threads 2 --no-progress
 # shellcheck disable=SC2086
 step stage2 launch recipes/stage2_finetune.py --config "$CONFIGS/stage2_$PRESET.yaml" "${common[@]}" \
   out_dir="$RUN/stage2" model.init_connector="$RUN/stage1/connector" \

@@ -115,6 +115,13 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
     forced = report["results"]["ctc_segmentation/forced"]
     assert forced["words_ref"] == forced["words_matched"] == 12
     assert forced["boundaries"] == 24 and forced["mae_ms"] >= 0 and 0 <= forced["within_50ms"] <= 1
+    # Per engine of the rows' speakers: the same figures, over the rows of that engine only.
+    engines = report["by_engine"]
+    assert sum(e["utterances"] for e in engines.values()) == 4
+    assert sum(e["ctc_segmentation/forced"]["boundaries"] for e in engines.values()) == 24
+    if len(engines) == 1:
+        only = next(iter(engines.values()))
+        assert only["cer"] == forced["cer"] and only["ctc_segmentation/forced"]["mae_ms"] == forced["mae_ms"]
     plots = tmp_path / "plots"
     assert _load("tools/plot_alignment.py").main([
         "--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir), "--out-dir", str(plots),

@@ -56,3 +56,37 @@ def test_flow_refuses_unknown_preset_or_step(env, message, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert not (tmp_path / "run" / "times.json").exists()  # nothing ran
+
+
+def test_summary_gathers_corpus_whisper_and_token_analysis(tmp_path):
+    """tools/summarize_run.py: corpus coverage and engines, Whisper's test WER (overall and per engine)
+    and the stage-1 token analysis land in summary.json; keys the evaluations wrote stay."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("summarize_run", ROOT / "tools" / "summarize_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run, corpus = tmp_path / "run", tmp_path / "corpus"
+    (run / "eval").mkdir(parents=True)
+    corpus.mkdir()
+    (corpus / "summary.json").write_text(json.dumps({
+        "hours": {"train": 1.8}, "coverage": 0.71, "coverage_general": 0.66, "augmented_share": 0.9,
+        "by_engine": {"test": {"piper": {"utterances": 3, "hours": 0.01}}}, "missing_voices": []}))
+    (run / "eval" / "asr.json").write_text(json.dumps({
+        "results": [{"system": "x/conn", "wer": 0.5, "n": 4}, {"system": "whisper", "wer": 0.08, "n": 4}],
+        "by_engine": {"piper": [{"system": "x/conn", "wer": 0.6}, {"system": "whisper", "wer": 0.1}],
+                      "festival": [{"system": "whisper", "wer": 0.06}]}}))
+    (run / "token_analysis.json").write_text(json.dumps({
+        "classes": {"all": {"tokens": 10, "share": 1.0, "token_acc": 0.5, "cosine": 0.6, "extra": 1}},
+        "by_engine": {"piper": {"tokens": 10, "share": 1.0, "token_acc": 0.5, "cosine": 0.6}}}))
+    (run / "summary.json").write_text(json.dumps({"storycloze": {"s2t_acc": 0.7}}))
+    summary = mod.summarize(run, corpus)
+    assert summary["storycloze"] == {"s2t_acc": 0.7}
+    c = summary["corpus"]
+    assert c["eval_type_coverage"] == 0.71 and c["whisper_wer_test"] == 0.08 and c["whisper_n_test"] == 4
+    assert c["whisper_wer_test_by_engine"] == {"piper": 0.1, "festival": 0.06}
+    assert summary["stage1"]["by_class"]["all"] == {"tokens": 10, "share": 1.0, "token_acc": 0.5, "cosine": 0.6}
+    assert summary["stage1"]["by_engine"]["piper"]["token_acc"] == 0.5
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert "corpus.whisper_wer_test" in mod.table(summary)

@@ -4,8 +4,9 @@
         --out runs/align_eval.json [--feature-cache DIR] [--decoders ctc_segmentation forced_align] \
         [--modes forced free] [--limit 200]
 
-Reference timings are the manifest rows' ``words`` (eSpeak phoneme events for the synthesized
-corpus). For each decoder and mode: mean absolute word-boundary error in ms over word starts and
+Reference timings are the manifest rows' ``words`` (the synthesis engine's own segment timings for the
+synthesized corpus, see speechlm/data/tts). ``by_engine`` repeats CER and the boundary errors per engine
+of the rows' speakers (the held-out eSpeak voices as ``espeak-hard``). For each decoder and mode: mean absolute word-boundary error in ms over word starts and
 ends (``mae_ms``; also start/end separately), the share of boundaries within 20 and 50 ms, the
 aligner's greedy CER, and real-time factors (``rtf_aligner``: aligner network + decoder;
 ``rtf_total``: also the encoder, 0 extra when frames come from a cache). Free mode scores only the
@@ -33,6 +34,7 @@ from alignment.metrics import BoundaryErrors, SpeedMeter, character_error_rate, 
 from speechlm.atomic import atomic_write_text
 from speechlm.data.manifest import read_manifest
 from speechlm.errors import AlignmentError, SpeechLMError
+from speechlm.eval.report import engine_of
 from speechlm.paths import SMOLLM2_135M, default_model
 
 
@@ -76,6 +78,8 @@ def evaluate(args) -> dict:
         utts = utts[: args.limit]
     runs = [(d, m) for m in args.modes for d in args.decoders]
     errors = {r: BoundaryErrors() for r in runs}
+    # The same per synthesis engine of each row's speaker (held-out eSpeak voices: "espeak-hard").
+    by_engine: dict[str, dict] = {}
     speed = {r: SpeedMeter() for r in runs}
     failures: dict[str, list[str]] = {f"{d}/{m}": [] for d, m in runs}
     refs, hyps, audio_s, encode_s, net_s = [], [], 0.0, 0.0, 0.0
@@ -93,6 +97,10 @@ def evaluate(args) -> dict:
             ref_words = [(w.word, w.start_s, w.end_s) for w in utt.words]
             refs.append(utt.text)
             hyps.append(aligner.decode(post))
+            eng = by_engine.setdefault(engine_of(utt.speaker), {
+                "refs": [], "hyps": [], "errors": {r: BoundaryErrors() for r in runs}})
+            eng["refs"].append(refs[-1])
+            eng["hyps"].append(hyps[-1])
             for decoder, mode in runs:
                 aligner.decoder = decoder
                 t1 = time.perf_counter()
@@ -105,6 +113,7 @@ def evaluate(args) -> dict:
                 speed[(decoder, mode)].add(utt.duration_s, time.perf_counter() - t1 + share)
                 hyp_words = [(w.word, w.start_s + shift, w.end_s + shift) for w in res.words]
                 errors[(decoder, mode)].extend(word_boundary_errors(ref_words, hyp_words))
+                eng["errors"][(decoder, mode)].extend(word_boundary_errors(ref_words, hyp_words))
     cer = character_error_rate(refs, hyps)
     results = {}
     for decoder, mode in runs:
@@ -118,6 +127,9 @@ def evaluate(args) -> dict:
         "audio_s": audio_s, "encoder_s": encode_s, "aligner_net_s": net_s, "offset_ms": args.offset_ms,
         "beam_size": args.beam_size, "threads": torch.get_num_threads(), "results": results,
         "failures": {k: v[:20] for k, v in failures.items() if v},
+        "by_engine": {e: {"utterances": len(v["refs"]), "cer": character_error_rate(v["refs"], v["hyps"]),
+                          **{f"{d}/{m}": v["errors"][(d, m)].summary() for d, m in runs}}
+                      for e, v in sorted(by_engine.items())},
     }
 
 

@@ -4,7 +4,8 @@
 
 Reads what each step wrote: the corpus's ``summary.json`` (``--corpus``: hours, word-type coverage of the
 evaluation sets, utterances per engine), ``aligner_eval.json`` (tools/eval_alignment.py), ``stage1/metrics.json``,
-``stage2/metrics.json``, ``times.json`` (wall seconds per step, from the recipe) and the evaluation
+``stage2/metrics.json``, ``token_analysis.json`` (tools/analyze_tokens.py: stage 1 by token class and by engine),
+``times.json`` (wall seconds per step, from the recipe) and the evaluation
 entries the evaluation recipes already merged into ``summary.json``. ``corpus.whisper_wer_test`` is
 Whisper base's own WER on the evaluated test rows (``eval/asr.json``, the ``whisper`` system), overall and
 per engine. ``llm_inputs_per_audio_second``
@@ -94,6 +95,12 @@ def summarize(run: Path, corpus: Path | None = None) -> dict:
         values = _stage(_load(run / stage / "metrics.json"))
         if values:
             summary[stage] = values
+    tokens = _load(run / "token_analysis.json")
+    if tokens:  # tools/analyze_tokens.py: stage-1 accuracy by token class and by engine (valid split)
+        pick = ("tokens", "share", "token_acc", "cosine")
+        summary.setdefault("stage1", {})["by_class"] = {
+            c: {k: v.get(k) for k in pick} for c, v in tokens["classes"].items()}
+        summary["stage1"]["by_engine"] = {e: {k: v.get(k) for k in pick} for e, v in tokens["by_engine"].items()}
     rate = inputs_per_audio_second(run / "aligned" / "valid.jsonl")
     if rate is not None:
         summary["llm_inputs_per_audio_second"] = round(rate, 3)

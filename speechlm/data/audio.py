@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from torchaudio.transforms import Resample
 
 from speechlm.errors import AudioError
 
 
+@lru_cache(maxsize=16)
+def _resampler(orig_hz: int, new_hz: int, dtype: torch.dtype) -> Resample:
+    # The same sinc kernel that AF.resample builds on every call (same arguments, computed in the
+    # wave's dtype), built once per rate pair and dtype.
+    return Resample(orig_hz, new_hz, dtype=dtype)
+
+
 def resample(wave: torch.Tensor, orig_hz: int, new_hz: int) -> torch.Tensor:
-    """Resample a 1-D float waveform from ``orig_hz`` to ``new_hz`` (no-op when equal)."""
+    """Resample a 1-D float waveform from ``orig_hz`` to ``new_hz`` (no-op when equal).
+
+    Same samples as ``torchaudio.functional.resample``; the kernel of CPU float waves is cached
+    per (orig_hz, new_hz, dtype).
+    """
     if orig_hz == new_hz:
         return wave
+    if wave.device.type == "cpu" and wave.is_floating_point():
+        return _resampler(orig_hz, new_hz, wave.dtype)(wave)
     return AF.resample(wave, orig_hz, new_hz)
 
 

@@ -51,9 +51,13 @@ _NOT_SPEECH = set(" \t\n" + BOS + EOS + PAD + "!\"#%&'()*+,-./:;<=>?@[\\]^_`{|}~
 
 _LOCK = threading.Lock()
 _VOICES: dict[str, object] = {}
+_FOUND: dict[tuple[str, str], Path] = {}  # (package, rel) -> the voice file found (looked up once)
 
 
 def _package_file(package: str, rel: str) -> Path | None:
+    found = _FOUND.get((package, rel))
+    if found is not None:
+        return found
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -63,6 +67,7 @@ def _package_file(package: str, rel: str) -> Path | None:
     for loc in spec.submodule_search_locations:
         path = Path(loc) / rel
         if path.is_file() and Path(f"{path}.json").is_file():
+            _FOUND[(package, rel)] = path
             return path
     return None
 
@@ -117,7 +122,7 @@ def _load(name: str):
     return voice
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65536)
 def _phonemes_alone(name: str, word: str) -> tuple[str, ...]:
     voice = _load(name)
     out: list[str] = []
