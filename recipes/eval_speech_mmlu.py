@@ -81,8 +81,8 @@ class SpeechMMLUEvalConfig:
     device: str = "cpu"
     dtype: str = "auto"  # LLM precision: auto (bf16 on a CUDA device that has it, else fp32), fp32, bf16, fp16
     out_dir: str = "runs/eval"
-    name: str = "speech_mmlu"
-    summary: str = ""  # JSON file to merge {"speech_mmlu": {text_acc, speech_acc_0shot, speech_acc_5shot, by_engine}} into
+    name: str = "speech_mmlu"  # report file stem and summary key
+    summary: str = ""  # JSON file to merge {<name>: {text_acc, speech_acc_0shot, speech_acc_5shot, by_engine}} into
 
 
 def per_subject_rows(task: str, cond: str, connector: str, bnd: str, method: str, res: dict[str, list[bool]],
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["by_engine"] = engine_summary(by_engine, cfg.headline_method, f"text_{cfg.shots[0]}shot",
                                               connector_label(cfg.connectors[0]) if cfg.connectors else None)
     if cfg.summary:
-        merge_summary(cfg.summary, "speech_mmlu", summary)
+        merge_summary(cfg.summary, cfg.name, summary)
     return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md),
             "by_engine": {e: [r.to_json() for r in v] for e, v in sorted(by_engine.items())}}
 

@@ -70,8 +70,8 @@ class StoryClozeEvalConfig:
     device: str = "cpu"
     dtype: str = "auto"  # LLM precision: auto (bf16 on a CUDA device that has it, else fp32), fp32, bf16, fp16
     out_dir: str = "runs/eval"
-    name: str = "storycloze"
-    summary: str = ""  # JSON file to merge {"storycloze": {text_acc, s2t_acc, s_acc, by_engine}} into
+    name: str = "storycloze"  # report file stem and summary key (e.g. storycloze_hard for voices=[hard])
+    summary: str = ""  # JSON file to merge {<name>: {text_acc, s2t_acc, s_acc, by_engine}} into
 
 
 def rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.PairScores],
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["by_engine"] = engine_summary(by_engine, f"storycloze/{cfg.wrong_styles[0]}", cfg.headline_scoring,
                                               connector_label(cfg.connectors[0]) if cfg.connectors else None)
     if cfg.summary:
-        merge_summary(cfg.summary, "storycloze", summary)
+        merge_summary(cfg.summary, cfg.name, summary)
     return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md),
             "by_engine": {e: [r.to_json() for r in v] for e, v in sorted(by_engine.items())}}
 

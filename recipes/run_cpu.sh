@@ -69,6 +69,12 @@ print(f"=== [{name}] done in {times[name]:.0f} s")
 PYEOF
 }
 
+# fresh DIR: before a training stage, drop its old checkpoints when an earlier step ran in this invocation
+# (its data may have changed); FROM=<that stage> keeps them, so an interrupted stage resumes.
+fresh() {
+  if [ "$skipping" = 0 ] && [ -d "$1" ]; then echo "=== removing $1 (earlier steps ran: a fresh start)"; rm -rf "$1"; fi
+}
+
 # launch SCRIPT ARGS...: a training stage with $RANKS CPU ranks (deepspeed launcher) or one process.
 launch() {
   if [ "$RANKS" -gt 1 ]; then
@@ -99,6 +105,7 @@ step align bash -c "for s in train valid; do \
 common=(data.train_manifest="$RUN/aligned/train.jsonl" data.valid_manifest="$RUN/aligned/valid.jsonl"
         data.feature_cache="$FEATURES/train" data.valid_feature_cache="$FEATURES/valid"
         model.llm="$LLM" model.encoder="$WHISPER")
+fresh "$RUN/stage1"
 # shellcheck disable=SC2086
 step stage1 launch recipes/stage1_distill.py --config "$CONFIGS/stage1_$PRESET.yaml" "${common[@]}" \
   out_dir="$RUN/stage1" ${STAGE1_STEPS:+loop.max_steps=$STAGE1_STEPS} ${EXTRA1:-}
@@ -106,6 +113,7 @@ step stage1 launch recipes/stage1_distill.py --config "$CONFIGS/stage1_$PRESET.y
 step analyze_tokens "$PY" tools/analyze_tokens.py --connector "$RUN/stage1/connector" --llm "$LLM" \
   --manifest "$RUN/aligned/valid.jsonl" --feature-cache "$FEATURES/valid" \
   --train-manifest "$RUN/aligned/train.jsonl" --out "$RUN/token_analysis.json" --threads 2 --no-progress
+fresh "$RUN/stage2"
 # shellcheck disable=SC2086
 step stage2 launch recipes/stage2_finetune.py --config "$CONFIGS/stage2_$PRESET.yaml" "${common[@]}" \
   out_dir="$RUN/stage2" model.init_connector="$RUN/stage1/connector" \

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = Stage1Distill(connector, embedding, cfg.mse_weight, cfg.cosine_weight)
 
     engine = build_engine(model, cfg.engine, cfg.loop.max_steps, info)
-    identity = build.run_identity("stage1", connector)
+    identity = build.run_identity("stage1", connector, cfg.data)
     start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
     if start is None:  # a resumed run has restored every rank's RNG instead
         seed_everything(cfg.seed, info.rank)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = Stage2Finetune(speechlm, bos, cfg.distill_weight, cfg.mse_weight, cfg.cosine_weight, cfg.text_weight)
 
     engine = build_engine(model, cfg.engine, cfg.loop.max_steps, info)  # frozen LLM: no optimizer state
-    identity = build.run_identity("stage2", connector, variant=cfg.variant, lora=vars(cfg.lora) if
+    identity = build.run_identity("stage2", connector, cfg.data, variant=cfg.variant, lora=vars(cfg.lora) if
                                   cfg.variant != "frozen" else None)
     start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
     if start is None:  # a resumed run has restored every rank's RNG instead

@@ -137,10 +137,18 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(world, zero3_crash
 
     other = tmp_path / "other"
     shutil.copytree(zero3_crashed, other)
+    # Other training data too (a re-aligned manifest: same rows, one boundary moved), not only another model.
+    rows = Path(world["manifest"]).read_text().splitlines()
+    first = json.loads(rows[0])
+    if first.get("token_boundaries"):
+        first["token_boundaries"][0] = max(0, first["token_boundaries"][0] - 1)
+    first["text"] = first["text"] + " "
+    realigned = tmp_path / "realigned.jsonl"
+    realigned.write_text("\n".join([json.dumps(first)] + rows[1:]) + "\n")
     proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml",
-                      _overrides(world, other, **{"model.connector.d_model": 48}))
+                      _overrides(world, other, **{"model.connector.d_model": 48, "data.train_manifest": realigned}))
     assert proc.returncode != 0 and "CheckpointError" in proc.stderr
-    for why in ("saved with 2 ranks", "ZeRO-3", "trainable parameters differ", "d_model"):
+    for why in ("saved with 2 ranks", "ZeRO-3", "trainable parameters differ", "d_model", "train_data"):
         assert why in proc.stderr, proc.stderr[-3000:]
 
 

@@ -177,3 +177,26 @@ def test_frozen_fingerprint_sees_one_bit_and_ignores_trainable():
         w = model[0].weight.view(-1)
         w[0] = torch.nextafter(w[0], torch.tensor(1e9))
     assert frozen_fingerprint(model) != a
+
+
+def test_data_fingerprint_follows_the_training_rows(tmp_path):
+    """A checkpoint records which training data it saw: re-aligned rows or another split change the
+    fingerprint (so a resume on them is refused), rewriting the same bytes does not."""
+    from speechlm.training import build
+    from speechlm.training.configs import DataConfig
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text('{"id": "a", "token_boundaries": [3, 7]}\n')
+    data = DataConfig(train_manifest=str(manifest))
+    first = build.data_fingerprint(data)
+    manifest.write_text('{"id": "a", "token_boundaries": [3, 7]}\n')
+    assert build.data_fingerprint(data) == first
+    manifest.write_text('{"id": "a", "token_boundaries": [3, 8]}\n')
+    assert build.data_fingerprint(data) != first
+    assert build.data_fingerprint(DataConfig(train_manifest=str(manifest), train_split="valid")) \
+        != build.data_fingerprint(data)
+    shard = tmp_path / "shard-0.jsonl"
+    shard.write_text("x\n")
+    sharded = build.data_fingerprint(DataConfig(train_shards=str(tmp_path / "shard-*.jsonl")))
+    shard.write_text("xy\n")
+    assert build.data_fingerprint(DataConfig(train_shards=str(tmp_path / "shard-*.jsonl"))) != sharded

@@ -302,6 +302,105 @@ def test_festival_expansions_map_back_to_whitespace_words():
     assert by_word["$5"].end_s - by_word["$5"].start_s > by_word["of"].end_s - by_word["of"].start_s
 
 
+def _festival_voices() -> list[str]:
+    _voice("festival")
+    return [v for v in ("kal_diphone", "ked_diphone", "us-slt-hts") if v in list_voices("festival")]
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a.wave, b.wave) and a.words == b.words and a.sample_rate == b.sample_rate
+
+
+def test_festival_persistent_process_gives_what_a_fresh_process_gives():
+    # One long-lived Festival process serves every call; the voice, rate and pitch of earlier calls
+    # must not leak into later ones (Duration_Stretch and int_lr_params are scaled in place by a
+    # job): each call must equal a fresh one-shot `festival --batch` run on the same arguments.
+    voices = _festival_voices()
+    calls = [("In 1995, Tom's cat didn't eat.", "kal_diphone", 175, 50, 16000),
+             ("In 1995, Tom's cat didn't eat.", "kal_diphone", 120, 20, 16000),  # rate and pitch change
+             ("Give it to me now, please.", voices[-1], 260, 90, 24000),  # voice switch
+             ("Give it to me now, please.", voices[0], 260, 90, 24000),
+             ("In 1995, Tom's cat didn't eat.", "kal_diphone", 175, 50, 16000)]  # back to the first
+    if "ked_diphone" in voices:
+        calls.insert(2, ('She said "yes" and left at 3:30 pm!', "ked_diphone", 200, 70, 16000))
+    pids = set()
+    got = []
+    for text, name, rate, pitch, sr in calls:
+        got.append(festival_engine.synthesize(text, name, rate, pitch, sr, 0))
+        pids.add(festival_engine._SERVER.proc.pid)
+    assert len(pids) == 1, pids  # one process served them all
+    for (text, name, rate, pitch, sr), syn in zip(calls, got):
+        fresh = festival_engine.synthesize(text, name, rate, pitch, sr, 0, persistent=False)
+        assert _same(syn, fresh), (text, name, rate, pitch)
+        _check_timings(text, syn)
+    assert _same(got[0], got[-1]) and not torch.equal(got[0].wave, got[1].wave)
+
+
+def test_festival_crash_is_an_error_and_the_next_call_gets_a_new_process():
+    # Festival segfaults on punctuation-only text: restarted once, it crashes again, so the call
+    # fails with the exit status; the call after it starts a fresh process and gives the usual audio.
+    voice = _voice("festival")
+    text = "Give it to me now, please."
+    before = synthesize(text, voice=voice)
+    with pytest.raises(SynthesisError, match=r"Festival \(kal_diphone\) failed \(exit -?\d+\) for '\.\.\.'"):
+        synthesize("...", voice=voice)
+    assert festival_engine._SERVER is None
+    assert _same(synthesize(text, voice=voice), before)
+
+
+def test_festival_dead_process_is_restarted():
+    voice = _voice("festival")
+    text = "The red dog ran to the park."
+    before = synthesize(text, voice=voice)
+    proc = festival_engine._SERVER.proc
+    proc.kill()
+    proc.wait()
+    assert _same(synthesize(text, voice=voice), before)
+    assert festival_engine._SERVER.proc.pid != proc.pid
+
+
+def test_festival_scheme_error_names_festivals_message(monkeypatch):
+    voice = _voice("festival")
+    job_lines = festival_engine._job_lines
+    monkeypatch.setattr(festival_engine, "_job_lines", lambda *a: ["(car 1 2)"] + job_lines(*a))
+    with pytest.raises(SynthesisError, match="SIOD ERROR"):
+        synthesize("Good morning.", voice=voice)
+    monkeypatch.setattr(festival_engine, "_job_lines", job_lines)
+    fresh = festival_engine.synthesize("Good morning.", "kal_diphone", 175, 50, 16000, 0, persistent=False)
+    assert _same(synthesize("Good morning.", voice=voice), fresh)
+
+
+def test_festival_threads_share_the_process_safely():
+    from concurrent.futures import ThreadPoolExecutor
+
+    voices = _festival_voices()[:2]
+    jobs = [(f"Sentence number {i} is here.", voices[i % len(voices)], 140 + 20 * i) for i in range(6)]
+    serial = [festival_engine.synthesize(t, v, r, 50, 16000, 0) for t, v, r in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        threaded = list(pool.map(lambda j: festival_engine.synthesize(j[0], j[1], j[2], 50, 16000, 0), jobs))
+    assert all(_same(a, b) for a, b in zip(serial, threaded))
+
+
+def test_festival_process_ends_with_close_and_at_exit():
+    import sys
+    from pathlib import Path
+
+    voice = _voice("festival")
+    synthesize("Hello there.", voice=voice)
+    server = festival_engine._SERVER
+    festival_engine.close()
+    assert festival_engine._SERVER is None and server.proc.returncode is not None and not server.wav.exists()
+    code = ("from speechlm.data.tts import synthesize, festival\n"
+            f"synthesize('Hello there.', voice={voice!r})\n"
+            "print(festival._SERVER.proc.pid)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=120)
+    pid = int(out.stdout.split()[-1])
+    # The interpreter's exit ended it (a zombie waiting for init to reap it counts as ended).
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 def test_piper_word_boundaries_fall_on_espeak_word_groups():
     # Piper's phonemes separate eSpeak's word groups with spaces. In a sentence where every word is
     # its own group, the words must be exactly the groups, timed by Piper's phoneme durations.
@@ -397,3 +496,22 @@ def test_align_tokens_prefers_exact_matches():
     assert _common.align_tokens(list("abcd"), [list("ab"), list("cd")]) == [0, 0, 1, 1]
     assert _common.align_tokens(list("axcd"), [list("ab"), list("cd")]) == [0, 0, 1, 1]
     assert _common.align_tokens(list("ab cd"), [list("ab "), list("cd ")]) == [0, 0, 0, 1, 1]
+
+
+def test_resample_is_torchaudios_resample_with_a_cached_kernel():
+    import torchaudio.functional as AF
+
+    from speechlm.data import audio
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        for orig, new in ((22050, 16000), (16000, 24000), (32000, 16000), (48000, 22050), (11, 10)):
+            for n in (1, 777, 22050):
+                x = torch.randn(n, generator=g, dtype=dtype)
+                for _ in range(2):  # built, then cached
+                    got, want = audio.resample(x, orig, new), AF.resample(x, orig, new)
+                    assert torch.equal(got, want), (dtype, orig, new, n)
+    x = torch.randn(2, 3000, generator=g)
+    assert torch.equal(audio.resample(x, 22050, 16000), AF.resample(x, 22050, 16000))
+    assert audio.resample(x, 16000, 16000) is x
+    assert audio._resampler(22050, 16000, torch.float32) is audio._resampler(22050, 16000, torch.float32)

@@ -213,9 +213,34 @@ def make_connector(model: ModelConfig, enc: EncoderFacts, llm: nn.Module) -> Con
     return connector
 
 
-def run_identity(stage: str, connector: Connector, **extra: Any) -> dict:
-    """What a checkpoint must match to be resumed by this run."""
-    return {"stage": stage, "connector": dataclasses.asdict(connector.cfg), **extra}
+def run_identity(stage: str, connector: Connector, data: DataConfig | None = None, **extra: Any) -> dict:
+    """What a checkpoint must match to be resumed by this run: the stage, the connector's config, and
+    (given ``data``) a fingerprint of the training data, so that a run on re-aligned or re-synthesized
+    data never silently continues from weights trained on the old one."""
+    identity = {"stage": stage, "connector": dataclasses.asdict(connector.cfg), **extra}
+    if data is not None:
+        identity["train_data"] = data_fingerprint(data)
+    return identity
+
+
+def data_fingerprint(data: DataConfig) -> str:
+    """SHA-256 of what the training rows are: the train manifest's bytes (or, for sharded streams, each
+    shard's path and size) and the split; short enough to compare in checkpoint metadata."""
+    import glob
+    import hashlib
+
+    h = hashlib.sha256(f"split={data.train_split}\n".encode())
+    if data.train_manifest:
+        path = Path(data.train_manifest)
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(f"missing:{path}".encode())
+    for part in (p for spec in data.train_shards.split(",") if spec.strip() for p in sorted(glob.glob(spec.strip()))):
+        h.update(f"{part}:{Path(part).stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ data

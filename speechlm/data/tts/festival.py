@@ -1,13 +1,23 @@
 """The ``festival`` engine: the Festival Speech Synthesis System (Debian ``festival`` + voice packages).
 
-Each call runs ``festival --batch`` on a Scheme script (in a temporary folder) that selects the voice,
-synthesizes the text as one utterance, saves the wave and prints the Token relation: every token
-(Festival's whitespace tokens, punctuation split off into features) with its Word items and, for
-each word that has syllables, the end of the segment before its first segment and the end of its
-last segment. So the timings are Festival's own segment boundaries. Festival's tokenizer expands
-tokens into several words ("1995" -> nineteen ninety five, "$5" -> five dollars, "Tom's" -> Tom 's)
-and turns punctuation into silent words; each whitespace word of the text collects the spoken
-words of the tokens found in it.
+Each Python process keeps one long-lived ``festival --pipe`` process (started on first use, for all
+voices; ended at interpreter exit, or with ``close()``) and sends it one job per call: a Scheme
+expression that restores the state a job changes (``Duration_Stretch``, ``int_lr_params``,
+``hts_engine_params``, as saved when the process started), selects the voice, synthesizes the text
+as one utterance, saves the wave and prints the Token relation, followed by a marker unique to the
+job that the caller waits for. So every call gives the same samples and timings as a fresh
+``festival --batch`` process on the same script (``synthesize(..., persistent=False)`` runs one),
+without paying Festival's start-up on every call. A process that crashes (Festival segfaults on
+punctuation-only text such as "...") is restarted once and the job retried; a second failure is a
+``SynthesisError`` with Festival's stderr. Threads share the process under a lock; a forked child
+starts its own.
+
+The printed Token relation holds every token (Festival's whitespace tokens, punctuation split off
+into features) with its Word items and, for each word that has syllables, the end of the segment
+before its first segment and the end of its last segment. So the timings are Festival's own segment
+boundaries. Festival's tokenizer expands tokens into several words ("1995" -> nineteen ninety five,
+"$5" -> five dollars, "Tom's" -> Tom 's) and turns punctuation into silent words; each whitespace
+word of the text collects the spoken words of the tokens found in it.
 
 Voices (``list_voices()`` lists the installed ones): ``kal_diphone`` (``festvox-kallpc16k``),
 ``ked_diphone`` (``festvox-kdlpc16k``), and the HTS voice ``us-slt-hts`` (``festvox-us-slt-hts``,
@@ -17,7 +27,7 @@ ignore that parameter: for them hts_engine's speed ``-r`` is set to rate/175). `
 the target F0 mean of the diphone voices' linear-regression intonation (``int_lr_params``
 ``target_f0_mean``, 105 Hz for kal) by 2**((pitch-50)/50 * 6/12), i.e. +-6 semitones at 0/100; the
 HTS voices have no such simple control (hts_engine's ``-fm`` has no effect there), so ``pitch``
-does not change them. Festival is deterministic; calls are independent processes.
+does not change them. Festival is deterministic.
 """
 
 from __future__ import annotations
@@ -206,7 +216,10 @@ class _Server:
                                      stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
         self._out = b""
         self._err = b""
-        self._send("\n".join(_DEFINES + _SAVE_STATE) + "\n")
+        try:
+            self._send("\n".join(_DEFINES + _SAVE_STATE) + "\n")
+        except OSError:
+            pass  # it died at once: the first job finds out (and says why)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -257,8 +270,9 @@ class _Server:
     def _died(self):
         try:
             returncode = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            returncode = None
+        except subprocess.TimeoutExpired:  # it closed stdout but lives on: end it
+            self.proc.kill()
+            returncode = self.proc.wait()
         assert self.proc.stderr is not None
         try:
             self._err += self.proc.stderr.read()
@@ -321,14 +335,24 @@ def _after_fork_in_child() -> None:
         _SERVER = None
 
 
-atexit.register(close)
+def _at_exit() -> None:
+    got = _LOCK.acquire(timeout=5)  # a thread may still be in a job: end the process anyway
+    try:
+        _drop()
+    finally:
+        if got:
+            _LOCK.release()
+
+
+atexit.register(_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _failed(name: str, text: str, returncode: int | None, stdout: str, stderr: str) -> SynthesisError:
     exit_ = f" (exit {returncode})" if returncode is not None else ""
-    return SynthesisError(f"Festival ({name}) failed{exit_} for {text[:80]!r}: {(stderr.strip() or stdout)[-2000:]}")
+    detail = (stderr.strip() or stdout)[-2000:]
+    return SynthesisError(f"Festival ({name}) failed{exit_} for {text[:80]!r}: {detail}")
 
 
 def _run_persistent(exe: str, text: str, name: str, folder: str, rate_wpm: int, pitch: int) -> tuple[str, bytes]:
@@ -339,7 +363,10 @@ def _run_persistent(exe: str, text: str, name: str, folder: str, rate_wpm: int, 
         if _SERVER is not None and not _SERVER.alive():
             _drop()
         if _SERVER is None:
-            _SERVER = _Server(exe)
+            try:
+                _SERVER = _Server(exe)
+            except OSError as e:
+                raise SynthesisError(f"cannot start Festival ({exe}): {e}") from None
         server = _SERVER
         server.wav.unlink(missing_ok=True)
         job = "(begin\n" + "\n".join(_RESTORE_STATE + _job_lines(text, folder, rate_wpm, pitch, server.wav)
