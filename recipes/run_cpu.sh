@@ -9,6 +9,7 @@
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
 #   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) FORCE=1 (new corpus)
 #   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES CASCADE LIBRIVOX VOICES
+#   HARD_EVAL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -28,6 +29,7 @@ WRONG_STYLES=${WRONG_STYLES:-[adversarial,random]}  # StoryCloze wrong endings (
 CASCADE=${CASCADE:-true}  # also evaluate the Whisper-base cascade (Whisper transcribes, the LLM reads)
 LIBRIVOX=${LIBRIVOX:-true}  # zero-shot ASR also on the 5 LibriVox clips of Debian's pocketsphinx-testdata
 VOICES=${VOICES:-natural}  # StoryCloze / Speech-MMLU voices: natural (held-out Festival ked + Piper joe) | hard
+HARD_EVAL=${HARD_EVAL:-false}  # also StoryCloze in the hard condition (held-out eSpeak voices): summary key storycloze_hard
 STAGE1_STEPS=${STAGE1_STEPS:-}
 STAGE2_STEPS=${STAGE2_STEPS:-}
 CONFIGS=recipes/configs
@@ -41,7 +43,7 @@ FEATURES=$CACHE/features/$PRESET-${HOURS}h
 WHISPER=$MODELS/whisper-base
 LLM=$MODELS/smollm2-135m
 STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 analyze_tokens
-       stage2 eval_storycloze eval_speech_mmlu eval_asr)
+       stage2 eval_storycloze eval_storycloze_hard eval_speech_mmlu eval_asr)
 FROM=${FROM:-prepare_models}
 [[ " ${STEPS[*]} " == *" $FROM "* ]] || { echo "FROM must be one of: ${STEPS[*]}" >&2; exit 2; }
 mkdir -p "$RUN"
@@ -127,6 +129,12 @@ evals=(llm="$LLM" aligner="$RUN/aligner" out_dir="$RUN/eval" summary="$RUN/summa
 [ -d /usr/share/pocketsphinx/test/data/librivox ] || LIBRIVOX=false
 step eval_storycloze "$PY" recipes/eval_storycloze.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
   cascade="$CASCADE" limit="$STORIES" wrong_styles="$WRONG_STYLES" voices="[$VOICES]"
+storycloze_hard() {
+  if [ "$HARD_EVAL" != true ]; then echo "HARD_EVAL=$HARD_EVAL: the hard condition is not evaluated"; return 0; fi
+  "$PY" recipes/eval_storycloze.py "${evals[@]}" connectors="[$RUN/stage2/connector]" cascade="$CASCADE" \
+    limit="$STORIES" wrong_styles="[adversarial]" voices="[hard]" name=storycloze_hard
+}
+step eval_storycloze_hard storycloze_hard
 step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
   methods="[cloze]" cascade="$CASCADE" limit="$QUESTIONS_PER_SUBJECT" voices="[$VOICES]"
 step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \

@@ -7,4 +7,5 @@ export PRESET=small
 export RUN=${RUN:-runs/small} HOURS=${HOURS:-5.0}
 export STORIES=${STORIES:-80} QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-8} ASR_UTTS=${ASR_UTTS:-60}
 export CASCADE=${CASCADE:-true}  # the Whisper-base cascade beside SSR
+export HARD_EVAL=${HARD_EVAL:-true}  # StoryCloze also in the hard condition (held-out eSpeak voices)
 exec bash "$(dirname "$0")/run_cpu.sh"
