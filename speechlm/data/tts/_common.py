@@ -89,6 +89,18 @@ def tokens_to_words(text: str, tokens: Sequence[str]) -> list[int]:
     return out
 
 
+def word_times(text: str, tokens: list[tuple[str, list[tuple[float, float] | None]]]
+               ) -> list[tuple[float, float] | None]:
+    """(start_s, end_s) per whitespace word of ``text`` from an engine's tokens, each with the
+    (start_s, end_s) spans of its segments (None for a silent one); None for a word the engine spoke
+    nothing for. Used by the Flite and Festival engines, whose tokens come from their Token relation."""
+    owners = tokens_to_words(text, [t for t, _ in tokens])
+    per_word: list[list[tuple[float, float]]] = [[] for _ in word_spans(text)]
+    for owner, (_, spans) in zip(owners, tokens):
+        per_word[owner].extend(s for s in spans if s is not None)
+    return [(min(s for s, _ in p), max(e for _, e in p)) if p else None for p in per_word]
+
+
 def fill_unspoken(times: list[tuple[float, float] | None]) -> list[tuple[float, float]]:
     """Timings for words the engine spoke nothing for (a lone "-" or "--"): the pause between their
     neighbours when there is one, else the second half of the spoken word before (after, for leading

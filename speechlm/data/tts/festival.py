@@ -55,8 +55,7 @@ from speechlm.data.tts._common import (
     duration_factor,
     finish,
     pitch_factor,
-    tokens_to_words,
-    word_spans,
+    word_times,
 )
 
 INSTALL_HINT = "install Festival and a voice: apt-get install festival festvox-kallpc16k"
@@ -160,16 +159,6 @@ def parse_tokens(stdout: str) -> list[tuple[str, list[tuple[float, float] | None
                 span = (start, end) if end > start else None
             tokens[-1][1].append(span)
     return tokens
-
-
-def word_times(text: str, tokens: list[tuple[str, list[tuple[float, float] | None]]]
-               ) -> list[tuple[float, float] | None]:
-    """(start_s, end_s) per whitespace word of ``text`` (None if Festival spoke nothing for it)."""
-    owners = tokens_to_words(text, [t for t, _ in tokens])
-    per_word: list[list[tuple[float, float]]] = [[] for _ in word_spans(text)]
-    for owner, (_, spans) in zip(owners, tokens):
-        per_word[owner].extend(s for s in spans if s is not None)
-    return [(min(s for s, _ in p), max(e for _, e in p)) if p else None for p in per_word]
 
 
 #: Festival's state that a job changes (rate, pitch, HTS speed), saved when the process starts and

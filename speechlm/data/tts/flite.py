@@ -34,8 +34,7 @@ from speechlm.data.tts._common import (
     duration_factor,
     finish,
     pitch_factor,
-    tokens_to_words,
-    word_spans,
+    word_times,
 )
 
 INSTALL_HINT = "install Flite: apt-get install flite"
@@ -178,16 +177,6 @@ def _run(text: str, name: str, rate_wpm: int, pitch: int
     finally:
         lib.delete_utterance(utt)
     return samples, hz, tokens
-
-
-def word_times(text: str, tokens: list[tuple[str, list[tuple[float, float] | None]]]
-               ) -> list[tuple[float, float] | None]:
-    """(start_s, end_s) per whitespace word of ``text`` (None if Flite spoke nothing for it)."""
-    owners = tokens_to_words(text, [t for t, _ in tokens])
-    per_word: list[list[tuple[float, float]]] = [[] for _ in word_spans(text)]
-    for owner, (_, spans) in zip(owners, tokens):
-        per_word[owner].extend(s for s in spans if s is not None)
-    return [(min(s for s, _ in p), max(e for _, e in p)) if p else None for p in per_word]
 
 
 def synthesize(text: str, name: str, rate_wpm: int, pitch: int, sample_rate: int, seed: int) -> Synthesis:
