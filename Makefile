@@ -24,6 +24,7 @@ small: install
 
 test: install-dev
 	bash tools/install_tts.sh
+	bash tools/install_browser.sh
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: install-dev

@@ -155,15 +155,13 @@ def read_out(model: Any, prefixes: Sequence[Sequence[Any]], limits: Sequence[int
     dev = model.device
     wordless_set = set(wordless_ids(tok))
     wordless = torch.tensor(sorted(wordless_set), dtype=torch.long, device=dev)
-    inputs = model.build_inputs([list(p) for p in prefixes], padding_side="left")
-    attn, pos = inputs.attention_mask, inputs.position_ids
-    out = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=attn, position_ids=pos, use_cache=True)
+    dec = model.decoder([list(p) for p in prefixes])
     b = len(prefixes)
     tokens: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     has_word = [False] * b
     for _ in range(max(limits)):
-        logits = out.logits[:, -1].float()  # (B, V)
+        logits = dec.logits.float()  # (B, V)
         nxt = logits.argmax(-1)
         for i in range(b):
             if done[i]:
@@ -186,10 +184,7 @@ def read_out(model: Any, prefixes: Sequence[Sequence[Any]], limits: Sequence[int
             done[i] = len(tokens[i]) >= limits[i]
         if all(done):
             break
-        attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=attn.device)], 1)
-        pos = pos[:, -1:] + 1
-        out = model.llm(inputs_embeds=model.llm_embed(nxt[:, None]), attention_mask=attn, position_ids=pos,
-                        past_key_values=out.past_key_values, use_cache=True)
+        dec.advance(nxt)
     return tokens
 
 

@@ -247,6 +247,12 @@ class SpeechLM(nn.Module):
         batch = [_untargeted(p) + [SpeechSegment(c.embeds, ids=c.ids, target=True)] for p, c in zip(prefixes, continuations)]
         return self.score_segments(batch)
 
+    def decoder(self, prefixes: list[list[Segment]]) -> IncrementalDecoder:
+        """A KV-cached decoder over a batch of mixed text/speech ``prefixes`` (left-padded): its ``logits``
+        (B, V) are the next-token scores; ``advance(ids)`` appends one token per row. The one decoding loop
+        that greedy generation, the ASR read-out and the inference pipeline's sampling all drive."""
+        return IncrementalDecoder(self, prefixes)
+
     @torch.no_grad()
     def generate(self, prefixes: list[list[Segment]], max_new_tokens: int, eos: int | list[int] | None = None,
                  min_new_tokens: int = 0) -> list[list[int]]:
@@ -256,14 +262,12 @@ class SpeechLM(nn.Module):
         """
         eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         banned = torch.tensor(sorted(eos_ids), dtype=torch.long, device=self.device)
-        inputs = self.build_inputs([_untargeted(p) for p in prefixes], padding_side="left")
-        attn, pos = inputs.attention_mask, inputs.position_ids
-        out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=attn, position_ids=pos, use_cache=True)
+        dec = self.decoder(prefixes)
         b = len(prefixes)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         tokens: list[list[int]] = [[] for _ in range(b)]
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1]
+            logits = dec.logits
             if step < min_new_tokens and len(banned):
                 logits = logits.index_fill(-1, banned, float("-inf"))
             nxt = logits.argmax(-1)  # (B,)
@@ -275,11 +279,37 @@ class SpeechLM(nn.Module):
                         tokens[i].append(int(nxt[i]))
             if bool(done.all()):
                 break
-            attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=attn.device)], 1)
-            pos = pos[:, -1:] + 1
-            out = self.llm(inputs_embeds=self.llm_embed(nxt[:, None]), attention_mask=attn, position_ids=pos,
-                           past_key_values=out.past_key_values, use_cache=True)
+            dec.advance(nxt)
         return tokens
+
+
+class IncrementalDecoder:
+    """Next-token logits after a batch of prefixes, advanced one token per row at a time with the LLM's
+    KV cache (see :meth:`SpeechLM.decoder`). Rows that have finished still take a token (any id) so the
+    batch stays rectangular; their outputs are simply ignored by the caller."""
+
+    def __init__(self, model: SpeechLM, prefixes: list[list[Segment]]):
+        self.model = model
+        inputs = model.build_inputs([_untargeted(p) for p in prefixes], padding_side="left")
+        self.attn, self.pos = inputs.attention_mask, inputs.position_ids
+        with torch.no_grad():
+            self._out = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=self.attn,
+                                  position_ids=self.pos, use_cache=True)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, V) scores of the next token of every row."""
+        return self._out.logits[:, -1]
+
+    @torch.no_grad()
+    def advance(self, ids: torch.Tensor) -> None:
+        """Append ``ids`` (B,) (one token per row) and compute the next logits."""
+        b = self.attn.shape[0]
+        self.attn = torch.cat([self.attn, torch.ones(b, 1, dtype=self.attn.dtype, device=self.attn.device)], 1)
+        self.pos = self.pos[:, -1:] + 1
+        ids = ids.to(self.model.device).view(b, 1)
+        self._out = self.model.llm(inputs_embeds=self.model.llm_embed(ids), attention_mask=self.attn,
+                                   position_ids=self.pos, past_key_values=self._out.past_key_values, use_cache=True)
 
 
 def _untargeted(segments: list[Segment]) -> list[Segment]:

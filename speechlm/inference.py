@@ -1,0 +1,543 @@
+"""Inference with a trained SpeechLM: audio (+ a prompt) in, an answer out. The CLI and the web demo call this.
+
+    from speechlm.inference import SpeechLMPipeline
+
+    pipe = SpeechLMPipeline.from_run("runs/tiny")          # stage2 (else stage1) connector + aligner + models
+    result = pipe.generate("clip.wav")                      # default prompt: repeat the text
+    result.answer, result.transcript, result.tokens[0], result.timings
+    pipe.generate("clip.wav", "Summarize: {speech}\\nAnswer:", temperature=0.7, top_p=0.9, seed=1)
+    for piece in pipe.generate("clip.wav", stream=True):   # text pieces as they are decoded
+        print(piece, end="")
+    pipe.score("clip.wav", " the cat sat")                  # log p(continuation | BOS + speech)
+
+What happens to one clip (:meth:`SpeechLMPipeline.speech`): the audio is read by ``speechlm.data.audio``
+(any rate, resampled to the encoder's); a clip longer than ``max_clip_s`` (30 s) is cut into windows of at most
+``chunk_s`` (25 s), each cut placed at the quietest 20 ms of the window's last ``search_s`` (5) seconds; per
+window the frozen encoder runs, the aligner decodes its own transcript in *free* mode and gives one end frame
+per LLM token, and the connector reads out one vector per token. The windows' vectors, transcript tokens and
+boundaries (shifted by the window's start) are concatenated.
+
+The prompt is text, then the speech vectors, then text: one ``{speech}`` placeholder
+(``"Summarize: {speech}\\nAnswer:"``); the sequence starts with BOS. ``chat=True`` puts the whole prompt into
+a user turn of the tokenizer's chat template (``apply_chat_template``, generation prompt added).
+
+Decoding (:func:`sample_tokens`) is the KV-cache loop of :meth:`SpeechLM.generate` for one sequence, with
+temperature / top-p sampling (``temperature=0``: greedy, the same tokens as ``SpeechLM.generate``), optional
+no-repeat n-grams, and stops at EOS, after ``max_new_tokens`` or at the first ``stop`` string once the answer
+has begun (leading whitespace does not stop it: a model that starts with a newline still answers; the stop
+string is not part of the answer). The answer is the decoded text without leading/trailing whitespace; with ``stream=True`` its
+pieces come as they are decoded (text that might still become a stop string is held back), and they join to
+exactly the answer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from speechlm.errors import AlignmentError, AudioError, CheckpointError, ConfigError, ModelError
+from speechlm.eval.asr import DEFAULT_PROMPT, repeated_ngram_bans
+from speechlm.eval.scoring import start_ids, text_ids
+from speechlm.models.speechlm import Segment, SpeechLM, SpeechSegment, TextSegment
+
+SPEECH = "{speech}"
+DEFAULT_STOP = ("\n",)  # the default prompt asks for one line
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+RUN_CONNECTORS = ("stage2/connector", "stage1/connector")  # where a run keeps its connector, best first
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class TokenSpan:
+    """One LLM token of the aligner's transcript and the audio it covers, in seconds from the clip's start.
+
+    ``end_s`` is the token's aligned end; ``start_s`` the previous token's end (the segment the SSR
+    connector reads), for the first token of a window the start of its first word."""
+
+    token: str
+    id: int
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Speech:
+    """One clip turned into LLM input: connector vectors (one per transcript token) and what made them."""
+
+    segment: SpeechSegment  # embeds (N, d_llm), ids = the N transcript tokens (None: connector without boundaries)
+    transcript: str  # what the aligner decoded (free mode); "" for connectors without boundaries
+    tokens: list[TokenSpan]
+    duration_s: float
+    chunks: list[tuple[float, float]]  # (start_s, end_s) of each window the clip was cut into
+    timings: dict[str, float]  # encode_s, align_s, connector_s
+    warnings: list[str] = field(default_factory=list)
+    wave: torch.Tensor | None = None  # (T,) at the encoder's rate (for pictures)
+    elapsed_s: float = 0.0  # wall seconds from the audio to the vectors (loading included)
+
+
+@dataclass
+class InferenceResult:
+    answer: str
+    transcript: str
+    tokens: list[TokenSpan]
+    timings: dict[str, float]  # encode_s, align_s, connector_s, first_token_s, total_s (wall seconds)
+    duration_s: float
+    prompt: str
+    token_ids: list[int]  # every generated token (a stop string's tokens included; EOS not)
+    chunks: list[tuple[float, float]]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def boundaries(self) -> list[tuple[float, float]]:
+        """(start_s, end_s) per transcript token."""
+        return [(t.start_s, t.end_s) for t in self.tokens]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "answer": self.answer, "transcript": self.transcript,
+                "duration_s": round(self.duration_s, 3),
+                "tokens": [{"token": t.token, "id": t.id, "start_s": round(t.start_s, 3), "end_s": round(t.end_s, 3)}
+                           for t in self.tokens],
+                "chunks": [[round(a, 3), round(b, 3)] for a, b in self.chunks],
+                "timings": {k: round(v, 4) for k, v in self.timings.items()}, "warnings": list(self.warnings)}
+
+
+class GenerationStream:
+    """Iterator over the answer's text pieces (``stream=True``); ``result`` is the InferenceResult once exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: InferenceResult | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as e:
+            self.result = e.value
+            raise
+
+
+# ------------------------------------------------------------------------------------------ folders
+@dataclass
+class RunFolders:
+    connector: Path
+    aligner: Path | None  # None: a connector without boundaries needs none
+    llm: Path
+    encoder: Path
+
+
+def _connector_meta(folder: Path) -> dict[str, Any]:
+    import json
+
+    path = folder / "config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a connector config ({e})") from None
+    if not isinstance(meta, dict) or "connector" not in meta or "config" not in meta:
+        raise CheckpointError(f"{path}: not a connector config (no 'connector' / 'config' keys)")
+    return meta
+
+
+def _is_connector(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _model_folder(name: str, what: str, option: str) -> Path:
+    """A model the connector names: the name itself when it is a folder, else that folder in speechlm.paths' models dir."""
+    from speechlm.paths import models_dir
+
+    if name and Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    folder = models_dir() / Path(name).name
+    if not name or not folder.is_dir():
+        raise ModelError(f"{what} {name!r} of the connector not found in {models_dir()} (run tools/prepare_models.py, "
+                         f"or give its folder with {option})")
+    return folder
+
+
+def resolve_run(run: str | Path = "runs/tiny", connector: str | Path | None = None, aligner: str | Path | None = None,
+                llm: str | Path | None = None, encoder: str | Path | None = None) -> RunFolders:
+    """The folders a run's inference needs. ``run`` is a run folder (its ``stage2/connector``, else
+    ``stage1/connector``, and ``aligner``) or a connector folder; ``connector``/``aligner``/``llm``/``encoder``
+    override each; the LLM and encoder default to the ones the connector's config names, in the models dir."""
+    run = Path(run).expanduser()
+    if connector:
+        conn = Path(connector).expanduser()
+    elif _is_connector(run):
+        conn = run
+    elif not run.is_dir():
+        raise ModelError(f"{run}: run folder not found")
+    else:
+        found = [run / c for c in RUN_CONNECTORS if _is_connector(run / c)]
+        if not found:
+            raise ModelError(f"{run}: no trained connector in this run folder (looked for "
+                             f"{' and '.join(c + '/' for c in RUN_CONNECTORS)}); train one first or pass the "
+                             "connector folder")
+        conn = found[0]
+    if not _is_connector(conn):
+        raise ModelError(f"{conn}: not a connector folder (config.json and model.safetensors expected)")
+    meta = _connector_meta(conn)
+    align = None
+    if aligner:
+        align = Path(aligner).expanduser()
+    elif meta["connector"] == "ssr":
+        candidates = [run / "aligner", conn.parent.parent / "aligner"]
+        align = next((c for c in candidates if (c / "config.json").is_file()), None)
+        if align is None:
+            raise ModelError(f"{conn}: an SSR connector needs an aligner for its token boundaries; none found at "
+                             f"{candidates[0]} (pass the aligner folder)")
+    if align is not None and not (align / "config.json").is_file():
+        raise ModelError(f"{align}: aligner folder not found (config.json expected)")
+    llm_path = Path(llm).expanduser() if llm else _model_folder(meta.get("llm", {}).get("name", ""), "LLM", "--llm")
+    enc_path = (Path(encoder).expanduser() if encoder
+                else _model_folder(meta.get("encoder", {}).get("name", "") or "whisper-base", "encoder", "--encoder"))
+    for path, what in ((llm_path, "LLM"), (enc_path, "encoder")):
+        if not path.is_dir():
+            raise ModelError(f"{path}: {what} folder not found")
+    return RunFolders(conn, align, llm_path, enc_path)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> int:
+    """The next token from ``(V,)`` logits: the argmax (``temperature <= 0``), else a sample of
+    ``softmax(logits / temperature)`` cut to the smallest set of tokens holding ``top_p`` of the mass."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(descending=True)
+        keep = (p.cumsum(0) - p) < top_p  # the mass before a token is below top_p: always keeps the best one
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def sample_tokens(model: SpeechLM, prefix: Sequence[Segment], temperature: float = 0.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, no_repeat_ngram: int = 0) -> Iterator[int]:
+    """Tokens after one mixed text/speech ``prefix``, one per ``next()``, driving :meth:`SpeechLM.decoder`
+    (the KV-cached loop greedy generation uses too). Endless: the caller stops it (EOS, a limit, a stop
+    string); the forward pass for a token runs only when the next one is asked for."""
+    dec = model.decoder([list(prefix)])
+    tokens: list[int] = []
+    while True:
+        logits = dec.logits[0].float()
+        bans = repeated_ngram_bans(tokens, no_repeat_ngram)
+        if bans:
+            logits = logits.index_fill(0, torch.tensor(sorted(bans), device=logits.device), float("-inf"))
+        t = pick_token(logits, temperature, top_p, generator)
+        tokens.append(t)
+        yield t
+        dec.advance(torch.tensor([t]))
+
+
+class TextAssembler:
+    """Generated token ids -> answer text pieces: cut at the first stop string after the leading whitespace,
+    outer whitespace dropped, and only text that can no longer change released (not a possible stop-string
+    start, not half a UTF-8 character, not trailing whitespace), so the pieces always join to the answer."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self.released = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        lead = len(text) - len(text.lstrip())  # stops count once the answer has begun (a leading "\n" is no answer)
+        cuts = [text.find(s, lead) for s in self.stop if s in text[lead:]]
+        if cuts:
+            text, self.stopped = text[:min(cuts)], True
+        self.text = text
+        return self._release(final=self.stopped)
+
+    def finish(self) -> str:
+        return self._release(final=True)
+
+    @property
+    def answer(self) -> str:
+        return self.text.strip()
+
+    def _release(self, final: bool) -> str:
+        safe = self.text.lstrip()
+        if not final:
+            safe = safe.rstrip("\ufffd")  # a character whose bytes are not all out yet
+            hold = max((k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
+            safe = safe[:len(safe) - hold]
+        safe = safe.rstrip()
+        if not safe.startswith(self.released):  # decoding changed released text (rare); keep what was given
+            return ""
+        piece, self.released = safe[len(self.released):], safe
+        return piece
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """(text before, text after) the one ``{speech}`` placeholder."""
+    if prompt.count(SPEECH) != 1:
+        raise ConfigError(f"the prompt needs exactly one {SPEECH} placeholder where the speech goes: {prompt!r}")
+    before, after = prompt.split(SPEECH)
+    return before, after
+
+
+def prompt_from_instruction(instruction: str) -> str:
+    """A prompt from an instruction typed by a user: unchanged when it has the ``{speech}`` placeholder, else
+    ``"<instruction>\\nText: {speech}\\nAnswer:"``; empty: the default (repeat the text)."""
+    instruction = instruction.strip()
+    if not instruction:
+        return DEFAULT_PROMPT
+    if SPEECH in instruction:
+        return instruction
+    return f"{instruction}\nText: {SPEECH}\nAnswer:"
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+class SpeechLMPipeline:
+    """A loaded SpeechLM (encoder + connector + frozen LLM) and its aligner, ready for answers and scores."""
+
+    def __init__(self, model: SpeechLM, aligner: Any = None, chunk_s: float = 25.0, max_clip_s: float = 30.0,
+                 search_s: float = 5.0):
+        if model.encoder is None:
+            raise ModelError("the pipeline needs a SpeechLM with its speech encoder")
+        if model.tokenizer is None:
+            raise ModelError("the pipeline needs a SpeechLM with its tokenizer")
+        if not 0 < search_s < chunk_s <= max_clip_s:
+            raise ConfigError(f"need 0 < search_s < chunk_s <= max_clip_s, got {search_s}, {chunk_s}, {max_clip_s}")
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        self.aligner = aligner
+        self.uses_boundaries = model.connector.cfg.name == "ssr"
+        if self.uses_boundaries and aligner is None:
+            raise ModelError("an SSR connector needs an aligner for its token boundaries")
+        if aligner is not None:
+            from alignment.aligner import check_encoder
+
+            check_encoder(aligner.model, model.encoder)
+        self.sample_rate = int(model.encoder.sample_rate)
+        self.chunk_s, self.max_clip_s, self.search_s = chunk_s, max_clip_s, search_s
+        self.folders: RunFolders | None = None
+
+    @classmethod
+    def from_run(cls, run: str | Path = "runs/tiny", *, connector: str | Path | None = None,
+                 aligner: str | Path | None = None, llm: str | Path | None = None, encoder: str | Path | None = None,
+                 device: str = "cpu", dtype: str = "auto", **kw: Any) -> SpeechLMPipeline:
+        """Load a trained run (or a connector folder); see :func:`resolve_run` for what is looked up where.
+        ``dtype``: the LLM's precision (``auto``: bf16 on a CUDA device that has it, else fp32)."""
+        from speechlm.eval.scoring import load_front_end
+        from speechlm.training.build import eval_dtype, load_llm
+
+        folders = resolve_run(run, connector, aligner, llm, encoder)
+        llm_model, tok = load_llm(str(folders.llm), eval_dtype(dtype, device))
+        model, front = load_front_end(str(folders.connector), llm_model.to(device), tok, str(folders.aligner or ""),
+                                      "free", str(folders.encoder), device)
+        pipe = cls(model, front.aligner, **kw)
+        pipe.folders = folders
+        return pipe
+
+    # -------------------------------------------------------------------------------- audio, speech
+    def load(self, audio: Any, sample_rate: int | None = None) -> torch.Tensor:
+        """A clip as a 1-D float32 waveform at the encoder's rate: from a path (any format soundfile reads),
+        a 1-D tensor/array with ``sample_rate``, or a ``(wave, sample_rate)`` tuple."""
+        from speechlm.data.audio import load_audio, resample
+
+        if isinstance(audio, (str, os.PathLike)):
+            return load_audio(audio, self.sample_rate)
+        if isinstance(audio, tuple) and len(audio) == 2:
+            audio, sample_rate = audio
+        if sample_rate is None:
+            raise AudioError("a waveform needs its sample_rate")
+        arr = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        if np.issubdtype(arr.dtype, np.integer):
+            arr = arr / float(np.iinfo(arr.dtype).max + 1)
+        if arr.ndim != 1:
+            raise AudioError(f"a waveform must be 1-D (samples,), got shape {tuple(arr.shape)}")
+        if arr.size == 0:
+            raise AudioError("audio is empty")
+        if not np.isfinite(arr).all():
+            raise AudioError("audio contains NaN or infinite samples")
+        return resample(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), int(sample_rate), self.sample_rate)
+
+    def chunk_bounds(self, wave: torch.Tensor) -> list[tuple[int, int]]:
+        """(start, end) samples of the windows a clip is encoded in: the whole clip up to ``max_clip_s``, else
+        windows of at most ``chunk_s``, each ending in the middle of the quietest 20 ms of its last ``search_s``
+        (and leaving at least 1 s for the last window)."""
+        sr, n = self.sample_rate, int(wave.shape[0])
+        if n <= self.max_clip_s * sr:
+            return [(0, n)]
+        hop, out, start = int(0.02 * sr), [], 0
+        while n - start > self.chunk_s * sr:
+            hi = min(start + int(self.chunk_s * sr), n - sr)
+            lo = max(start + sr, hi - int(self.search_s * sr))
+            frames = wave[lo:hi][: (hi - lo) // hop * hop].reshape(-1, hop)
+            cut = lo + int(frames.pow(2).mean(1).argmin()) * hop + hop // 2 if len(frames) else hi
+            out.append((start, cut))
+            start = cut
+        return [*out, (start, n)]
+
+    @torch.no_grad()
+    def speech(self, audio: Any, sample_rate: int | None = None) -> Speech:
+        """One clip (see :meth:`load`; a Speech is returned as it is) -> connector vectors, transcript, boundaries."""
+        if isinstance(audio, Speech):
+            return audio
+        t0 = time.perf_counter()
+        wave = self.load(audio, sample_rate)
+        sr = self.sample_rate
+        bounds = self.chunk_bounds(wave)
+        parts = [self._embed_window(wave[s:e], s / sr) for s, e in bounds]
+        ids = [t for p in parts for t in p[1]] if self.uses_boundaries else None
+        timings = {k: sum(p[4][k] for p in parts) for k in ("encode_s", "align_s", "connector_s")}
+        return Speech(SpeechSegment(torch.cat([p[0] for p in parts]), ids=ids), " ".join(p[3] for p in parts if p[3]),
+                      [t for p in parts for t in p[2]], wave.shape[0] / sr, [(s / sr, e / sr) for s, e in bounds],
+                      timings, [w for p in parts for w in p[5]], wave, time.perf_counter() - t0)
+
+    def _embed_window(self, wave: torch.Tensor, offset_s: float
+                      ) -> tuple[torch.Tensor, list[int], list[TokenSpan], str, dict[str, float], list[str]]:
+        """(vectors (N, d_llm), token ids, spans, transcript, timings, warnings) of one window."""
+        model, dev = self.model, self.model.device
+        t0 = time.perf_counter()
+        enc = model.encoder([wave])
+        t1 = time.perf_counter()
+        features, lengths = enc.features, enc.lengths
+        if not self.uses_boundaries:
+            out = model.speech_embeds(features.to(dev), lengths.to(dev))
+            t2 = time.perf_counter()
+            return (out.embeds[0][out.mask[0]], [], [], "", {"encode_s": t1 - t0, "align_s": 0.0,
+                                                             "connector_s": t2 - t1}, [])
+        rate = model.connector.cfg.frame_rate_hz
+        warnings = []
+        try:
+            [res] = self.aligner.align(features, lengths, [None], utt_ids=[f"{offset_s:.2f}s"], target_frame_rate_hz=rate,
+                                       target_num_frames=[int(lengths[0])])
+        except AlignmentError as e:  # e.g. the aligner heard no speech: no vectors for this window
+            res = None
+            warnings.append(f"window at {offset_s:.2f} s: no speech decoded ({e})")
+        t2 = time.perf_counter()
+        if res is None or not res.token_ids:
+            d = model.llm.get_input_embeddings().weight.shape[1]
+            return (torch.zeros(0, d, device=dev), [], [], "",
+                    {"encode_s": t1 - t0, "align_s": t2 - t1, "connector_s": 0.0}, warnings)
+        bounds = torch.tensor([res.token_boundaries], dtype=torch.long, device=dev)
+        out = model.speech_embeds(features.to(dev), lengths.to(dev), bounds, torch.ones_like(bounds, dtype=torch.bool))
+        t3 = time.perf_counter()
+        ends = [offset_s + (b + 1) / rate for b in res.token_boundaries]
+        first = offset_s + (res.words[0].start_s if res.words else 0.0)
+        starts = [min(first, ends[0])] + ends[:-1]
+        spans = [TokenSpan(self.tokenizer.decode([t], clean_up_tokenization_spaces=False), int(t), s, e)
+                 for t, s, e in zip(res.token_ids, starts, ends, strict=True)]
+        return (out.embeds[0][out.mask[0]], list(res.token_ids), spans, res.text,
+                {"encode_s": t1 - t0, "align_s": t2 - t1, "connector_s": t3 - t2}, warnings)
+
+    # -------------------------------------------------------------------------------- prompts
+    def prefix(self, prompt: str, speech: Speech, chat: bool = False) -> list[Segment]:
+        """[text before, speech vectors, text after] of a prompt with one ``{speech}``; BOS first
+        (``chat``: the tokenizer's chat template around the prompt as a user turn, with the generation prompt)."""
+        tok = self.tokenizer
+        before, after = split_prompt(prompt)
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError("this tokenizer has no chat template: use chat=False")
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            before, after = split_prompt(text)
+            pre = text_ids(tok, before) or start_ids(tok)
+        else:
+            pre = start_ids(tok) + text_ids(tok, before)
+        post = text_ids(tok, after)
+        return [TextSegment(pre), speech.segment] + ([TextSegment(post)] if post else [])
+
+    # -------------------------------------------------------------------------------- answers
+    def generate(self, audio: Any, prompt: str = DEFAULT_PROMPT, *, sample_rate: int | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] | None = DEFAULT_STOP, seed: int | None = None, chat: bool = False,
+                 no_repeat_ngram: int = 0, stream: bool = False
+                 ) -> InferenceResult | list[InferenceResult] | GenerationStream:
+        """Answer ``prompt`` about one clip (an InferenceResult) or a list of clips (a list of them); a clip is
+        anything :meth:`load` takes, or a :class:`Speech` from :meth:`speech` (e.g. to plot it first).
+
+        ``temperature`` 0 is greedy; above 0 samples (``top_p`` nucleus, ``seed`` for a reproducible draw).
+        Decoding stops at EOS, after ``max_new_tokens`` or at the first of the ``stop`` strings.
+        ``stream=True`` (one clip) returns a :class:`GenerationStream` of text pieces instead.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        options = {"sample_rate": sample_rate, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                   "top_p": top_p, "stop": stop, "seed": seed, "chat": chat, "no_repeat_ngram": no_repeat_ngram}
+        if isinstance(audio, list):
+            if stream:
+                raise ValueError("stream=True answers one clip at a time")
+            return [self.generate(a, prompt, **options) for a in audio]
+        # timings run from the audio: a Speech made earlier brings the seconds it took
+        t0 = time.perf_counter() - (audio.elapsed_s if isinstance(audio, Speech) else 0.0)
+        speech = self.speech(audio, sample_rate)
+        prefix = self.prefix(prompt, speech, chat)  # errors here, not at the first next()
+        pieces = GenerationStream(self._decode(speech, prompt, prefix, t0, max_new_tokens, temperature, top_p,
+                                               tuple(stop or ()), seed, no_repeat_ngram))
+        if stream:
+            return pieces
+        for _ in pieces:
+            pass
+        assert pieces.result is not None
+        return pieces.result
+
+    def _decode(self, speech: Speech, prompt: str, prefix: list[Segment], t0: float, max_new_tokens: int,
+                temperature: float, top_p: float, stop: tuple[str, ...], seed: int | None, no_repeat_ngram: int
+                ) -> Iterator[str]:
+        tok = self.tokenizer
+        eos = {tok.eos_token_id} - {None}
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
+        text = TextAssembler(tok, stop)
+        tokens = sample_tokens(self.model, prefix, temperature, top_p, generator, no_repeat_ngram)
+        first_s = None
+        try:
+            for _ in range(max_new_tokens):
+                t = next(tokens)
+                first_s = time.perf_counter() - t0 if first_s is None else first_s
+                if t in eos:
+                    break
+                piece = text.push(t)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    break
+        finally:
+            tokens.close()
+        tail = text.finish()
+        if tail:
+            yield tail
+        total = time.perf_counter() - t0
+        timings = {**speech.timings, "first_token_s": first_s if first_s is not None else total, "total_s": total}
+        return InferenceResult(text.answer, speech.transcript, speech.tokens, timings, speech.duration_s, prompt,
+                               list(text.ids), speech.chunks, speech.warnings)
+
+    @torch.no_grad()
+    def score(self, audio: Any, continuation: str | list[str], prompt: str = SPEECH, *, sample_rate: int | None = None,
+              chat: bool = False) -> float | list[float]:
+        """Log-likelihood (natural log, summed over its tokens) of text ``continuation`` after the prompt with
+        the clip's speech (default: BOS + speech); a list of clips gives a list (one continuation each, or
+        the same for all)."""
+        clips = audio if isinstance(audio, list) else [audio]
+        conts = continuation if isinstance(continuation, list) else [continuation] * len(clips)
+        if len(conts) != len(clips):
+            raise ValueError(f"{len(clips)} clips but {len(conts)} continuations")
+        ids = [text_ids(self.tokenizer, c) for c in conts]
+        if any(not x for x in ids):
+            raise ValueError("a continuation has no tokens")
+        prefixes = [self.prefix(prompt, self.speech(a, sample_rate), chat) for a in clips]
+        scores = [float(lp.sum()) for lp in self.model.score(prefixes, ids)]
+        return scores if isinstance(audio, list) else scores[0]
