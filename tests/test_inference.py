@@ -380,3 +380,36 @@ def test_infer_cli_reports_a_corrupt_file_and_answers_the_good_one(tiny, tmp_pat
     # setup errors stop before any output
     assert infer.main([str(folder), "--run", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]) == 1
     assert "no trained connector" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_real_offline_models(tmp_path):
+    """The real embedded models (Whisper base + SmolLM2-135M, converted from the registry packages) behind a
+    freshly initialised SSR connector and aligner: found by the names in the connector's config, a spoken
+    sentence goes through encoder, aligner, connector and LLM (plain and chat-template prompts), with
+    boundaries inside the clip and finite scores. (The answers' quality is the trained run's business.)"""
+    from alignment.ctc_model import CTCAligner, char_ctc_config
+    from speechlm import paths
+    from speechlm.models import convert
+    from speechlm.models.connectors import build_connector
+
+    convert.prepare_model(paths.SMOLLM2_135M)
+    convert.prepare_model(paths.WHISPER_BASE)
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    build_connector({"name": "ssr", "d_enc": 512, "d_llm": 576, "d_model": 64, "n_heads": 4, "n_layers": 1,
+                     "stack": 4, "slot_readout": True, "encoder_name": paths.WHISPER_BASE, "encoder_layers": [6],
+                     "llm_name": paths.SMOLLM2_135M, "llm_vocab_size": 49152}).save_pretrained(run / "stage1" / "connector")
+    CTCAligner(char_ctc_config(input_dim=512, d_model=32, layers=1, heads=2, dropout=0.0,
+                               encoder_name=paths.WHISPER_BASE, encoder_layers=[6])).save_pretrained(run / "aligner")
+    torch.set_num_threads(2)
+    pipe = SpeechLMPipeline.from_run(run)
+    wav = speech_wav(tmp_path / "tom.wav")
+    duration_s = sf.info(str(wav)).duration
+    plain = pipe.generate(wav, max_new_tokens=8)
+    chat = pipe.generate(wav, "Repeat this: {speech}", chat=True, max_new_tokens=8)
+    for r in (plain, chat):
+        assert isinstance(r.answer, str) and r.answer.strip()
+        check_boundaries(r.tokens, duration_s)
+        assert r.timings["total_s"] >= r.timings["first_token_s"] > 0
+    assert math.isfinite(pipe.score(wav, " Tom went to the store."))
