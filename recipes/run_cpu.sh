@@ -77,13 +77,48 @@ fresh() {
   if [ "$skipping" = 0 ] && [ -d "$1" ]; then echo "=== removing $1 (earlier steps ran: a fresh start)"; rm -rf "$1"; fi
 }
 
-# launch SCRIPT ARGS...: a training stage with $RANKS CPU ranks (deepspeed launcher) or one process.
-launch() {
-  if [ "$RANKS" -gt 1 ]; then
-    deepspeed --num_gpus "$RANKS" --master_port "${MASTER_PORT:-29511}" "$@"
+# Preemption: SIGTERM / SIGUSR1 (and Ctrl-C) are passed on to the training ranks, which finish their step,
+# checkpoint and exit 75; this script then exits 75 too (FROM=<that stage> resumes it). Only the ranks are
+# signalled: the single-node `deepspeed` command dies on SIGTERM without passing it on, and DeepSpeed's
+# launch.py would kill the ranks 30 s later. The launcher runs in its own process group, so a terminal's
+# Ctrl-C reaches only this script, which turns it into SIGTERM for the ranks.
+child=
+forward() {  # forward SIGNAL: to the ranks of the running stage, else die of it
+  local sig=$1 p
+  if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
+    echo "=== SIG$sig: passing it on to the training ranks (they checkpoint and exit 75)" >&2
+    if [ "$RANKS" -gt 1 ]; then  # deepspeed (runner) -> launch.py -> the ranks
+      for p in $(pgrep -P "$child"); do pkill "-$sig" -P "$p" || true; done
+    else
+      kill "-$sig" "$child" || true
+    fi
   else
-    "$PY" "$@"
+    trap - "$sig"; kill "-$sig" $$
   fi
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward TERM' INT
+
+# launch SCRIPT ARGS...: a training stage with $RANKS CPU ranks (deepspeed launcher) or one process,
+# in the background (own process group) so that the traps above run while it trains.
+launch() {
+  local rc=0
+  set -m
+  if [ "$RANKS" -gt 1 ]; then
+    deepspeed --num_gpus "$RANKS" --master_port "${MASTER_PORT:-29511}" "$@" &
+  else
+    "$PY" "$@" &
+  fi
+  child=$!
+  set +m
+  while :; do
+    wait "$child" && rc=0 || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # a trapped signal only interrupted the wait: the stage still runs
+  done
+  child=
+  [ "$rc" = 75 ] && echo "=== preempted: the checkpoint is saved; FROM=<this stage> resumes it" >&2
+  return "$rc"
 }
 
 step prepare_models "$PY" tools/prepare_models.py --threads 2

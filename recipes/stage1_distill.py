@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from speechlm.config import load_config, save_config
+from speechlm.errors import EXIT_PREEMPTED, Preempted
 from speechlm.training import build
 from speechlm.training.configs import Stage1Config
 from speechlm.training.engine import (
@@ -31,8 +32,13 @@ from speechlm.training.engine import (
     set_threads,
     train_dtype,
 )
-from speechlm.training.loop import BatchPrep, train_loop, validate
+from speechlm.training.loop import BatchPrep, install_stop_handlers, train_loop, validate
 from speechlm.training.stages import Stage1Distill, TokenEmbedding
+
+
+def batch_limits(data) -> dict[str, int]:
+    """The config keys that bound a batch's size (quoted when one runs out of memory)."""
+    return {"data.max_frames": data.max_frames, "data.max_tokens": data.max_tokens, "data.max_batch": data.max_batch}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; ignored")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
+    install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (before any worker forks)
     cfg = load_config(Stage1Config, args.config, args.overrides)
 
     info = init_distributed()
@@ -69,17 +76,24 @@ def main(argv: list[str] | None = None) -> dict:
     if encoder is not None:
         encoder.to(engine.device)
     prep = BatchPrep(engine.device, next(model.connector.parameters()).dtype, encoder)
-    train = build.train_batches(cfg.data, build.make_reader(cfg.data, enc, tokenizer), info, cfg.seed,
-                                tuple(start["position"]) if start else (0, 0))
-    valid = build.valid_batches(cfg.data, build.make_reader(cfg.data, enc, tokenizer, valid=True), info)
+    reader = build.make_reader(cfg.data, enc, tokenizer)
+    valid_reader = build.make_reader(cfg.data, enc, tokenizer, valid=True)
+    reader.skip_bad = valid_reader.skip_bad = cfg.data.skip_bad  # rows unreadable at training time
+    train = build.train_batches(cfg.data, reader, info, cfg.seed, tuple(start["position"]) if start else (0, 0))
+    valid = build.valid_batches(cfg.data, valid_reader, info)
 
     result = train_loop(engine, train, prep, lambda: validate(engine, valid(), prep), cfg.loop, out_dir, identity,
                         export=lambda folder: export_module(engine, connector, folder), start=start,
-                        frozen_check=lambda: frozen_fingerprint(embedding, engine), title="stage 1: distillation")
+                        frozen_check=lambda: frozen_fingerprint(embedding, engine), title="stage 1: distillation",
+                        batch_limits=batch_limits(cfg.data))
     if info.is_main:
         print(json.dumps({"stage1": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Preempted as e:  # SIGTERM/SIGUSR1: the checkpoint is saved; the same command resumes
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from speechlm.config import load_config, save_config
 from speechlm.data.batching import TextBatches
-from speechlm.errors import ConfigError
+from speechlm.errors import EXIT_PREEMPTED, ConfigError, Preempted
 from speechlm.models.connectors.base import load_connector
 from speechlm.models.speechlm import SpeechLM
 from speechlm.training import build
@@ -37,7 +37,7 @@ from speechlm.training.engine import (
     set_threads,
     train_dtype,
 )
-from speechlm.training.loop import BatchPrep, train_loop, validate
+from speechlm.training.loop import BatchPrep, install_stop_handlers, train_loop, validate
 from speechlm.training.stages import Stage2Finetune
 
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; ignored")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
+    install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (before any worker forks)
     cfg = load_config(Stage2Config, args.config, args.overrides)
     if cfg.variant not in ("frozen", "lora", "multitask"):
         raise ConfigError(f"variant must be frozen, lora or multitask, not {cfg.variant!r}")
@@ -94,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     need_bnd = connector.cfg.name == "ssr"
     dtype = next(connector.parameters()).dtype
     prep = BatchPrep(engine.device, dtype, encoder, text, cfg.text_ratio, cfg.seed)
-    train = build.train_batches(cfg.data, build.make_reader(cfg.data, enc, tokenizer, need_boundaries=need_bnd),
-                                info, cfg.seed, tuple(start["position"]) if start else (0, 0))
+    reader = build.make_reader(cfg.data, enc, tokenizer, need_boundaries=need_bnd)
     valid_reader = build.make_reader(cfg.data, enc, tokenizer, valid=True, need_boundaries=need_bnd)
+    reader.skip_bad = valid_reader.skip_bad = cfg.data.skip_bad  # rows unreadable at training time
+    train = build.train_batches(cfg.data, reader, info, cfg.seed, tuple(start["position"]) if start else (0, 0))
     valid = build.valid_batches(cfg.data, valid_reader, info)
     leak_utts = (build.read_split(cfg.data.valid_manifest or cfg.data.train_manifest, cfg.data.valid_split,
                                   cfg.leakage_utts) if cfg.leakage_utts > 0 and need_bnd else [])
@@ -114,11 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = train_loop(engine, train, prep, run_validation, cfg.loop, out_dir, identity, export=export, start=start,
                         frozen_check=lambda: frozen_fingerprint(speechlm.llm, engine),
-                        title=f"stage 2: next-token ({cfg.variant})")
+                        title=f"stage 2: next-token ({cfg.variant})",
+                        batch_limits={"data.max_frames": cfg.data.max_frames, "data.max_tokens": cfg.data.max_tokens,
+                                      "data.max_batch": cfg.data.max_batch})
     if info.is_main:
         print(json.dumps({"stage2": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Preempted as e:  # SIGTERM/SIGUSR1: the checkpoint is saved; the same command resumes
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)

@@ -31,3 +31,35 @@ class ConfigError(SpeechLMError):
 
 class FeatureCacheError(SpeechLMError):
     """A feature cache is incomplete, stale, or was built by another encoder (message names the folder)."""
+
+
+class NonFiniteError(SpeechLMError):
+    """Training produced non-finite losses, gradients or weights (message names the step and the batch)."""
+
+
+class BatchMemoryError(SpeechLMError):
+    """A training batch did not fit in memory (message names its size, its rows and the config keys bounding it)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (e.g. a full disk); the previous complete checkpoint is left as it was."""
+
+
+class RankError(SpeechLMError):
+    """Another rank failed; raised on every other rank too, so that none waits forever for the failed one."""
+
+
+class Preempted(SpeechLMError):
+    """Training stopped on SIGTERM/SIGUSR1 after checkpointing its last finished step; run it again to resume.
+
+    Recipes exit with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL`` of sysexits.h: try again later).
+    """
+
+    def __init__(self, message: str, step: int, signal_name: str):
+        super().__init__(message)
+        self.step = step
+        self.signal_name = signal_name
+
+
+#: Exit status of a training recipe stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL).
+EXIT_PREEMPTED = 75

@@ -238,7 +238,7 @@ def test_end_to_end_report(world, tmp_path, capsys):
     # ... and what the stage-1 validation reports (its own batches and loss module)
     valid = build.valid_batches(data, build.make_reader(data, enc, tok, valid=True), DistInfo(0, 1, 0, 1))
     model = Stage1Distill(connector, TokenEmbedding(table))
-    m = validate(SimpleNamespace(ds=model), valid(), BatchPrep(torch.device("cpu")))
+    m = validate(SimpleNamespace(ds=model, info=DistInfo(0, 1, 0, 1)), valid(), BatchPrep(torch.device("cpu")))
     assert m["tokens"] == n
     assert m["token_acc"] == pytest.approx(cls["all"]["token_acc"], abs=1e-9)
     assert m["cosine"] == pytest.approx(cls["all"]["cosine"], abs=1e-5)

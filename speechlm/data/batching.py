@@ -16,10 +16,11 @@ as waveforms that :func:`encode_batch` turns into features on the training devic
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from alignment.tokens import convert_boundaries  # the one boundary rate conversion (re-exported here)
 from speechlm.data.audio import load_audio
 from speechlm.data.manifest import Utterance, iter_manifest
-from speechlm.errors import ConfigError, ManifestError
+from speechlm.errors import AudioError, ConfigError, FeatureCacheError, ManifestError
+
+log = logging.getLogger(__name__)
 
 
 # -------------------------------------------------------------------------------------------- batch
@@ -49,10 +52,17 @@ class Batch:
     epoch: int = 0  # position of this batch in its rank's data order (for exact resume)
     index: int = 0
     counted: bool = True  # False for the filler batches that equalise validation across ranks
+    # Rows left out because their audio or features could not be read (ExampleReader.skip_bad): (id, why)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_mask.sum())
+
+    @property
+    def empty(self) -> bool:
+        """No row left (every row of it was skipped)."""
+        return not self.utt_ids
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Tensors moved to ``device``; ``dtype`` (e.g. bf16) applies to the features only."""
@@ -110,6 +120,12 @@ def collate(examples: Sequence[Example], epoch: int = 0, index: int = 0) -> Batc
                  waves=waves, epoch=epoch, index=index)
 
 
+def empty_batch(epoch: int = 0, index: int = 0) -> Batch:
+    """A batch with no rows: what is left when every row of one failed to load (``skip_bad``)."""
+    return Batch([], torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool), None, None, None,
+                 epoch=epoch, index=index)
+
+
 @torch.no_grad()
 def encode_batch(batch: Batch, encoder: Any) -> Batch:
     """The on-the-fly path: run the frozen encoder on ``batch.waves``; fills features and frame lengths."""
@@ -130,11 +146,18 @@ class ExampleReader:
 
     With ``feature_cache`` (a folder) the features are read from it (opened lazily, once per process,
     so DataLoader workers each get their own file handles); without, the audio is loaded for
-    :func:`encode_batch`.
+    :func:`encode_batch`. ``skip_bad`` (config ``data.skip_bad``): :meth:`read_batch` leaves out a row
+    whose audio or features cannot be read (e.g. deleted after the run started) and lists it in
+    ``Batch.skipped``; otherwise the error names the file and the row.
     """
 
+    #: What a row's file going missing or unreadable raises (what ``skip_bad`` skips).
+    READ_ERRORS = (AudioError, FeatureCacheError, OSError)
+
     def __init__(self, tokenizer: Any, frame_rate_hz: float, feature_cache: str | Path | None = None,
-                 encoder_key: dict | None = None, sample_rate: int = 16_000, need_boundaries: bool = True):
+                 encoder_key: dict | None = None, sample_rate: int = 16_000, need_boundaries: bool = True,
+                 skip_bad: bool = False):
+        self.skip_bad = skip_bad
         self.tokenizer = tokenizer
         self.frame_rate_hz = float(frame_rate_hz)
         self.feature_cache = Path(feature_cache) if feature_cache else None
@@ -179,6 +202,24 @@ class ExampleReader:
             return Example(utt.id, ids, bnd, features=self.cache[utt.id])
         wave = load_audio(utt.audio_path, target_sr=self.sample_rate, expected_sr=utt.sample_rate)
         return Example(utt.id, ids, bnd, wave=wave)
+
+    def read_batch(self, utts: Sequence[Utterance], epoch: int = 0, index: int = 0) -> Batch:
+        """The collated :class:`Batch` of ``utts``; unreadable rows are skipped (``skip_bad``) or raise."""
+        examples, skipped = [], []
+        for utt in utts:
+            try:
+                examples.append(self.read(utt))
+            except self.READ_ERRORS as e:
+                if not getattr(self, "skip_bad", False):
+                    if isinstance(e, (AudioError, FeatureCacheError)):
+                        raise type(e)(f"{e} (row {utt.id!r}; data.skip_bad=true skips such rows)"
+                                      ) from None
+                    raise
+                log.warning("skipping row %r (data.skip_bad): %s", utt.id, e)
+                skipped.append((utt.id, f"{type(e).__name__}: {e}"))
+        batch = collate(examples, epoch, index) if examples else empty_batch(epoch, index)
+        batch.skipped = skipped
+        return batch
 
 
 # --------------------------------------------------------------------------------------- buckets
@@ -303,7 +344,7 @@ class SpeechTextDataset(Dataset):
         return frames, tokens
 
     def __getitem__(self, key: BatchKey) -> Batch:
-        batch = collate([self.reader.read(self.utts[i]) for i in key.indices], key.epoch, key.index)
+        batch = self.reader.read_batch([self.utts[i] for i in key.indices], key.epoch, key.index)
         batch.counted = key.counted
         return batch
 
@@ -407,7 +448,7 @@ class ShardedManifestStream(IterableDataset):
                 if i < start:
                     continue
                 if k % nw == wid:
-                    yield collate([self.reader.read(u) for u in rows], epoch, i)
+                    yield self.reader.read_batch(rows, epoch, i)
                 k += 1
             if empty:
                 raise ConfigError(f"rank {self.rank}: its manifest shards hold no rows")

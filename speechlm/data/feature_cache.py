@@ -123,11 +123,16 @@ class FeatureCache:
         entry = self._entry(utt_id)
         if os.getpid() != self._pid:  # never share open handles across a fork (DataLoader workers)
             self._handles, self._pid = {}, os.getpid()
-        handle = self._handles.get(entry["shard"])
-        if handle is None:
-            handle = safe_open(str(self.root / entry["shard"]), framework="pt")
-            self._handles[entry["shard"]] = handle
-        return handle.get_tensor(utt_id).float()  # type: ignore[attr-defined]
+        try:
+            handle = self._handles.get(entry["shard"])
+            if handle is None:
+                handle = safe_open(str(self.root / entry["shard"]), framework="pt")
+                self._handles[entry["shard"]] = handle
+            return handle.get_tensor(utt_id).float()  # type: ignore[attr-defined]
+        except (OSError, SafetensorError) as e:  # the shard was deleted or damaged after the cache was opened
+            self._handles.pop(entry["shard"], None)
+            raise FeatureCacheError(f"{self.root / entry['shard']}: feature-cache shard unreadable (utterance "
+                                    f"{utt_id!r}: {e})") from None
 
     def check_fresh(self, utts: Iterable[Utterance]) -> None:
         """Raise :class:`FeatureCacheError` if an utterance is missing or its audio changed since caching."""

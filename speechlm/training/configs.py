@@ -46,6 +46,9 @@ class DataConfig:
     stream_window: int = 2_000  # streaming: rows sorted into buckets together
     num_workers: int = 0  # DataLoader worker processes per rank
     valid_max_utts: int = 0  # validate on the first n rows only (0 = all)
+    # A row whose audio or cached features cannot be read at training time (deleted, damaged) is skipped,
+    # logged and counted (metrics rows_skipped); false = the run stops on every rank, naming the file.
+    skip_bad: bool = False
 
 
 @dataclass

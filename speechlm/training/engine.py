@@ -9,10 +9,19 @@ Checkpoint layout (``ckpt_dir``)::
                      trainer_state_rank{r}.pt (step, data position, RNG states of that rank),
                      meta.json (identity of the run + size and sha256 of every file), written last
     latest           name of the newest COMPLETE checkpoint, replaced atomically after meta.json
+
+A checkpoint is written into ``.step-00000100.tmp/`` and renamed to ``step-00000100/`` once every rank's
+files and meta.json are there; ``latest`` is replaced last. A failed write (a full disk, an I/O error on
+any rank) is agreed on by all ranks, removes the temporary folder and raises :class:`CheckpointWriteError`
+on every rank naming the folder, the space the checkpoint needs and the space free: the previous
+checkpoint and ``latest`` are left as they were, so a restart resumes from there. Weights that are not
+finite are never saved or exported (:class:`NonFiniteError` instead).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -30,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from speechlm.atomic import atomic_write_text
-from speechlm.errors import CheckpointError, ConfigError
+from speechlm.errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteError
 from speechlm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -52,7 +61,9 @@ class EngineConfig:
     lr_floor: float = 0.2  # cosine decay ends at lr_floor * lr
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    precision: str = "auto"  # "auto" (bf16 where the accelerator has it, else fp32) | "bf16" | "fp32"
+    # "auto" (bf16 where the accelerator has it, else fp32) | "bf16" | "fp32" | "fp16" (DeepSpeed's dynamic
+    # loss scaling: steps whose scaled gradients overflow are skipped and counted, see ds_skipped_steps)
+    precision: str = "auto"
     threads: int = 0  # torch threads per rank; 0 = CPU cores / ranks on this node
 
 
@@ -127,36 +138,65 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """Where small control tensors go for a collective: the GPU under NCCL (which has no CPU tensors), else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(values: list[float], op: Any = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if _distributed():
+        t = t.to(_comm_device())
+        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
+    return [float(v) for v in t.cpu()]
+
+
 def all_mean(values: dict[str, float], weights: float = 1.0) -> dict[str, float]:
     """Weighted mean of scalar metrics over ranks (weights: e.g. token counts; one all-reduce)."""
     keys = sorted(values)
-    t = torch.tensor([values[k] * weights for k in keys] + [weights], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    total = float(t[-1]) or 1.0
-    return {k: float(t[i]) / total for i, k in enumerate(keys)}
+    t = _all_reduce([values[k] * weights for k in keys] + [weights])
+    total = t[-1] or 1.0
+    return {k: t[i] / total for i, k in enumerate(keys)}
 
 
 def all_sum(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return {k: float(t[i]) for i, k in enumerate(keys)}
+    t = _all_reduce([float(values[k]) for k in keys])
+    return {k: t[i] for i, k in enumerate(keys)}
+
+
+def all_max(flags: list[float]) -> list[float]:
+    """Element-wise maximum over ranks (one small all-reduce): how every rank learns that any rank hit something."""
+    return _all_reduce([float(f) for f in flags], dist.ReduceOp.MAX)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (pickled; for the rare error paths, not per step)."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ------------------------------------------------------------------------------------ deepspeed
 def use_bf16(precision: str) -> bool:
     from deepspeed.accelerator import get_accelerator
 
-    if precision == "fp32":
+    if precision in ("fp32", "fp16"):
         return False
     acc = get_accelerator()
     has = acc.device_name() != "cpu" and bool(acc.is_bf16_supported())
     if precision == "bf16" and not has:
         raise ConfigError(f"precision=bf16 but the {acc.device_name()} accelerator has no bf16 training support")
     if precision not in ("auto", "bf16"):
-        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        raise ConfigError(f"precision must be auto, bf16, fp32 or fp16, not {precision!r}")
     return has
 
 
@@ -177,13 +217,29 @@ def ds_config(cfg: EngineConfig) -> dict:
     bf16 = use_bf16(cfg.precision)
     if conf.setdefault("bf16", {}).get("enabled", "auto") == "auto":
         conf["bf16"]["enabled"] = bf16
-    conf.pop("fp16", None) if bf16 else None
+    if conf["bf16"]["enabled"]:
+        conf.pop("fp16", None)
+        # DeepSpeed then skips (and counts) a step whose gradients are not finite, as it does for fp16/fp32
+        conf["bf16"].setdefault("check_grad_overflow", True)
+    if cfg.precision == "fp16":
+        if conf["bf16"]["enabled"]:
+            raise ConfigError(f"precision=fp16 but {path} enables bf16")
+        fp16 = conf.setdefault("fp16", {})
+        fp16["enabled"] = True
+        fp16.setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+        fp16.setdefault("initial_scale_power", 16)
+        fp16.setdefault("loss_scale_window", 1000)
+        fp16.setdefault("hysteresis", 2)
+        fp16.setdefault("min_loss_scale", 1)
     return conf
 
 
 def train_dtype(cfg: EngineConfig) -> torch.dtype:
     """The precision DeepSpeed will train in: frozen models are loaded straight into it (no fp32 copy)."""
-    return torch.bfloat16 if ds_config(cfg)["bf16"]["enabled"] else torch.float32
+    conf = ds_config(cfg)
+    if conf["bf16"]["enabled"]:
+        return torch.bfloat16
+    return torch.float16 if conf.get("fp16", {}).get("enabled") is True else torch.float32
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -222,6 +278,25 @@ class Engine:
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    @property
+    def fp16(self) -> bool:
+        return bool(self.ds.fp16_enabled())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped (fp16 loss-scale overflows, non-finite gradients) since this process began."""
+        return int(getattr(self.ds, "skipped_steps", 0))
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current fp16 dynamic loss scale (None when not training in fp16)."""
+        if not self.fp16:
+            return None
+        scale = getattr(self.ds.optimizer, "cur_scale", None)
+        if scale is None:
+            scale = getattr(self.ds.optimizer, "loss_scale", None)
+        return float(scale) if scale is not None else None
 
 
 def build_engine(model: nn.Module, cfg: EngineConfig, total_steps: int, info: DistInfo) -> Engine:
@@ -284,36 +359,101 @@ def _nullcontext():
     return contextlib.nullcontext()
 
 
+def nonfinite_parameters(engine: Engine, module: nn.Module | None = None, trainable_only: bool = True) -> list[str]:
+    """Names of the parameters of ``module`` (default: the engine's) holding NaN or infinity, on every rank.
+
+    Under ZeRO-3 each rank checks its own partition; the answer is agreed with one all-reduce (all ranks
+    call this), and the names are gathered only when there is something to report.
+    """
+    bad = []
+    for name, p in (module if module is not None else engine.module).named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data  # ZeRO-3: this rank's partition
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    if not all_max([1.0 if bad else 0.0])[0]:
+        return []
+    return sorted({n for names in gather_objects(bad) for n in names})
+
+
+def check_finite_weights(engine: Engine, what: str, module: nn.Module | None = None,
+                         trainable_only: bool = True) -> None:
+    """Raise :class:`NonFiniteError` on every rank when weights about to be written are not finite."""
+    bad = nonfinite_parameters(engine, module, trainable_only)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(f"refusing to write {what}: non-finite values (NaN/inf) in {', '.join(bad[:5])}{more}; "
+                             "the last checkpoint and export on disk are left as they were")
+
+
+def _agree(engine: Engine, err: BaseException | None) -> list[str] | None:
+    """One all-reduce: did any rank fail? If so, every rank gets the failures as ["rank r: Type: message", ...]."""
+    if not all_max([1.0 if err is not None else 0.0])[0]:
+        return None
+    mine = None if err is None else f"rank {engine.info.rank}: {type(err).__name__}: {err}"
+    return [m for m in gather_objects(mine) if m]
+
+
 def export_module(engine: Engine, module: nn.Module, folder: str | Path) -> None:
-    """``module.save_pretrained(folder)`` on rank 0, gathering ZeRO-3 partitions first (all ranks call it)."""
+    """``module.save_pretrained(folder)`` on rank 0, gathering ZeRO-3 partitions first (all ranks call it).
+
+    Non-finite weights are refused on every rank; a failed write on rank 0 is raised on every rank."""
+    check_finite_weights(engine, f"the export {folder}", module, trainable_only=False)
+    err = None
     with gathered(list(module.parameters()), engine):
         if engine.info.is_main:
-            if engine.bf16:  # the export is fp32, whatever the training precision
-                import copy
+            try:
+                if engine.bf16 or engine.fp16:  # the export is fp32, whatever the training precision
+                    import copy
 
-                module = copy.deepcopy(module).float()
-            module.save_pretrained(folder)
-    barrier()
+                    module = copy.deepcopy(module).float()
+                module.save_pretrained(folder)
+            except Exception as e:  # noqa: BLE001 -- any failed write must reach the other ranks
+                err = e
+    failures = _agree(engine, err)
+    if failures:
+        raise CheckpointWriteError(f"{folder}: export failed ({'; '.join(failures)}); "
+                                   f"{_space_text(Path(folder).parent)}") from err
 
 
 def export_lora(engine: Engine, peft_model: nn.Module, folder: str | Path) -> None:
     """Save the LoRA adapter of a PEFT-wrapped LLM (only its trainable matrices) atomically on rank 0."""
     from speechlm.atomic import atomic_path
 
+    check_finite_weights(engine, f"the LoRA export {folder}", peft_model)
+    err = None
     with gathered([p for p in peft_model.parameters() if p.requires_grad], engine):
         if engine.info.is_main:
-            with atomic_path(folder) as tmp:
-                peft_model.save_pretrained(str(tmp))
-    barrier()
+            try:
+                with atomic_path(folder) as tmp:
+                    peft_model.save_pretrained(str(tmp))
+            except Exception as e:  # noqa: BLE001
+                err = e
+    failures = _agree(engine, err)
+    if failures:
+        raise CheckpointWriteError(f"{folder}: LoRA export failed ({'; '.join(failures)}); "
+                                   f"{_space_text(Path(folder).parent)}") from err
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, fsync: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())  # on disk before meta.json calls the checkpoint complete
     return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -329,33 +469,149 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return path
 
 
+def checkpoint_bytes(path: str | Path) -> int:
+    """Size of a complete checkpoint folder, from its meta.json."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    return sum(int(f["size"]) for f in meta["files"].values()) + (Path(path) / "meta.json").stat().st_size
+
+
+def estimate_checkpoint_bytes(engine: Engine, ckpt_dir: str | Path) -> int:
+    """Bytes the next checkpoint will take: the size of the latest one, else trainable parameters x (their
+    own size + fp32 master copy + two Adam moments)."""
+    with contextlib.suppress(CheckpointError, OSError, ValueError, KeyError):
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is not None:
+            return checkpoint_bytes(latest)
+    total = 0
+    for p in engine.module.parameters():
+        if p.requires_grad:
+            n = int(getattr(p, "ds_numel", p.numel()))
+            total += n * (p.element_size() + 12)
+    return total
+
+
+def _space_text(folder: Path, needed: int | None = None) -> str:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB free on the filesystem of {probe}"
+    except OSError as e:
+        free = f"free space of {probe} unknown ({e})"
+    return (f"the checkpoint needs ~{needed / 2**20:,.1f} MiB, " if needed is not None else "") + free
+
+
+@contextlib.contextmanager
+def _failing_writes(active: bool):
+    """Fault injection (SPEECHLM_FAULT=enospc_at_save:N): every torch.save on this rank fails with ENOSPC."""
+    if not active:
+        yield
+        return
+    real = torch.save
+
+    def full_disk(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by SPEECHLM_FAULT)", str(f))
+
+    torch.save = full_disk
+    try:
+        yield
+    finally:
+        torch.save = real
+
+
 def save_checkpoint(engine: Engine, ckpt_dir: str | Path, step: int, identity: dict, trainer_state: dict,
-                    keep: int = 2) -> Path:
-    """Save a resumable checkpoint (all ranks call this); it becomes ``latest`` only once complete."""
+                    keep: int = 2, fail_writes: bool = False) -> Path:
+    """Save a resumable checkpoint (all ranks call this); it becomes ``latest`` only once complete.
+
+    Written into ``.step-N.tmp`` and renamed when every rank's files and meta.json are there. Any rank's
+    failure (a full disk: also refused up front when the filesystem has less free space than the last
+    checkpoint took) raises :class:`CheckpointWriteError` on every rank; the previous checkpoint and
+    ``latest`` stay as they were. ``fail_writes``: fault injection, this rank's writes fail with ENOSPC.
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step-{step:08d}"
     path = ckpt_dir / tag
+    tmp = ckpt_dir / f".{tag}.tmp"
+    check_finite_weights(engine, f"checkpoint {path}")
+    needed = estimate_checkpoint_bytes(engine, ckpt_dir)
+    previous = None
+    with contextlib.suppress(CheckpointError, OSError):
+        previous = latest_checkpoint(ckpt_dir)
+
+    def fail(failures: list[str], err: BaseException | None) -> None:
+        if engine.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        kept = (f"the previous checkpoint {previous} is untouched and `latest` still names it: a restart "
+                "resumes from there" if previous is not None else "there is no earlier checkpoint")
+        raise CheckpointWriteError(f"{path}: writing the checkpoint failed ({'; '.join(failures)}); "
+                                   f"{_space_text(ckpt_dir, needed)}; {kept}") from err
+
+    err: BaseException | None = None
     if engine.info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(path, ignore_errors=True)  # a torn earlier attempt at this step
-    barrier()
-    engine.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
-                              exclude_frozen_parameters=True)
-    state = {"step": step, "rank": engine.info.rank, "rng": rng_state(), **trainer_state}
-    torch.save(state, path / f"trainer_state_rank{engine.info.rank}.pt")
-    barrier()
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ckpt_dir.glob(".step-*.tmp"):  # temporaries of a killed or failed save
+                shutil.rmtree(stale, ignore_errors=True)
+            free = shutil.disk_usage(ckpt_dir).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, f"not enough free space: {free / 2**20:,.1f} MiB free, "
+                              f"~{needed / 2**20:,.1f} MiB needed", str(ckpt_dir))
+            tmp.mkdir()
+        except OSError as e:
+            err = e
+    failures = _agree(engine, err)
+    if failures:
+        fail(failures, err)
+
+    try:
+        with _failing_writes(fail_writes):
+            engine.ds.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"step": step}, save_latest=False,
+                                      exclude_frozen_parameters=True)
+    except Exception as e:  # noqa: BLE001 -- torch.save raises RuntimeError on a failed write, not only OSError
+        err = e
+        # DeepSpeed's save ends in a barrier that the ranks whose writes worked are waiting in: join it, then agree
+        barrier()
+    if err is None:
+        state = {"step": step, "rank": engine.info.rank, "rng": rng_state(), **trainer_state}
+        try:
+            with _failing_writes(fail_writes):
+                torch.save(state, tmp / f"trainer_state_rank{engine.info.rank}.pt")
+        except Exception as e:  # noqa: BLE001
+            err = e
+    failures = _agree(engine, err)
+    if failures:
+        fail(failures, err)
+
     if engine.info.is_main:
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(path.iterdir()) if p.is_file()}
-        meta = {"format": CKPT_FORMAT, "step": step, "world_size": engine.info.world_size,
-                "zero_stage": engine.ds.zero_optimization_stage(), "identity": identity,
-                "trainable": trainable_shapes(engine.module), "files": files}
-        atomic_write_text(path / "meta.json", json.dumps(meta, indent=1))
-        atomic_write_text(ckpt_dir / "latest", tag + "\n")
-        complete = sorted(p for p in ckpt_dir.glob("step-*") if (p / "meta.json").is_file())
-        for old in complete[:-keep] if keep > 0 else []:
+        try:
+            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p, fsync=True)}
+                     for p in sorted(tmp.iterdir()) if p.is_file()}
+            meta = {"format": CKPT_FORMAT, "step": step, "world_size": engine.info.world_size,
+                    "zero_stage": engine.ds.zero_optimization_stage(), "identity": identity,
+                    "trainable": trainable_shapes(engine.module), "files": files}
+            atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+            _fsync_dir(tmp)
+            old = ckpt_dir / f".{tag}.old"
+            if path.exists():  # an earlier save of this step (another run into the same out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(ckpt_dir)
+            atomic_write_text(ckpt_dir / "latest", tag + "\n")
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+            complete = sorted(p for p in ckpt_dir.glob("step-*") if (p / "meta.json").is_file())
+            for stale in complete[:-keep] if keep > 0 else []:
+                if stale != path:
+                    shutil.rmtree(stale, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            err = e
+            old = ckpt_dir / f".{tag}.old"
+            if not path.exists() and old.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(old, path)  # put back what was there
+    failures = _agree(engine, err)
+    if failures:
+        fail(failures, err)
     return path
 
 
