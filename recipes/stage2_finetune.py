@@ -6,7 +6,9 @@
 
 Variants (``variant=``): frozen (connector only, default), lora (+ LoRA on the LLM), multitask (LoRA +
 text-only LM batches from ``text_corpus`` on a ``text_ratio`` of the steps). ``distill_weight`` mixes
-the stage-1 loss in. Validation reports the speech loss, the same LLM's loss on the transcripts as
+the stage-1 loss in (SSR only). The baseline connectors (``model.connector.name=stack|conv|qformer``, no
+``init_connector``, ``distill_weight=0``) have no vector per token: they train with the clip's vectors as a
+prefix of its transcript, every transcript token a target. Validation reports the speech loss, the same LLM's loss on the transcripts as
 text, and the leakage check (speech loss with each token's future audio cut away, minus the plain one).
 """
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError("variant=multitask needs text_corpus (a text file or .jsonl manifest)")
         text = TextBatches.from_file(cfg.text_corpus, tokenizer, max_tokens=cfg.text_max_tokens, seed=cfg.seed,
                                      rank=info.rank)
-    need_bnd = connector.cfg.name == "ssr"
+    need_bnd = connector.uses_boundaries
     dtype = next(connector.parameters()).dtype
     prep = BatchPrep(engine.device, dtype, encoder, text, cfg.text_ratio, cfg.seed)
     reader = build.make_reader(cfg.data, enc, tokenizer, need_boundaries=need_bnd)

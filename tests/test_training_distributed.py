@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import make_world, run_recipe, stage1_overrides
+from training_helpers import leaked_shm_buffers, make_world, run_recipe, stage1_overrides
 
 from speechlm.config import load_config
 from speechlm.training import build
@@ -88,8 +88,10 @@ def _embedding_fingerprint(world) -> str:
 
 def test_zero2_two_ranks_matches_plain_pytorch(world, reference, tmp_path):
     out = tmp_path / "z2"
-    _ok(run_recipe("stage1_distill.py", "stage1_tiny.yaml", _overrides(world, out, **{"engine.zero_stage": 2}),
-                   ranks=2))
+    proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml", _overrides(world, out, **{"engine.zero_stage": 2}),
+                      ranks=2)
+    _ok(proc)
+    assert not leaked_shm_buffers(proc.master_port)  # DeepSpeed's CPU all-reduce buffers are released
     m = _metrics(out)
     assert m["world_size"] == 2 and m["steps"] == STEPS
     assert m["train_losses"] == pytest.approx(reference, rel=1e-6)
@@ -107,6 +109,7 @@ def zero3_crashed(world, tmp_path_factory) -> Path:
     proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml",
                       _overrides(world, out, **{"engine.zero_stage": 3, "loop.crash_after": 4}), ranks=2)
     assert proc.returncode != 0, proc.stdout[-2000:]
+    assert not leaked_shm_buffers(proc.master_port)  # not even by a rank that died without cleaning up
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     assert not (out / "metrics.json").exists()
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -143,6 +144,28 @@ def test_stage2_multitask_trains_connector_and_lora_only(models):
     with torch.no_grad():
         _, m = module(plain)
     assert m["loss_text"] > 0 and m["targets"] == 4 + 2
+
+
+@pytest.mark.parametrize("name", ["stack", "conv", "qformer"])
+def test_stage2_trains_a_baseline_connector_with_speech_as_prefix(models, name):
+    llm = AutoModelForCausalLM.from_pretrained(models["llm"])
+    size = {"hidden": 32} if name in ("stack", "conv") else {"d_model": 16, "n_heads": 2, "n_layers": 1}
+    conn = build_connector({"name": name, "d_enc": 16, "d_llm": llm.config.hidden_size, **size})
+    with pytest.raises(ConfigError, match="distill_weight"):
+        Stage2Finetune(SpeechLM(conn, llm), bos_id=1, distill_weight=0.5)
+    module = Stage2Finetune(SpeechLM(conn, llm), bos_id=1).train()
+    batch = _batch(models["vocab"], 16)
+    batch = replace(batch, boundaries=None)  # baselines are read without boundaries
+    loss, m = module(batch)
+    assert m["loss_prefix"] == pytest.approx(loss.item()) and m["targets"] == 4 + 2
+    loss.backward()
+    grads = [p.grad for p in module.speechlm.connector.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in llm.parameters())
+    module.eval()
+    with torch.no_grad():
+        _, m = module(batch)
+    assert 0 < m["loss_speech"] and m["loss_text"] > 0
 
 
 def test_leakage_cut_vectors(models):

@@ -14,6 +14,7 @@ from speechlm.training.losses import (
     distill_loss,
     nearest_token_accuracy,
     next_token_loss,
+    prefix_ntp_loss,
     speech_ntp_loss,
     text_ntp_loss,
 )
@@ -94,6 +95,44 @@ def test_text_ntp_scores_the_same_targets_as_speech():
     loss_s, n_s = speech_ntp_loss(fn, table[ids], ids, mask)
     assert n_t == n_s == 2
     assert loss_t.item() == pytest.approx(loss_s.item())
+
+
+def test_prefix_ntp_packs_speech_then_transcript_and_matches_per_row_losses():
+    """Baselines: [BOS][real speech vectors][transcript]; padding of either part never sits between them."""
+    vocab, d = 12, 4
+    table = torch.randn(vocab, d)
+    speech = torch.randn(2, 3, d)
+    smask = torch.tensor([[True, True, True], [True, False, False]])
+    ids = torch.tensor([[4, 7, 9], [5, 6, 0]])
+    tmask = torch.tensor([[True, True, True], [True, True, False]])
+    bos = torch.randn(1, d)
+    lm = torch.nn.Linear(d, vocab)  # a "causal LM" that looks at one position: enough to check the wiring
+
+    def fn(inputs, attn):
+        fn.inputs, fn.attn = inputs, attn
+        return lm(inputs)
+
+    loss, n, rest = prefix_ntp_loss(fn, speech, smask, ids, tmask, bos, lambda x: table[x])
+    assert n == 5
+    # row 1: BOS, one speech vector, tokens 5, 6, then padding
+    assert torch.equal(fn.inputs[1, :4], torch.cat([bos, speech[1, :1], table[[5, 6]]]))
+    assert fn.attn[1].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert fn.attn[0].tolist() == [1] * 7
+
+    def nll(x, t):
+        return -F.log_softmax(lm(x), -1)[t]
+
+    rows = [(torch.cat([bos, speech[0], table[[4, 7, 9]]]), [4, 7, 9], 4), (fn.inputs[1, :4], [5, 6], 2)]
+    terms, later = [], []
+    for x, toks, start in rows:  # position start-1+j predicts token j
+        for j, t in enumerate(toks):
+            terms.append(nll(x[start - 1 + j], t))
+            if j:
+                later.append(terms[-1])
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    assert rest.item() == pytest.approx(torch.stack(later).mean().item(), rel=1e-5)
+    loss.backward()
+    assert lm.weight.grad is not None
 
 
 def test_nearest_token_accuracy_uses_cosine():

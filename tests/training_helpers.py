@@ -117,5 +117,13 @@ def run_recipe(script: str, config: str, overrides: list[str], ranks: int = 0, t
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port,
                script_path, "--config", config_path, *overrides]
     else:
+        port = ""
         cmd = [sys.executable, script_path, "--config", config_path, *overrides]
-    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    proc.master_port = port  # type: ignore[attr-defined]
+    return proc
+
+
+def leaked_shm_buffers(port: str) -> list[Path]:
+    """DeepSpeed CPU all-reduce buffers still in /dev/shm for a launcher run on ``port`` (there should be none)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if port else []

@@ -69,6 +69,43 @@ def speech_ntp_loss(llm_logits_fn, speech_embeds: torch.Tensor, token_ids: torch
     return next_token_loss(logits, labels)
 
 
+def prefix_ntp_loss(llm_logits_fn, speech_embeds: torch.Tensor, speech_mask: torch.Tensor, token_ids: torch.Tensor,
+                    token_mask: torch.Tensor, prefix_embeds: torch.Tensor | None = None,
+                    embed_fn=None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Speech as a prefix, then the transcript: the objective of connectors without one vector per token.
+
+    The baselines (stack, conv, Q-Former) give M vectors (B, M, d) that do not line up with the N transcript
+    tokens, so each row becomes ``[prefix] [its real speech vectors] [its transcript's embeddings]`` (packed:
+    no holes between the parts) and every transcript token is a target, token 0 predicted from the last speech
+    vector. ``embed_fn`` maps ids to the LLM's input embeddings. Returns (loss over all N tokens, their count,
+    loss over tokens 1..N-1: the targets :func:`speech_ntp_loss` and :func:`text_ntp_loss` score).
+    """
+    b, _n = token_ids.shape
+    d = speech_embeds.shape[-1]
+    parts = [speech_embeds, embed_fn(token_ids).to(speech_embeds.dtype)]
+    masks = [speech_mask.bool(), token_mask.bool()]
+    labels = [speech_mask.new_full(speech_mask.shape, IGNORE, dtype=torch.long), ntp_labels(token_ids, token_mask)]
+    if prefix_embeds is not None and prefix_embeds.shape[0] > 0:
+        p = prefix_embeds.shape[0]
+        parts.insert(0, prefix_embeds.to(speech_embeds.dtype)[None].expand(b, p, d))
+        masks.insert(0, speech_mask.new_ones(b, p, dtype=torch.bool))
+        labels.insert(0, token_ids.new_full((b, p), IGNORE))
+    inputs, mask, lab = torch.cat(parts, 1), torch.cat(masks, 1), torch.cat(labels, 1)
+    # Pack each row: real positions first, in order (a stable sort on "is padding").
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    inputs = inputs.gather(1, order[..., None].expand(-1, -1, d))
+    mask, lab = mask.gather(1, order), lab.gather(1, order)
+    logits = llm_logits_fn(inputs, mask.long())
+    loss, count = next_token_loss(logits, lab)
+    # The same targets as the speech/text losses: drop each row's first transcript token.
+    first = (lab != IGNORE).long().argmax(1)
+    rest = lab.clone()
+    rest[torch.arange(b, device=lab.device), first] = IGNORE
+    with torch.no_grad():
+        loss_rest, _ = next_token_loss(logits.detach(), rest)
+    return loss, count, loss_rest
+
+
 def text_ntp_loss(llm_logits_fn, embed_fn, token_ids: torch.Tensor, token_mask: torch.Tensor,
                   prefix_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The same LLM on the text itself: position i carries token i's own embedding; same targets as speech.

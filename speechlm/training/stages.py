@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from speechlm.data.batching import Batch
+from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import Connector
-from speechlm.training.losses import distill_loss, nearest_token_accuracy, speech_ntp_loss, text_ntp_loss
+from speechlm.training.losses import (
+    distill_loss,
+    nearest_token_accuracy,
+    prefix_ntp_loss,
+    speech_ntp_loss,
+    text_ntp_loss,
+)
 
 
 class TokenEmbedding(nn.Module):
@@ -64,6 +71,11 @@ class Stage2Finetune(nn.Module):
         self.bos_id = bos_id
         self.distill_weight, self.mse_weight, self.cosine_weight = distill_weight, mse_weight, cosine_weight
         self.text_weight = text_weight
+        self.per_token = bool(getattr(speechlm.connector, "uses_boundaries", False))
+        if distill_weight > 0 and not self.per_token:
+            raise ConfigError(f"distill_weight={distill_weight}: the stage-1 loss needs one vector per transcript "
+                              f"token (SSR); the {speechlm.connector.cfg.name!r} connector has none: set "
+                              "distill_weight=0")
 
     def _logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.speechlm.lm_logits(inputs_embeds, attention_mask)
@@ -83,8 +95,16 @@ class Stage2Finetune(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.speechlm.speech_embeds(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
         embeds = out.embeds
-        loss, n = self.speech_loss(embeds, batch.token_ids, batch.token_mask)
-        metrics: dict[str, float] = {"loss_speech": float(loss.detach()), "targets": n}
+        if self.per_token:
+            loss, n = self.speech_loss(embeds, batch.token_ids, batch.token_mask)
+            metrics: dict[str, float] = {"loss_speech": float(loss.detach()), "targets": n}
+        else:  # a baseline: the whole clip as a prefix, then the transcript
+            loss, _n_all, rest = prefix_ntp_loss(self._logits, embeds, out.mask, batch.token_ids, batch.token_mask,
+                                                self.prefix(batch.token_ids.device), self.speechlm.llm_embed)
+            # loss_speech: the targets the text loss scores (tokens 1..N-1), comparable across connectors;
+            # loss_prefix: what trains, token 0 included.
+            n = int((batch.token_mask.sum(1) - 1).clamp(min=0).sum())
+            metrics = {"loss_speech": float(rest), "loss_prefix": float(loss.detach()), "targets": n}
         if self.distill_weight > 0:
             target = self.speechlm.llm_embed(batch.token_ids).detach()
             mask = out.mask & batch.token_mask

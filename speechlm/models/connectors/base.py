@@ -183,6 +183,9 @@ class Connector(nn.Module):
     """Base of the four connectors: holds ``cfg`` and saves itself as a folder."""
 
     cfg: ConnectorConfig
+    #: One output vector per transcript token, read at the token boundaries (SSR); the baselines give a fixed
+    #: number of vectors per second and are trained with the speech as a prefix of the transcript.
+    uses_boundaries: bool = False
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``folder/config.json`` (type + config + encoder/LLM identity) and ``model.safetensors``."""

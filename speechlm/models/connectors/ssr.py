@@ -139,6 +139,8 @@ def check_boundaries(boundaries: torch.Tensor, token_mask: torch.Tensor, frame_l
 class SSRConnector(Connector):
     """Segmented Speech Representation: one LLM input vector per transcript token."""
 
+    uses_boundaries = True
+
     def __init__(self, cfg: SSRConfig):
         super().__init__()
         self.cfg = cfg

@@ -1,0 +1,109 @@
+"""The issue-15 benchmarks' own logic: compression counts, peak-memory reading, the quality table's parsing."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from training_helpers import ROOT, make_world
+
+sys.path.insert(0, str(ROOT / "tools" / "benchmarks"))
+
+import bench_compression
+import bench_quality
+import bench_training
+
+from speechlm.eval.report import Accuracy, ResultRow, write_report
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("bench_world"), n_train=6, n_valid=2)
+
+
+def test_compression_counts_follow_each_connector(world):
+    from transformers import AutoTokenizer
+
+    from speechlm.data.feature_cache import FeatureCache
+    from speechlm.data.manifest import read_manifest
+
+    res = bench_compression.measure(world["manifest"], world["cache"], world["llm"])
+    cache = FeatureCache.open(world["cache"])
+    utts = read_manifest(world["manifest"])
+    frames = [cache.frames(u.id) for u in utts]
+    seconds = sum(frames) / cache.frame_rate_hz
+    tok = AutoTokenizer.from_pretrained(world["llm"])
+    rows = {r["connector"]: r for r in res["rows"]}
+    assert res["utterances"] == len(utts) and res["audio_s"] == pytest.approx(seconds)
+    ssr = rows["SSR (reference tokens)"]
+    assert ssr["vectors"] == sum(len(tok(u.text, add_special_tokens=False).input_ids) for u in utts)
+    # the baselines: one vector per k frames, the last group padded
+    assert rows["stack k=8 (Ultravox)"]["vectors"] == sum(math.ceil(f / 8) for f in frames)
+    assert rows["conv k=5 (SLAM-LLM)"]["vectors"] == sum(math.ceil(f / 5) for f in frames)
+    assert rows["stack k=8 (Ultravox)"]["vectors_per_s"] == pytest.approx(sum(math.ceil(f / 8) for f in frames) / seconds)
+    # long clips: a baseline's own count for that many frames; SSR: its measured rate x duration
+    assert rows["stack k=8 (Ultravox)"]["seq_len"]["300s"] == math.ceil(300 * cache.frame_rate_hz / 8)
+    assert rows["conv k=5 (SLAM-LLM)"]["seq_len"]["30s"] == 30 * 50 // 5
+    assert ssr["seq_len"]["30s"] == round(30 * ssr["vectors_per_s"])
+    q = rows["Q-Former 0.33 s (SALMONN)"]
+    assert 2.5 < q["seq_len"]["300s"] / 300 < 3.5  # ~3 windows a second
+    assert "| SSR (reference tokens) |" in bench_compression.table(res)
+
+
+def test_peak_rss_sees_a_large_allocation():
+    before = bench_training.peak_rss_mib()
+    block = np.ones(160 * 2**20 // 8)  # 160 MiB, touched
+    after = bench_training.peak_rss_mib()
+    assert block.sum() > 0
+    assert after - before > 120
+
+
+def _report(folder: Path, name: str, rows: list[ResultRow]) -> None:
+    write_report(rows, folder, name)
+
+
+def test_quality_collect_reads_the_evaluation_reports(tmp_path):
+    """The table is read from the reports the evaluation recipes write (speechlm.eval.report), per connector."""
+    names = ["ssr", "stack"]
+    text = Accuracy(7, 10)
+    sc = []
+    for style in ("adversarial", "random"):
+        sc.append(ResultRow(f"storycloze/{style}", "text", "llm", "none", "summed", text))
+        sc.append(ResultRow(f"storycloze/{style}", "s2t", "ssr/connector", "free", "summed", Accuracy(6, 10), text))
+        sc.append(ResultRow(f"storycloze/{style}", "s2t", "ssr/connector", "free", "length_norm", Accuracy(1, 10), text))
+        sc.append(ResultRow(f"storycloze/{style}", "s2t", "stack/connector", "none", "summed", Accuracy(5, 10), text))
+    _report(tmp_path, "storycloze", sc)
+    mm = [ResultRow("speech_mmlu/all", "speech_0shot", "ssr/connector", "free", "cloze", Accuracy(3, 8), Accuracy(6, 8)),
+          ResultRow("speech_mmlu/all", "speech_5shot", "ssr/connector", "free", "cloze", Accuracy(8, 8), Accuracy(6, 8)),
+          ResultRow("speech_mmlu/geography", "speech_0shot", "stack/connector", "none", "cloze", Accuracy(1, 1),
+                    Accuracy(1, 1))]
+    _report(tmp_path, "speech_mmlu", mm)
+    (tmp_path / "asr.json").write_text(json.dumps({"results": [{"system": "stack/connector", "wer": 0.5},
+                                                               {"system": "ssr/connector", "wer": 0.25}]}))
+    metrics = {n: {"steps": 100, "valid_loss_speech": 5.0, "valid_loss_text": 4.0, "step_time_s_median": 1.0}
+               for n in names}
+    reports = {k: tmp_path / f"{k}.json" for k in ("storycloze", "speech_mmlu", "asr")}
+    rows = bench_quality.collect(names, metrics, reports)
+    ssr, stack = rows
+    assert ssr["storycloze_adversarial"]["acc"] == 0.6 and ssr["storycloze_adversarial"]["parity"] == pytest.approx(6 / 7, abs=1e-4)
+    assert ssr["storycloze_random"]["text"] == 0.7
+    assert ssr["mmlu_0shot"]["acc"] == 0.375 and ssr["asr_wer"] == 0.25
+    assert stack["storycloze_adversarial"]["acc"] == 0.5 and stack["asr_wer"] == 0.5
+    assert stack["mmlu_0shot"] is None  # only a per-subject row: the overall one is missing, not made up
+    table = bench_quality.table(rows)
+    assert "| SSR (stage 1 + 2) | 100 |" in table and "60.0 [31, 83] (0.86)" in table
+    bench_quality.plot(rows, tmp_path / "q.png")
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_refuses_unknown_connectors_and_missing_runs(tmp_path):
+    from speechlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown connector"):
+        bench_quality.main(["--connectors", "ssr,mlp", "--run", str(tmp_path)])
+    with pytest.raises(ConfigError, match="not found"):
+        bench_quality.main(["--run", str(tmp_path / "nope"), "--llm", str(tmp_path), "--encoder", str(tmp_path)])
