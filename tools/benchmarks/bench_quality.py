@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a script: the repository and this folder (benchlib) importable
+    sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from benchlib import machine, pyplot, save_figure, write_json
 
