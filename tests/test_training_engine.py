@@ -223,3 +223,19 @@ def test_data_fingerprint_follows_the_training_rows(tmp_path):
     sharded = build.data_fingerprint(DataConfig(train_shards=str(tmp_path / "shard-*.jsonl")))
     shard.write_text("xy\n")
     assert build.data_fingerprint(DataConfig(train_shards=str(tmp_path / "shard-*.jsonl"))) != sharded
+
+
+def test_checkpoint_identity_from_before_a_new_connector_option_still_matches():
+    """A checkpoint written before a connector config field existed resumes when the field is at its default."""
+    import dataclasses
+
+    from speechlm.training.engine import _with_new_defaults
+
+    cfg = build_connector({"name": "ssr", "d_enc": 16, "d_llm": 8, "d_model": 8, "n_heads": 2, "n_layers": 1}).cfg
+    now = {"stage": "stage1", "connector": dataclasses.asdict(cfg)}
+    old = {"stage": "stage1", "connector": {k: v for k, v in now["connector"].items() if k != "slot_readout"}}
+    assert _with_new_defaults(old) == now
+    changed = {**old, "connector": {**old["connector"], "d_model": 16}}
+    assert _with_new_defaults(changed) != now  # a real difference still shows
+    future = {**now, "connector": {**now["connector"], "an_option_from_the_future": 1}}
+    assert _with_new_defaults(future) == future  # unknown field: left as saved, reported as a mismatch

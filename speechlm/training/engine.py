@@ -21,6 +21,7 @@ finite are never saved or exported (:class:`NonFiniteError` instead).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from speechlm.atomic import atomic_write_text
-from speechlm.errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteError
+from speechlm.errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteError, SpeechLMError
 from speechlm.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -640,6 +641,20 @@ def save_checkpoint(engine: Engine, ckpt_dir: str | Path, step: int, identity: d
     return path
 
 
+def _with_new_defaults(identity: dict) -> dict:
+    """A saved run identity with connector-config fields added since it was written set to their defaults, so a
+    checkpoint from before a new (off by default) connector option still resumes."""
+    from speechlm.models.connectors.base import connector_config_from_dict
+
+    cfg = identity.get("connector")
+    if not isinstance(cfg, dict) or "name" not in cfg:
+        return identity
+    try:
+        return {**identity, "connector": dataclasses.asdict(connector_config_from_dict(cfg))}
+    except SpeechLMError:  # a field this code does not know: reported as a mismatch below
+        return identity
+
+
 def _check_meta(path: Path, engine: Engine, identity: dict) -> dict:
     meta_path = path / "meta.json"
     try:
@@ -659,9 +674,10 @@ def _check_meta(path: Path, engine: Engine, identity: dict) -> dict:
     if meta["zero_stage"] != engine.ds.zero_optimization_stage():
         problems.append(f"saved under ZeRO-{meta['zero_stage']}, resuming under "
                         f"ZeRO-{engine.ds.zero_optimization_stage()}")
-    for k in sorted(set(meta["identity"]) | set(identity)):
-        if meta["identity"].get(k) != identity.get(k):
-            problems.append(f"{k}: checkpoint has {meta['identity'].get(k)!r}, this run {identity.get(k)!r}")
+    saved = _with_new_defaults(meta["identity"])
+    for k in sorted(set(saved) | set(identity)):
+        if saved.get(k) != identity.get(k):
+            problems.append(f"{k}: checkpoint has {saved.get(k)!r}, this run {identity.get(k)!r}")
     mine = trainable_shapes(engine.module)
     if meta["trainable"] != mine:
         diff = sorted(k for k in set(meta["trainable"]) | set(mine) if meta["trainable"].get(k) != mine.get(k))

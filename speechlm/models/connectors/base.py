@@ -70,6 +70,8 @@ class SSRConfig(ConnectorConfig):
     dropout: float = 0.0
     rope: bool = False  # rotary positions over frames (the prototype used none)
     rope_theta: float = 10000.0
+    # Partition-and-fusion (partition.py): > 1 splits the feed-forward into this many fused groups; 0/1 = dense.
+    partition_groups: int = 0
 
 
 @dataclass
@@ -77,6 +79,8 @@ class StackConfig(ConnectorConfig):
     name: str = "stack"
     stack: int = 8  # Ultravox: 50 Hz -> 6.25 Hz
     hidden: int = 1024
+    # Partition-and-fusion (partition.py): > 1 splits the MLP into this many fused groups; 0/1 = dense.
+    partition_groups: int = 0
 
 
 @dataclass
@@ -84,6 +88,8 @@ class ConvConfig(ConnectorConfig):
     name: str = "conv"
     stack: int = 5  # SLAM-LLM: kernel = stride = 5, 50 Hz -> 10 Hz
     hidden: int = 1024
+    # Partition-and-fusion (partition.py): > 1 splits conv + output layer into this many fused groups; 0/1 = dense.
+    partition_groups: int = 0
 
 
 @dataclass
@@ -96,6 +102,8 @@ class QFormerConfig(ConnectorConfig):
     n_heads: int = 6
     ffn_mult: float = 4.0
     dropout: float = 0.0
+    # Partition-and-fusion (partition.py): > 1 splits the feed-forward into this many fused groups; 0/1 = dense.
+    partition_groups: int = 0
 
 
 CONFIGS: dict[str, type[ConnectorConfig]] = {

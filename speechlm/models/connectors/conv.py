@@ -3,7 +3,8 @@
     features (B, L, T, D_enc) -> fusion (B, T, D_enc) -> Conv1d(kernel k, stride k) (B, ceil(T/k), hidden)
     -> ReLU -> Linear (B, N, d_llm)
 
-With k=5 at 50 Hz this gives 10 vectors a second. Boundaries are ignored.
+With k=5 at 50 Hz this gives 10 vectors a second. Boundaries are ignored. ``partition_groups`` > 1 replaces
+conv + ReLU + Linear with one partition-and-fusion block over the k stacked frames (partition.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechlm.models.connectors.base import Connector, ConnectorOutput, ConvConfig, LayerFusion, frame_mask
+from speechlm.models.connectors.base import (
+    Connector,
+    ConnectorOutput,
+    ConvConfig,
+    LayerFusion,
+    frame_mask,
+    stack_frames,
+)
+from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
 class ConvConnector(Connector):
@@ -20,8 +29,13 @@ class ConvConnector(Connector):
         super().__init__()
         self.cfg = cfg
         self.fusion = LayerFusion(cfg.n_enc_layers)
-        self.conv = nn.Conv1d(cfg.d_enc, cfg.hidden, kernel_size=cfg.stack, stride=cfg.stack)
-        self.out = nn.Linear(cfg.hidden, cfg.d_llm)
+        if uses_partition(cfg.partition_groups):
+            # The strided conv is a linear map of k stacked frames: conv + ReLU + out as one grouped block.
+            self.pf = PartitionFusion(cfg.d_enc * cfg.stack, cfg.hidden, cfg.d_llm, cfg.partition_groups, "relu",
+                                      bias=True, frames=cfg.stack)
+        else:
+            self.conv = nn.Conv1d(cfg.d_enc, cfg.hidden, kernel_size=cfg.stack, stride=cfg.stack)
+            self.out = nn.Linear(cfg.hidden, cfg.d_llm)
 
     @property
     def output_rate_hz(self) -> float:
@@ -32,8 +46,13 @@ class ConvConnector(Connector):
         k = self.cfg.stack
         x = self.fusion(features)  # (B, T, D_enc)
         x = x * frame_mask(frame_lengths, x.shape[1])[:, :, None].to(x.dtype)  # padding frames read as zeros
-        x = F.pad(x.transpose(1, 2), (0, (-x.shape[1]) % k))  # (B, D_enc, k*ceil(T/k))
-        x = F.relu(self.conv(x)).transpose(1, 2)  # (B, N, hidden)
-        mask = frame_mask(torch.div(frame_lengths + k - 1, k, rounding_mode="floor"), x.shape[1])  # (B, N)
-        embeds = self.out(x) * mask[:, :, None].to(x.dtype)  # (B, N, d_llm)
+        if self.cfg.partition_groups > 1:
+            x, _ = stack_frames(x, frame_lengths, k)  # (B, N, k*D_enc)
+            y = self.pf(x)  # (B, N, d_llm)
+        else:
+            x = F.pad(x.transpose(1, 2), (0, (-x.shape[1]) % k))  # (B, D_enc, k*ceil(T/k))
+            x = F.relu(self.conv(x)).transpose(1, 2)  # (B, N, hidden)
+            y = self.out(x)  # (B, N, d_llm)
+        mask = frame_mask(torch.div(frame_lengths + k - 1, k, rounding_mode="floor"), y.shape[1])  # (B, N)
+        embeds = y * mask[:, :, None].to(y.dtype)  # (B, N, d_llm)
         return ConnectorOutput(embeds=embeds, mask=mask)

@@ -5,7 +5,7 @@
     -> (B, W*n_q, d_model) -> norm + proj (B, N, d_llm)
 
 w = round(window_s * frame_rate_hz) frames (17 at 50 Hz), so ~3 vectors a second with one query.
-Boundaries are ignored.
+Boundaries are ignored. ``partition_groups`` > 1 makes each block's MLP a partition-and-fusion block (partition.py).
 """
 
 from __future__ import annotations
@@ -15,19 +15,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from speechlm.models.connectors.base import Connector, ConnectorOutput, LayerFusion, QFormerConfig, frame_mask
+from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
 class CrossAttentionBlock(nn.Module):
     """Pre-norm: queries self-attend, cross-attend to the window's frames, then an MLP; residuals."""
 
-    def __init__(self, d: int, n_heads: int, ffn_mult: float, dropout: float):
+    def __init__(self, d: int, n_heads: int, ffn_mult: float, dropout: float, partition_groups: int = 0):
         super().__init__()
         self.self_norm = nn.LayerNorm(d)
         self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
         self.cross_norm = nn.LayerNorm(d)
         self.cross_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
         self.mlp_norm = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, int(ffn_mult * d)), nn.GELU(), nn.Linear(int(ffn_mult * d), d))
+        if uses_partition(partition_groups):
+            self.mlp: nn.Module = PartitionFusion(d, int(ffn_mult * d), d, partition_groups, "gelu", bias=True)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(d, int(ffn_mult * d)), nn.GELU(), nn.Linear(int(ffn_mult * d), d))
 
     def forward(self, q: torch.Tensor, frames: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
         # q (B*W, n_q, d); frames (B*W, w, d); key_padding (B*W, w) True = ignore
@@ -47,7 +51,8 @@ class QFormerConnector(Connector):
         self.adapter = nn.Linear(cfg.d_enc, cfg.d_model)
         self.pos = nn.Parameter(torch.randn(self.window, cfg.d_model) * 0.02)  # position inside a window
         self.queries = nn.Parameter(torch.randn(cfg.n_queries, cfg.d_model) * 0.02)
-        self.blocks = nn.ModuleList(CrossAttentionBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout)
+        self.blocks = nn.ModuleList(CrossAttentionBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.dropout,
+                                                        cfg.partition_groups)
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_llm)

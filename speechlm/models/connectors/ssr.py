@@ -30,6 +30,7 @@ from speechlm.models.connectors.base import (
     frame_mask,
     stack_frames,
 )
+from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
 def rotate(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -74,7 +75,11 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Llama-style pre-norm block: RMSNorm -> attention, RMSNorm -> SwiGLU, residuals."""
+    """Llama-style pre-norm block: RMSNorm -> attention, RMSNorm -> SwiGLU, residuals.
+
+    With ``partition_groups`` > 1 the SwiGLU is a partition-and-fusion block; the attention projections stay
+    dense (they are what mixes channels across heads, and splitting them would only add per-head groups).
+    """
 
     def __init__(self, cfg: SSRConfig):
         super().__init__()
@@ -82,7 +87,10 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope, cfg.rope_theta)
         self.mlp_norm = nn.RMSNorm(cfg.d_model)
-        self.mlp = SwiGLU(cfg.d_model, hidden)
+        if uses_partition(cfg.partition_groups):  # G fused groups of width hidden/G (partition.py)
+            self.mlp: nn.Module = PartitionFusion(cfg.d_model, hidden, cfg.d_model, cfg.partition_groups, "swiglu")
+        else:
+            self.mlp = SwiGLU(cfg.d_model, hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
     features (B, L, T, D_enc) -> fusion (B, T, D_enc) -> stack (B, ceil(T/k), k*D_enc) -> MLP (B, N, d_llm)
 
-With k=8 at 50 Hz this gives 6.25 vectors a second. Boundaries are ignored.
+With k=8 at 50 Hz this gives 6.25 vectors a second. Boundaries are ignored. ``partition_groups`` > 1 makes the
+MLP a partition-and-fusion block (partition.py) grouped over the encoder channels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from speechlm.models.connectors.base import (
     frame_mask,
     stack_frames,
 )
+from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
 class StackConnector(Connector):
@@ -25,12 +27,20 @@ class StackConnector(Connector):
         super().__init__()
         self.cfg = cfg
         self.fusion = LayerFusion(cfg.n_enc_layers)
-        self.mlp = nn.Sequential(
-            nn.RMSNorm(cfg.d_enc * cfg.stack),
-            nn.Linear(cfg.d_enc * cfg.stack, cfg.hidden),
-            nn.GELU(),
-            nn.Linear(cfg.hidden, cfg.d_llm),
-        )
+        d_in = cfg.d_enc * cfg.stack
+        if uses_partition(cfg.partition_groups):  # groups over the encoder channels of all k frames
+            self.mlp = nn.Sequential(
+                nn.RMSNorm(d_in),
+                PartitionFusion(d_in, cfg.hidden, cfg.d_llm, cfg.partition_groups, "gelu", bias=True,
+                                frames=cfg.stack),
+            )
+        else:
+            self.mlp = nn.Sequential(
+                nn.RMSNorm(d_in),
+                nn.Linear(d_in, cfg.hidden),
+                nn.GELU(),
+                nn.Linear(cfg.hidden, cfg.d_llm),
+            )
 
     @property
     def output_rate_hz(self) -> float:
