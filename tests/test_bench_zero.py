@@ -229,6 +229,26 @@ def test_missing_inputs_are_named(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
+def _free_ports(n: int) -> int:
+    """A port P with P .. P+n-1 all free now (the benchmark's stage i uses P + i): no clash with other jobs."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            for k in range(1, n):
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
 def test_two_rank_runs_on_the_tiny_world(tmp_path):
     """ZeRO-0 and ZeRO-3 launcher runs of stage 2 on the tiny random world: ranks found, losses agree."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -236,7 +256,7 @@ def test_two_rank_runs_on_the_tiny_world(tmp_path):
 
     w = make_world(tmp_path / "world")
     work = tmp_path / "bench"
-    rc = bz.main(["--steps", "3", "--stages", "0", "3", "--work-dir", str(work), "--master-port", "29571",
+    rc = bz.main(["--steps", "3", "--stages", "0", "3", "--work-dir", str(work), "--master-port", str(_free_ports(2)),
                   "--config", str(ROOT / "recipes" / "configs" / "stage2_tiny.yaml"),
                   "--train-manifest", w["manifest"], "--valid-manifest", w["manifest"], "--feature-cache", w["cache"],
                   "--valid-feature-cache", w["cache"], "--llm", w["llm"], "--encoder", w["enc"], "--init-connector", "",
