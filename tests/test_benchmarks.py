@@ -86,8 +86,8 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     _report(tmp_path, "speech_mmlu", mm)
     (tmp_path / "asr.json").write_text(json.dumps({"results": [{"system": "stack/connector", "wer": 0.5},
                                                                {"system": "ssr/connector", "wer": 0.25}]}))
-    metrics = {n: {"steps": 100, "valid_loss_speech": 5.0, "valid_loss_text": 4.0, "step_time_s_median": 1.0}
-               for n in names}
+    metrics = {n: {"steps": 100, "final_valid": {"loss_speech": 5.0, "loss_text": 4.0}, "step_time_s_median": 1.0}
+               for n in names}  # as a stage's metrics.json has them
     reports = {k: tmp_path / f"{k}.json" for k in ("storycloze", "speech_mmlu", "asr")}
     rows = bench_quality.collect(names, metrics, reports)
     ssr, stack = rows
@@ -95,9 +95,10 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     assert ssr["storycloze_random"]["text"] == 0.7
     assert ssr["mmlu_0shot"]["acc"] == 0.375 and ssr["asr_wer"] == 0.25
     assert stack["storycloze_adversarial"]["acc"] == 0.5 and stack["asr_wer"] == 0.5
+    assert ssr["valid_loss_speech"] == 5.0 and ssr["valid_loss_text"] == 4.0
     assert stack["mmlu_0shot"] is None  # only a per-subject row: the overall one is missing, not made up
     table = bench_quality.table(rows)
-    assert "| SSR (stage 1 + 2) | 100 |" in table and "60.0 [31, 83] (0.86)" in table
+    assert "| SSR (stage 1 + 2) | 100 | 1.00 | 5.000 (4.000) |" in table and "60.0 [31, 83] (0.86)" in table
     bench_quality.plot(rows, tmp_path / "q.png")
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -176,8 +176,10 @@ def collect(names: list[str], metrics: dict[str, dict], reports: dict[str, Path]
     for n in names:
         label = f"{n}/connector"
         m = metrics[n]
+        valid = m.get("final_valid", {})  # a stage's metrics.json: the last validation
         row = {"connector": n, "label": LABELS[n], "steps": m["steps"],
-               "valid_loss_speech": m.get("valid_loss_speech"), "valid_loss_text": m.get("valid_loss_text"),
+               "valid_loss_speech": valid.get("loss_speech", m.get("valid_loss_speech")),
+               "valid_loss_text": valid.get("loss_text", m.get("valid_loss_text")),
                "step_time_s": m.get("step_time_s_median"), "train_wall_s": m.get("bench_wall_s")}
         for style in ("adversarial", "random"):
             r = _row(sc, label, task=f"storycloze/{style}", condition="s2t", scoring="summed")
