@@ -114,7 +114,11 @@ def release_shm_buffers(shm: Path = Path("/dev/shm")) -> list[Path]:
     every other rank's buffer, so after a barrier no rank opens them by name any more; the mappings stay valid
     after the unlink and the memory goes back when the processes end, however they end. Returns what it removed.
     """
-    if not dist.is_initialized() or not shm.is_dir():
+    from deepspeed.accelerator import get_accelerator
+
+    # Only DeepSpeed's CPU accelerator makes these buffers; on GPUs no barrier is spent here (NCCL would need the
+    # device set first).
+    if not dist.is_initialized() or not shm.is_dir() or get_accelerator().device_name() != "cpu":
         return []
     dist.barrier()
     pattern = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '*')}_"
