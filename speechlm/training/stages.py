@@ -101,8 +101,8 @@ class Stage2Finetune(nn.Module):
         else:  # a baseline: the whole clip as a prefix, then the transcript
             loss, _n_all, rest = prefix_ntp_loss(self._logits, embeds, out.mask, batch.token_ids, batch.token_mask,
                                                 self.prefix(batch.token_ids.device), self.speechlm.llm_embed)
-            # loss_speech: the targets the text loss scores (tokens 1..N-1), comparable across connectors;
-            # loss_prefix: what trains, token 0 included.
+            # loss_speech: the targets the text loss scores (tokens 1..N-1); unlike SSR's, each is predicted having
+            # heard the whole clip, so it can fall below the text loss. loss_prefix: what trains, token 0 included.
             n = int((batch.token_mask.sum(1) - 1).clamp(min=0).sum())
             metrics = {"loss_speech": float(rest), "loss_prefix": float(loss.detach()), "targets": n}
         if self.distill_weight > 0:
