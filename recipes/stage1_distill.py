@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from speechlm.config import load_config, save_config
-from speechlm.errors import EXIT_PREEMPTED, Preempted
 from speechlm.training import build
 from speechlm.training.configs import Stage1Config
 from speechlm.training.engine import (
@@ -28,6 +27,7 @@ from speechlm.training.engine import (
     frozen_fingerprint,
     init_distributed,
     load_checkpoint,
+    run_main,
     seed_everything,
     set_threads,
     train_dtype,
@@ -92,8 +92,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Preempted as e:  # SIGTERM/SIGUSR1: the checkpoint is saved; the same command resumes
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    run_main(main)

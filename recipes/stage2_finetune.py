@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from speechlm.config import load_config, save_config
 from speechlm.data.batching import TextBatches
-from speechlm.errors import EXIT_PREEMPTED, ConfigError, Preempted
+from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import load_connector
 from speechlm.models.speechlm import SpeechLM
 from speechlm.training import build
@@ -35,6 +35,7 @@ from speechlm.training.engine import (
     frozen_fingerprint,
     init_distributed,
     load_checkpoint,
+    run_main,
     seed_everything,
     set_threads,
     train_dtype,
@@ -127,8 +128,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Preempted as e:  # SIGTERM/SIGUSR1: the checkpoint is saved; the same command resumes
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+    run_main(main)

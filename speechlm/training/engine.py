@@ -30,9 +30,10 @@ import os
 import random
 import shutil
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -103,6 +104,34 @@ def init_distributed() -> DistInfo:
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     return DistInfo(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), local_world)
+
+
+def shutdown_distributed() -> None:
+    """Meet at a barrier and tear the process group down in order before the interpreter exits.
+
+    Left to the interpreter's exit, the ranks destroy their process groups in whatever order they happen to
+    finish: a rank can then abort in C++ ("terminate called without an active exception", SIGABRT) after its
+    work is done, and the launcher reports the whole run as failed. Call it only where every rank gets to:
+    a normal end, or a preemption all ranks agreed on.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """The ``__main__`` of a training recipe: run it, exit 75 on an agreed preemption, shut down in order."""
+    from speechlm.errors import EXIT_PREEMPTED, Preempted
+
+    try:
+        main()
+    except Preempted as e:  # SIGTERM/SIGUSR1: the checkpoint is saved; the same command resumes
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        shutdown_distributed()
+        sys.exit(EXIT_PREEMPTED)
+    # an error leaves the group as it is: the other ranks may never reach a barrier, and the launcher stops them
+    shutdown_distributed()
 
 
 def release_shm_buffers(shm: Path = Path("/dev/shm")) -> list[Path]:
