@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     prep = BatchPrep(engine.device, next(model.connector.parameters()).dtype, encoder)
     reader = build.make_reader(cfg.data, enc, tokenizer)
     valid_reader = build.make_reader(cfg.data, enc, tokenizer, valid=True)
-    reader.skip_bad = valid_reader.skip_bad = cfg.data.skip_bad  # rows unreadable at training time
     train = build.train_batches(cfg.data, reader, info, cfg.seed, tuple(start["position"]) if start else (0, 0))
     valid = build.valid_batches(cfg.data, valid_reader, info)
 

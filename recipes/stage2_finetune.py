@@ -10,6 +10,10 @@ the stage-1 loss in (SSR only). The baseline connectors (``model.connector.name=
 ``init_connector``, ``distill_weight=0``) have no vector per token: they train with the clip's vectors as a
 prefix of its transcript, every transcript token a target. Validation reports the speech loss, the same LLM's loss on the transcripts as
 text, and the leakage check (speech loss with each token's future audio cut away, minus the plain one).
+
+The supervised mid-training stage (recipes/stage_mid_supervised.py) is this recipe with ``objective=supervised``
+(task prompt + speech -> transcript or translation); stage 2 then starts from its connector
+(``model.init_connector=<mid>/connector``) and, when it trained one, its LoRA (``model.init_lora=<mid>/lora``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import load_connector
 from speechlm.models.speechlm import SpeechLM
 from speechlm.training import build
+from speechlm.data.tasks import SupervisedTasks
 from speechlm.training.configs import Stage2Config
 from speechlm.training.engine import (
     build_engine,
@@ -41,19 +46,23 @@ from speechlm.training.engine import (
     train_dtype,
 )
 from speechlm.training.loop import BatchPrep, install_stop_handlers, train_loop, validate
-from speechlm.training.stages import Stage2Finetune
+from speechlm.training.stages import OBJECTIVES, Stage2Finetune
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, config_class: type = Stage2Config, stage: str = "stage2",
+         description: str = "") -> dict:
+    """Train; ``config_class``/``stage`` name the stage (the mid-training recipe passes its own)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; ignored")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (before any worker forks)
-    cfg = load_config(Stage2Config, args.config, args.overrides)
+    cfg = load_config(config_class, args.config, args.overrides)
     if cfg.variant not in ("frozen", "lora", "multitask"):
         raise ConfigError(f"variant must be frozen, lora or multitask, not {cfg.variant!r}")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
 
     info = init_distributed()
     set_threads(cfg.engine.threads, info)
@@ -74,14 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         connector = build.make_connector(cfg.model, enc, llm)
     speechlm = SpeechLM(connector, llm, tokenizer=tokenizer, gradient_checkpointing=cfg.model.gradient_checkpointing)
-    if cfg.variant in ("lora", "multitask"):
+    train_lora = cfg.variant in ("lora", "multitask")
+    if cfg.model.init_lora:  # e.g. the mid-training stage's adapter: go on training it, or keep it frozen
+        speechlm.load_lora(cfg.model.init_lora, trainable=train_lora)
+    elif train_lora:
         speechlm.apply_lora(cfg.lora.r, cfg.lora.alpha, tuple(cfg.lora.targets), cfg.lora.dropout)
     bos = tokenizer.bos_token_id if cfg.bos else None
-    model = Stage2Finetune(speechlm, bos, cfg.distill_weight, cfg.mse_weight, cfg.cosine_weight, cfg.text_weight)
+    model = Stage2Finetune(speechlm, bos, cfg.distill_weight, cfg.mse_weight, cfg.cosine_weight, cfg.text_weight,
+                           objective=cfg.objective)
 
     engine = build_engine(model, cfg.engine, cfg.loop.max_steps, info)  # frozen LLM: no optimizer state
-    identity = build.run_identity("stage2", connector, cfg.data, variant=cfg.variant, lora=vars(cfg.lora) if
-                                  cfg.variant != "frozen" else None)
+    extra = {"objective": cfg.objective, "supervised": vars(cfg.supervised)} if cfg.objective != "ntp" else {}
+    if cfg.model.init_lora:
+        extra["init_lora"] = str(cfg.model.init_lora)
+    identity = build.run_identity(stage, connector, cfg.data, variant=cfg.variant, lora=vars(cfg.lora) if
+                                  cfg.variant != "frozen" else None, **extra)
     start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
     if start is None:  # a resumed run has restored every rank's RNG instead
         seed_everything(cfg.seed, info.rank)
@@ -98,9 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     need_bnd = connector.uses_boundaries
     dtype = next(connector.parameters()).dtype
     prep = BatchPrep(engine.device, dtype, encoder, text, cfg.text_ratio, cfg.seed)
-    reader = build.make_reader(cfg.data, enc, tokenizer, need_boundaries=need_bnd)
-    valid_reader = build.make_reader(cfg.data, enc, tokenizer, valid=True, need_boundaries=need_bnd)
-    reader.skip_bad = valid_reader.skip_bad = cfg.data.skip_bad  # rows unreadable at training time
+    tasks = None
+    if cfg.objective == "supervised":
+        sup = cfg.supervised
+        tasks = SupervisedTasks(tokenizer, sup.transcribe_prompt, sup.translate_prompt, sup.language,
+                                sup.translate_ratio, cfg.seed)
+    reader = build.make_reader(cfg.data, enc, tokenizer, need_boundaries=need_bnd, tasks=tasks)
+    valid_reader = build.make_reader(cfg.data, enc, tokenizer, valid=True, need_boundaries=need_bnd, tasks=tasks)
     train = build.train_batches(cfg.data, reader, info, cfg.seed, tuple(start["position"]) if start else (0, 0))
     valid = build.valid_batches(cfg.data, valid_reader, info)
     leak_utts = (build.read_split(cfg.data.valid_manifest or cfg.data.train_manifest, cfg.data.valid_split,
@@ -119,11 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = train_loop(engine, train, prep, run_validation, cfg.loop, out_dir, identity, export=export, start=start,
                         frozen_check=lambda: frozen_fingerprint(speechlm.llm, engine),
-                        title=f"stage 2: next-token ({cfg.variant})",
+                        title=(f"mid-training: supervised tasks ({cfg.variant})" if cfg.objective == "supervised"
+                               else f"stage 2: next-token ({cfg.variant})"),
                         batch_limits={"data.max_frames": cfg.data.max_frames, "data.max_tokens": cfg.data.max_tokens,
                                       "data.max_batch": cfg.data.max_batch})
     if info.is_main:
-        print(json.dumps({"stage2": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))
+        print(json.dumps({stage: result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))
     return result
 
 

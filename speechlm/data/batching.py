@@ -49,6 +49,8 @@ class Batch:
     waves: list[torch.Tensor] | None = None  # on-the-fly path: 1-D waveforms at the encoder's sample rate
     text_ids: torch.Tensor | None = None  # (B2, M) long, text-only LM batch (multitask), 0 at padding
     text_mask: torch.Tensor | None = None  # (B2, M) bool
+    # Supervised mid-training: each row's task prompt and answer (speechlm.data.tasks.TaskExample), else None
+    tasks: list[Any] | None = None
     epoch: int = 0  # position of this batch in its rank's data order (for exact resume)
     index: int = 0
     counted: bool = True  # False for the filler batches that equalise validation across ranks
@@ -86,6 +88,7 @@ class Example:
     boundaries: list[int] | None  # at the encoder frame rate
     features: torch.Tensor | None = None  # (L, T, D)
     wave: torch.Tensor | None = None  # (samples,)
+    task: Any = None  # speechlm.data.tasks.TaskExample (supervised mid-training)
 
 
 def collate(examples: Sequence[Example], epoch: int = 0, index: int = 0) -> Batch:
@@ -116,8 +119,11 @@ def collate(examples: Sequence[Example], epoch: int = 0, index: int = 0) -> Batc
         waves = [e.wave for e in examples]
         if any(w is None for w in waves):
             raise ValueError("an example has neither features nor a waveform")
+    tasks = [e.task for e in examples] if any(e.task is not None for e in examples) else None
+    if tasks is not None and any(t is None for t in tasks):
+        raise ValueError("either every example of a batch has a task prompt or none has")
     return Batch([e.utt_id for e in examples], token_ids, token_mask, boundaries, features, frame_lengths,
-                 waves=waves, epoch=epoch, index=index)
+                 waves=waves, tasks=tasks, epoch=epoch, index=index)
 
 
 def empty_batch(epoch: int = 0, index: int = 0) -> Batch:
@@ -156,8 +162,9 @@ class ExampleReader:
 
     def __init__(self, tokenizer: Any, frame_rate_hz: float, feature_cache: str | Path | None = None,
                  encoder_key: dict | None = None, sample_rate: int = 16_000, need_boundaries: bool = True,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, tasks: Any = None):
         self.skip_bad = skip_bad
+        self.tasks = tasks  # speechlm.data.tasks.SupervisedTasks: every example gets its task prompt and answer
         self.tokenizer = tokenizer
         self.frame_rate_hz = float(frame_rate_hz)
         self.feature_cache = Path(feature_cache) if feature_cache else None
@@ -191,24 +198,25 @@ class ExampleReader:
                                 "tokenizer?)")
         return ids
 
-    def read(self, utt: Utterance) -> Example:
+    def read(self, utt: Utterance, epoch: int = 0) -> Example:
         ids = self.tokens(utt)
+        task = self.tasks.example(utt, epoch) if self.tasks is not None else None
         bnd = None
         if utt.token_boundaries is not None:
             bnd = convert_boundaries(utt.token_boundaries, utt.boundary_frame_rate_hz, self.frame_rate_hz)
         elif self.need_boundaries:
             raise ManifestError(f"{utt.root}: row {utt.id!r} has no token_boundaries (run the aligner first)")
         if self.cache is not None:
-            return Example(utt.id, ids, bnd, features=self.cache[utt.id])
+            return Example(utt.id, ids, bnd, features=self.cache[utt.id], task=task)
         wave = load_audio(utt.audio_path, target_sr=self.sample_rate, expected_sr=utt.sample_rate)
-        return Example(utt.id, ids, bnd, wave=wave)
+        return Example(utt.id, ids, bnd, wave=wave, task=task)
 
     def read_batch(self, utts: Sequence[Utterance], epoch: int = 0, index: int = 0) -> Batch:
         """The collated :class:`Batch` of ``utts``; unreadable rows are skipped (``skip_bad``) or raise."""
         examples, skipped = [], []
         for utt in utts:
             try:
-                examples.append(self.read(utt))
+                examples.append(self.read(utt, epoch))
             except self.READ_ERRORS as e:
                 if not getattr(self, "skip_bad", False):
                     if isinstance(e, (AudioError, FeatureCacheError)):

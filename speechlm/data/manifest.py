@@ -8,8 +8,10 @@ A row::
      "token_boundaries": [4, 11, 20, 21], "boundary_frame_rate_hz": 50.0}
 
 ``audio`` may be relative: it is resolved against the manifest's folder. ``words`` (reference word
-timings in seconds), ``augment`` (how a synthetic clip was augmented) and ``token_boundaries``
-(inclusive end frame of each LLM token of ``text``, at ``boundary_frame_rate_hz``) are optional.
+timings in seconds), ``augment`` (how a synthetic clip was augmented), ``token_boundaries``
+(inclusive end frame of each LLM token of ``text``, at ``boundary_frame_rate_hz``) and ``translation``
+(the utterance in another language, for the supervised mid-training stage's translation task, with
+``translation_lang``, e.g. ``"French"``; without it the stage's ``supervised.language`` names it) are optional.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Utterance:
     boundary_frame_rate_hz: float | None = None
     #: Augmentation applied after synthesis (speechlm.data.augment.Augmentation.to_str()); None = clean.
     augment: str | None = None
+    #: The utterance in another language (supervised mid-training's translation task) and that language's name.
+    translation: str | None = None
+    translation_lang: str | None = None
     #: Folder the manifest was read from; relative ``audio`` paths resolve against it.
     root: Path | None = field(default=None, repr=False, compare=False)
 
@@ -71,6 +76,10 @@ class Utterance:
             row["boundary_frame_rate_hz"] = self.boundary_frame_rate_hz
         if self.augment is not None:
             row["augment"] = self.augment
+        if self.translation is not None:
+            row["translation"] = self.translation
+            if self.translation_lang is not None:
+                row["translation_lang"] = self.translation_lang
         return row
 
 
@@ -117,11 +126,17 @@ def _parse_row(row: object, where: str, root: Path | None) -> Utterance:
         if any(b < 0 for b in boundaries) or any(b2 < b1 for b1, b2 in itertools.pairwise(boundaries)):
             raise ManifestError(f"{where}: token_boundaries must be non-negative and non-decreasing")
         rate = float(rate)
+    for key in ("translation", "translation_lang"):
+        if row.get(key) is not None and (not isinstance(row[key], str) or not row[key].strip()):
+            raise ManifestError(f"{where}: {key!r} must be a non-empty string (id {row['id']!r})")
+    if row.get("translation_lang") is not None and row.get("translation") is None:
+        raise ManifestError(f"{where}: 'translation_lang' given without a 'translation' (id {row['id']!r})")
     return Utterance(
         id=row["id"], audio=row["audio"], sample_rate=sample_rate, duration_s=duration_s,
         text=row["text"], split=str(row["split"]), speaker=row.get("speaker"), words=words,
         token_boundaries=boundaries, boundary_frame_rate_hz=rate if boundaries is not None else None,
-        augment=str(row["augment"]) if row.get("augment") is not None else None, root=root,
+        augment=str(row["augment"]) if row.get("augment") is not None else None,
+        translation=row.get("translation"), translation_lang=row.get("translation_lang"), root=root,
     )
 
 

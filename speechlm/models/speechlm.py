@@ -126,6 +126,21 @@ class SpeechLM(nn.Module):
         self.lora = True
         self.train(self.training)
 
+    def load_lora(self, folder: str | Path, trainable: bool = False) -> None:
+        """Wrap the LLM with a saved PEFT LoRA adapter (e.g. the supervised mid-training stage's); with
+        ``trainable`` its matrices go on training, otherwise they stay frozen with the rest of the LLM."""
+        from peft import PeftModel
+
+        if self.lora:
+            raise ModelError(f"{folder}: the LLM already has a LoRA adapter")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ModelError(f"{folder}: no LoRA adapter here (adapter_config.json missing)")
+        self.llm = PeftModel.from_pretrained(self.llm, str(folder), is_trainable=trainable)
+        for n, p in self.llm.named_parameters():
+            p.requires_grad_(trainable and "lora_" in n)
+        self.lora = True
+        self.train(self.training)
+
     @property
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device

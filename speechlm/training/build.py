@@ -267,10 +267,11 @@ def _in_cache(utts: list[Utterance], reader: ExampleReader, manifest: str, check
 
 
 def make_reader(data: DataConfig, enc: EncoderFacts, tokenizer: Any, valid: bool = False,
-                need_boundaries: bool = True) -> ExampleReader:
+                need_boundaries: bool = True, tasks: Any = None) -> ExampleReader:
+    """The reader of the train (or ``valid``) rows; ``tasks`` (SupervisedTasks) adds each row's task prompt."""
     cache = (data.valid_feature_cache or data.feature_cache) if valid else data.feature_cache
     return ExampleReader(tokenizer, enc.frame_rate_hz, cache or None, enc.cache_key if cache else None,
-                         enc.sample_rate, need_boundaries)
+                         enc.sample_rate, need_boundaries, skip_bad=data.skip_bad, tasks=tasks)
 
 
 def train_batches(data: DataConfig, reader: ExampleReader, info: DistInfo, seed: int,

@@ -24,7 +24,10 @@ class ModelConfig:
     # at random vectors far larger than the LLM's embeddings (1.0 = the connector's own init). A 60-step
     # trial (Whisper-base -> SmolLM2, 2 ranks): 0.1 gave valid cosine 0.42 vs 0.31 with 1.0.
     init_output_scale: float = 0.1
-    init_connector: str = ""  # stage 2: the connector folder exported by stage 1
+    init_connector: str = ""  # stage 2: the connector folder exported by stage 1 (or by the mid-training stage)
+    # stage 2: a LoRA adapter folder to start from (the mid-training stage's <out_dir>/lora): trained on with
+    # variant=lora|multitask, kept frozen with variant=frozen
+    init_lora: str = ""
     gradient_checkpointing: bool = False  # stage 2: activation checkpointing inside the LLM
 
 
@@ -72,11 +75,25 @@ class LoraSettings:
 
 
 @dataclass
+class SupervisedSettings:
+    """The supervised objective's task prompts (speechlm.data.tasks): ``{speech}`` = the connector's vectors."""
+
+    transcribe_prompt: str = "Transcribe the speech.\nSpeech: {speech}\nText:"
+    translate_prompt: str = "Translate the speech into {lang}.\nSpeech: {speech}\n{lang}:"
+    language: str = "French"  # the target language of rows whose manifest gives no translation_lang
+    translate_ratio: float = 0.5  # rows with a translation: the fraction of epochs they are a translation example
+
+
+@dataclass
 class Stage2Config:
     out_dir: str = "runs/stage2"
     seed: int = 0
     # frozen: connector only | lora: + LoRA on the LLM | multitask: LoRA + text-only LM batches mixed in
     variant: str = "frozen"
+    # ntp: speech in, next text token out (stage 2) | supervised: task prompt + speech -> answer (transcription,
+    # or translation where the manifest has a translation), only the answer scored (the mid-training stage)
+    objective: str = "ntp"
+    supervised: SupervisedSettings = field(default_factory=SupervisedSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     text_corpus: str = ""  # multitask: text file (one sentence a line) or .jsonl manifest
     text_ratio: float = 0.5  # multitask: fraction of steps that add a text-only batch
@@ -91,3 +108,13 @@ class Stage2Config:
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+@dataclass
+class StageMidConfig(Stage2Config):
+    """The supervised mid-training stage (recipes/stage_mid_supervised.py): stage 2's settings, the supervised
+    objective. Its connector (and LoRA) start stage 2 (``model.init_connector`` / ``model.init_lora``)."""
+
+    out_dir: str = "runs/mid"
+    objective: str = "supervised"
+    leakage_utts: int = 0  # the leakage check measures next-token prediction (stage 2), not this objective

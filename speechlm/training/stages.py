@@ -15,6 +15,7 @@ from speechlm.models.connectors.base import Connector
 from speechlm.training.losses import (
     distill_loss,
     nearest_token_accuracy,
+    next_token_loss,
     prefix_ntp_loss,
     speech_ntp_loss,
     text_ntp_loss,
@@ -61,12 +62,25 @@ class Stage1Distill(nn.Module):
         return loss, metrics
 
 
+OBJECTIVES = ("ntp", "supervised")
+
+
 class Stage2Finetune(nn.Module):
-    """Speech in, text out through the frozen (or LoRA-adapted) LLM, plus optional stage-1 and text-LM terms."""
+    """Speech in, text out through the frozen (or LoRA-adapted) LLM, plus optional stage-1 and text-LM terms.
+
+    ``objective="ntp"`` (stage 2): next-token prediction on the speech itself (SSR: vector i predicts token
+    i+1; baselines: the clip as a prefix of its transcript). ``objective="supervised"`` (the mid-training
+    stage): each row is ``[BOS] prompt-before [speech vectors] prompt-after answer``, only the answer (and its
+    EOS) scored; the batches carry the prompts and answers (``Batch.tasks``, speechlm.data.tasks).
+    """
 
     def __init__(self, speechlm: nn.Module, bos_id: int | None = None, distill_weight: float = 0.0,
-                 mse_weight: float = 1.0, cosine_weight: float = 5.0, text_weight: float = 1.0):
+                 mse_weight: float = 1.0, cosine_weight: float = 5.0, text_weight: float = 1.0,
+                 objective: str = "ntp"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        self.objective = objective
         self.speechlm = speechlm  # SpeechLM: connector + frozen llm
         self.bos_id = bos_id
         self.distill_weight, self.mse_weight, self.cosine_weight = distill_weight, mse_weight, cosine_weight
@@ -92,12 +106,29 @@ class Stage2Finetune(nn.Module):
     def text_loss(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
         return text_ntp_loss(self._logits, self.speechlm.llm_embed, ids, mask, self.prefix(ids.device))
 
+    def task_loss(self, embeds: torch.Tensor, mask: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The supervised objective: mean loss over the answers' tokens (EOS included) and their count."""
+        from speechlm.models.speechlm import SpeechSegment, TextSegment
+
+        if batch.tasks is None:
+            raise ConfigError("objective=supervised: the batches carry no task prompts (the reader needs "
+                              "tasks=SupervisedTasks(...))")
+        bos = [self.bos_id] if self.bos_id is not None else []
+        rows = [[TextSegment(bos + t.before), SpeechSegment(embeds[b][mask[b]]), TextSegment(t.after),
+                 TextSegment(t.target, target=True)] for b, t in enumerate(batch.tasks)]
+        inputs = self.speechlm.build_inputs(rows, padding_side="right")
+        logits = self.speechlm.lm_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
+        return next_token_loss(logits, inputs.labels)
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.speechlm.speech_embeds(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
         embeds = out.embeds
-        if self.per_token:
+        if self.objective == "supervised":
+            loss, n = self.task_loss(embeds, out.mask, batch)
+            metrics: dict[str, float] = {"loss_task": float(loss.detach()), "targets": n}
+        elif self.per_token:
             loss, n = self.speech_loss(embeds, batch.token_ids, batch.token_mask)
-            metrics: dict[str, float] = {"loss_speech": float(loss.detach()), "targets": n}
+            metrics = {"loss_speech": float(loss.detach()), "targets": n}
         else:  # a baseline: the whole clip as a prefix, then the transcript
             loss, _n_all, rest = prefix_ntp_loss(self._logits, embeds, out.mask, batch.token_ids, batch.token_mask,
                                                 self.prefix(batch.token_ids.device), self.speechlm.llm_embed)
@@ -115,7 +146,7 @@ class Stage2Finetune(nn.Module):
             t_loss, _ = self.text_loss(batch.text_ids, batch.text_mask)
             loss = loss + self.text_weight * t_loss
             metrics["loss_text_lm"] = float(t_loss.detach())
-        if not self.training:  # validation: the same LLM on the transcripts themselves
+        if not self.training and self.objective == "ntp":  # validation: the same LLM on the transcripts themselves
             t_loss, _ = self.text_loss(batch.token_ids, batch.token_mask)
             metrics["loss_text"] = float(t_loss)
         metrics["loss"] = float(loss.detach())
