@@ -279,3 +279,46 @@ def build_feature_cache(manifest_path: str | Path, encoder: SpeechEncoder, out_d
         log.warning("%s: %d utterance(s) skipped: %s", root, len(skipped),
                     "; ".join(s.get("error", s.get("row", "")) for s in skipped[:5]))
     return FeatureCache.open(root, key)
+
+
+def select_layers(src_dir: str | Path, out_dir: str | Path, layers: Iterable[int]) -> FeatureCache:
+    """A cache of only ``layers`` of a complete cache, without running the encoder (e.g. one layer of an
+    all-layers cache, to compare layer choices on the same frames); returns it opened.
+
+    ``layers`` are hidden-state indices as the source's index stores them (``FeatureCache.layers``: resolved,
+    0 = embeddings output, no negative ones), in the order wanted; each must be cached in ``src_dir``. The
+    result is what ``build_feature_cache`` gives with those layers: same shards and utterances, the encoder key's
+    ``layers`` replaced. An existing complete ``out_dir`` with that key and the same utterances is kept as it is.
+    """
+    src = FeatureCache.open(src_dir)
+    layers = [int(k) for k in layers]
+    missing = [k for k in layers if k not in src.layers]
+    if not layers or missing:
+        raise FeatureCacheError(f"{src.root}: layers {missing or layers} are not in the feature cache (it holds "
+                                f"{list(src.layers)})")
+    pick = torch.tensor([src.layers.index(k) for k in layers])
+    key = {**src.encoder_key, "layers": layers}
+    root = Path(out_dir)
+    if (root / INDEX).is_file():
+        try:
+            done = FeatureCache.open(root, key)
+            if done.index["utterances"] == src.index["utterances"]:
+                return done
+        except FeatureCacheError:
+            pass
+    root.mkdir(parents=True, exist_ok=True)
+    (root / INDEX).unlink(missing_ok=True)
+    for old in root.glob("shard-*.safetensors"):
+        old.unlink()
+    sizes = {}
+    for name in tqdm(sorted(src.index["shards"]), unit="shard", desc=f"layers {layers} -> {root.name}"):
+        with safe_open(str(src.root / name), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k).index_select(0, pick).contiguous() for k in f.keys()}  # noqa: SIM118 (safe_open: no iteration)
+        metadata = {**meta, "format": FORMAT, "encoder_key": json.dumps(key)}
+        with atomic_path(root / name) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        sizes[name] = (root / name).stat().st_size
+    index = {**src.index, "encoder_key": key, "shards": sizes}
+    atomic_write_text(root / INDEX, json.dumps(index, indent=1))
+    return FeatureCache.open(root, key)

@@ -16,7 +16,6 @@ Writes JSON and a PNG of the probes' loss curves next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench_connector import make_batch, time_fwd_bwd
-from benchlib import machine, pyplot, save_figure, write_json
+from benchlib import machine, pyplot, save_figure, stage_metrics, write_json
 
 from speechlm.config import load_config
 from speechlm.eval.speaker import (
@@ -183,13 +182,10 @@ def main() -> None:
 
     stage1 = {}
     for folder in args.stage1:
-        path = Path(folder) / "metrics.json"
-        if path.is_file():
-            m = json.loads(path.read_text())
-            cfg = (Path(folder) / "connector/config.json")
-            g = json.loads(cfg.read_text())["config"].get("partition_groups", 0) if cfg.is_file() else None
-            stage1[folder] = {"partition_groups": g, "steps": m["steps"], **m["final_valid"],
-                              "step_time_s_median": m["step_time_s_median"], "loop_wall_s": m.get("loop_wall_s")}
+        s = stage_metrics(folder)
+        if s is not None:
+            cfg = s.pop("connector")
+            stage1[folder] = {"partition_groups": None if cfg is None else cfg.get("partition_groups", 0), **s}
     result["stage1"] = stage1
     result["machine_end"] = machine()
     write_json(args.out, result)

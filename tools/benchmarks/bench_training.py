@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: the repository and this folder (benchlib) importable
     sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from benchlib import machine, pyplot, save_figure, write_json
+from benchlib import machine, pick_names, pyplot, save_figure, write_json
 
 from speechlm.errors import ConfigError
 
@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--png", default="runs/bench/training.png")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    bad = [n for n in names if n not in STAGE2 + STAGE1]
-    if bad:
-        raise ConfigError(f"bench_training: unknown step(s) {bad}; choose from {STAGE2 + STAGE1}")
+    names = pick_names(args.only, STAGE2 + STAGE1, "bench_training --only")
     for need in (Path(args.run) / "aligned" / "train.jsonl", Path(args.run) / "stage1" / "connector"):
         if not need.exists():
             raise ConfigError(f"bench_training: {need} not found (run `make small` first, or pass --run)")

@@ -1,4 +1,5 @@
-"""What the benchmarks in this folder share: machine facts, and their JSON and PNG written atomically.
+"""What the benchmarks in this folder share: machine facts, their JSON and PNG written atomically, and running the
+training recipes (launcher command, environment, reading a finished stage's metrics).
 
 The benchmark scripts import it as a sibling module (``python tools/benchmarks/<name>.py`` puts this folder first
 on ``sys.path``; the tests add it).
@@ -10,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +49,53 @@ def save_figure(fig: Any, path: str | Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110)
     pyplot().close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------ training recipes
+def recipe_env() -> dict[str, str]:
+    """The environment a recipe runs in from a benchmark: this venv's bin first on PATH (the deepspeed launcher)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def pick_names(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
+    """A comma-separated choice from ``known`` (``--connectors a,b``), in the order given; ConfigError names the
+    unknown ones and the choices (``what``: the benchmark and option, for the message)."""
+    from speechlm.errors import ConfigError
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{what}: unknown choice(s) {unknown}; choose from {list(known)}")
+    return names
+
+
+def recipe_command(script: str | Path, ranks: int, master_port: int) -> list[str]:
+    """A training recipe as recipes/run_cpu.sh starts it: plain python for one rank, else the deepspeed launcher
+    with ``ranks`` CPU ranks (append ``--config ...`` and the overrides)."""
+    if ranks == 1:
+        return [sys.executable, str(script)]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(master_port),
+            str(script)]
+
+
+def run_finished(out: str | Path, steps: int) -> bool:
+    """True when the stage run in ``out`` reached ``steps`` and exported its connector (a benchmark reuses it)."""
+    m = Path(out) / "metrics.json"
+    return m.is_file() and (Path(out) / "connector").is_dir() and json.loads(m.read_text()).get("steps") == steps
+
+
+def stage_metrics(folder: str | Path) -> dict[str, Any] | None:
+    """A stage run's final numbers: steps, the last validation's metrics, step time, loop wall time (metrics.json),
+    and ``connector``: its exported connector's config (None without connector/config.json); None without
+    metrics.json."""
+    folder = Path(folder)
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    cfg = folder / "connector" / "config.json"
+    return {"steps": m["steps"], **m["final_valid"], "step_time_s_median": m["step_time_s_median"],
+            "loop_wall_s": m.get("loop_wall_s"),
+            "connector": json.loads(cfg.read_text())["config"] if cfg.is_file() else None}

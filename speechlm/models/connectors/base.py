@@ -43,7 +43,7 @@ class ConnectorConfig:
 
     name: str = ""
     d_enc: int = 512  # encoder hidden size
-    n_enc_layers: int = 1  # L: encoder layers fused by LayerFusion
+    n_enc_layers: int = 1  # L: encoder layers fused by the layer fusion (layer_fusion)
     d_llm: int = 576  # LLM hidden size
     frame_rate_hz: float = 50.0  # encoder frame rate
     # Identity of the models this connector belongs to (checked on load; "" = not yet known).
@@ -51,6 +51,18 @@ class ConnectorConfig:
     encoder_layers: list[int] = field(default_factory=list)
     llm_name: str = ""
     llm_vocab_size: int = 0
+    # How the L encoder layers become one frame sequence (fusion.py), in front of every connector:
+    #   "weighted": learned softmax-weighted sum of the L layers (LayerFusion; one layer passes through unchanged);
+    #     the default, identical to connectors saved before this field existed.
+    #   "hierarchical": hierarchical feature fusion (Huo et al., 2022): groups of fusion_group adjacent layers,
+    #     bottom to top, each fused with the previous step's output by a small MLP (LayerNorm -> Linear(n*D ->
+    #     fusion_dim) -> GELU -> Linear(fusion_dim -> D), plus the mean of its inputs); needs L >= 2 (ConfigError).
+    # The baselines need no option: top layer only = encoder_layers [-1] (the recipes' default), one middle layer =
+    # encoder_layers [k], weighted sum of all = every layer selected and "weighted" (the feature cache holds
+    # exactly the layers tools/cache_features.py --layers stored). tools/benchmarks/bench_fusion.py compares them.
+    layer_fusion: str = "weighted"
+    fusion_group: int = 2  # hierarchical: adjacent layers fused per step (the top group keeps the remainder)
+    fusion_dim: int = 0  # hierarchical: hidden width of each step's MLP (0 = d_enc)
 
 
 @dataclass
@@ -142,7 +154,7 @@ def build_connector(cfg: ConnectorConfig | dict[str, Any]) -> Connector:
 
 # ------------------------------------------------------------------------------------ shared parts
 class LayerFusion(nn.Module):
-    """Learned softmax-weighted sum over the L encoder layers (hierarchical feature fusion)."""
+    """Learned softmax-weighted sum over the L encoder layers (``layer_fusion="weighted"``; the other: fusion.py)."""
 
     def __init__(self, n_layers: int):
         super().__init__()
@@ -150,8 +162,8 @@ class LayerFusion(nn.Module):
         # Zeros = a plain average at the start; a single layer needs no weights at all.
         self.logits = nn.Parameter(torch.zeros(n_layers)) if n_layers > 1 else None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # features (B, L, T, D) -> (B, T, D)
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        # features (B, L, T, D) -> (B, T, D); ``lengths`` is unused (zero padding frames stay zero in a weighted sum)
         if features.shape[1] != self.n_layers:
             raise ValueError(f"expected {self.n_layers} encoder layers, got features {tuple(features.shape)}")
         if self.logits is None:

@@ -17,10 +17,10 @@ from speechlm.models.connectors.base import (
     Connector,
     ConnectorOutput,
     ConvConfig,
-    LayerFusion,
     frame_mask,
     stack_frames,
 )
+from speechlm.models.connectors.fusion import make_layer_fusion
 from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
@@ -28,7 +28,7 @@ class ConvConnector(Connector):
     def __init__(self, cfg: ConvConfig):
         super().__init__()
         self.cfg = cfg
-        self.fusion = LayerFusion(cfg.n_enc_layers)
+        self.fusion = make_layer_fusion(cfg)  # layer_fusion: weighted | hierarchical (fusion.py)
         if uses_partition(cfg.partition_groups):
             # The strided conv is a linear map of k stacked frames: conv + ReLU + out as one grouped block.
             self.pf = PartitionFusion(cfg.d_enc * cfg.stack, cfg.hidden, cfg.d_llm, cfg.partition_groups, "relu",
@@ -44,7 +44,7 @@ class ConvConnector(Connector):
     def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor, boundaries: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None) -> ConnectorOutput:
         k = self.cfg.stack
-        x = self.fusion(features)  # (B, T, D_enc)
+        x = self.fusion(features, frame_lengths)  # (B, T, D_enc)
         x = x * frame_mask(frame_lengths, x.shape[1])[:, :, None].to(x.dtype)  # padding frames read as zeros
         if self.cfg.partition_groups > 1:
             x, _ = stack_frames(x, frame_lengths, k)  # (B, N, k*D_enc)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechlm.models.connectors.base import Connector, ConnectorOutput, LayerFusion, QFormerConfig, frame_mask
+from speechlm.models.connectors.base import Connector, ConnectorOutput, QFormerConfig, frame_mask
+from speechlm.models.connectors.fusion import make_layer_fusion
 from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
@@ -47,7 +48,7 @@ class QFormerConnector(Connector):
         super().__init__()
         self.cfg = cfg
         self.window = max(1, int(cfg.window_s * cfg.frame_rate_hz + 0.5))  # frames per window
-        self.fusion = LayerFusion(cfg.n_enc_layers)
+        self.fusion = make_layer_fusion(cfg)  # layer_fusion: weighted | hierarchical (fusion.py)
         self.adapter = nn.Linear(cfg.d_enc, cfg.d_model)
         self.pos = nn.Parameter(torch.randn(self.window, cfg.d_model) * 0.02)  # position inside a window
         self.queries = nn.Parameter(torch.randn(cfg.n_queries, cfg.d_model) * 0.02)
@@ -64,7 +65,7 @@ class QFormerConnector(Connector):
     def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor, boundaries: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None) -> ConnectorOutput:
         w, nq = self.window, self.cfg.n_queries
-        x = self.adapter(self.fusion(features))  # (B, T, d_model)
+        x = self.adapter(self.fusion(features, frame_lengths))  # (B, T, d_model)
         b, t, d = x.shape
         pad = (-t) % w
         x = F.pad(x, (0, 0, 0, pad))

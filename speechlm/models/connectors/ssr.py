@@ -25,11 +25,11 @@ from speechlm.errors import AlignmentError
 from speechlm.models.connectors.base import (
     Connector,
     ConnectorOutput,
-    LayerFusion,
     SSRConfig,
     frame_mask,
     stack_frames,
 )
+from speechlm.models.connectors.fusion import make_layer_fusion
 from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
@@ -152,7 +152,7 @@ class SSRConnector(Connector):
     def __init__(self, cfg: SSRConfig):
         super().__init__()
         self.cfg = cfg
-        self.fusion = LayerFusion(cfg.n_enc_layers)
+        self.fusion = make_layer_fusion(cfg)  # layer_fusion: weighted | hierarchical (fusion.py)
         self.adapter = nn.Linear(cfg.d_enc * cfg.stack, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model)
@@ -199,7 +199,7 @@ class SSRConnector(Connector):
             token_mask = torch.ones_like(boundaries, dtype=torch.bool)
         check_boundaries(boundaries, token_mask, frame_lengths)
         k = self.cfg.stack
-        x = self.fusion(features)  # (B, T, D_enc)
+        x = self.fusion(features, frame_lengths)  # (B, T, D_enc)
         x, lengths = stack_frames(x, frame_lengths, k)  # (B, T', k*D_enc), T' = ceil(T/k)
         t = x.shape[1]
         # Boundaries at the stacked rate; padded tokens point past the end so they end no segment.

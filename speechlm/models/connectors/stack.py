@@ -14,11 +14,11 @@ from torch import nn
 from speechlm.models.connectors.base import (
     Connector,
     ConnectorOutput,
-    LayerFusion,
     StackConfig,
     frame_mask,
     stack_frames,
 )
+from speechlm.models.connectors.fusion import make_layer_fusion
 from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
@@ -26,7 +26,7 @@ class StackConnector(Connector):
     def __init__(self, cfg: StackConfig):
         super().__init__()
         self.cfg = cfg
-        self.fusion = LayerFusion(cfg.n_enc_layers)
+        self.fusion = make_layer_fusion(cfg)  # layer_fusion: weighted | hierarchical (fusion.py)
         d_in = cfg.d_enc * cfg.stack
         if uses_partition(cfg.partition_groups):  # groups over the encoder channels of all k frames
             self.mlp = nn.Sequential(
@@ -48,7 +48,7 @@ class StackConnector(Connector):
 
     def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor, boundaries: torch.Tensor | None = None,
                 token_mask: torch.Tensor | None = None) -> ConnectorOutput:
-        x, lengths = stack_frames(self.fusion(features), frame_lengths, self.cfg.stack)  # (B, N, k*D_enc)
+        x, lengths = stack_frames(self.fusion(features, frame_lengths), frame_lengths, self.cfg.stack)  # (B, N, k*D_enc)
         mask = frame_mask(lengths, x.shape[1])  # (B, N)
         embeds = self.mlp(x) * mask[:, :, None].to(x.dtype)  # (B, N, d_llm)
         return ConnectorOutput(embeds=embeds, mask=mask)
