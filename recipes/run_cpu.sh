@@ -9,7 +9,9 @@
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
 #   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) FORCE=1 (new corpus)
 #   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES CASCADE LIBRIVOX VOICES
-#   HARD_EVAL
+#   HARD_EVAL MID=1 (supervised mid-training between stage 1 and stage 2, recipes/stage_mid_supervised.py with
+#   recipes/configs/stage_mid_$PRESET.yaml; stage 2 then starts from its connector, and its LoRA when it has one)
+#   MID_STEPS EXTRA_MID="key=value ..."
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -32,10 +34,15 @@ VOICES=${VOICES:-natural}  # StoryCloze / Speech-MMLU voices: natural (held-out 
 HARD_EVAL=${HARD_EVAL:-false}  # also StoryCloze in the hard condition (held-out eSpeak voices): summary key storycloze_hard
 STAGE1_STEPS=${STAGE1_STEPS:-}
 STAGE2_STEPS=${STAGE2_STEPS:-}
+MID=${MID:-0}
+MID_STEPS=${MID_STEPS:-}
 CONFIGS=recipes/configs
 for c in aligner stage1 stage2; do
   [ -f "$CONFIGS/${c}_$PRESET.yaml" ] || { echo "no $CONFIGS/${c}_$PRESET.yaml for PRESET=$PRESET" >&2; exit 2; }
 done
+if [ "$MID" = 1 ] && [ ! -f "$CONFIGS/stage_mid_$PRESET.yaml" ]; then
+  echo "MID=1: no $CONFIGS/stage_mid_$PRESET.yaml for PRESET=$PRESET" >&2; exit 2
+fi
 CACHE=$("$PY" -c "from speechlm.paths import cache_dir; print(cache_dir())")
 MODELS=$("$PY" -c "from speechlm.paths import models_dir; print(models_dir())")
 CORPUS=${CORPUS:-$CACHE/corpus/$PRESET-${HOURS}h}
@@ -43,7 +50,7 @@ FEATURES=$CACHE/features/$PRESET-${HOURS}h
 WHISPER=$MODELS/whisper-base
 LLM=$MODELS/smollm2-135m
 STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 analyze_tokens
-       stage2 eval_storycloze eval_storycloze_hard eval_speech_mmlu eval_asr)
+       mid stage2 eval_storycloze eval_storycloze_hard eval_speech_mmlu eval_asr)
 FROM=${FROM:-prepare_models}
 [[ " ${STEPS[*]} " == *" $FROM "* ]] || { echo "FROM must be one of: ${STEPS[*]}" >&2; exit 2; }
 mkdir -p "$RUN"
@@ -150,10 +157,28 @@ step stage1 launch recipes/stage1_distill.py --config "$CONFIGS/stage1_$PRESET.y
 step analyze_tokens "$PY" tools/analyze_tokens.py --connector "$RUN/stage1/connector" --llm "$LLM" \
   --manifest "$RUN/aligned/valid.jsonl" --feature-cache "$FEATURES/valid" \
   --train-manifest "$RUN/aligned/train.jsonl" --out "$RUN/token_analysis.json" --threads 2 --no-progress
+# Optional supervised mid-training (MID=1): task prompts -> transcripts through the frozen LLM, from stage 1's
+# connector; stage 2 then starts from the mid stage's connector (and LoRA, when its variant trained one).
+init2=(model.init_connector="$RUN/stage1/connector")
+mid() {
+  if [ "$MID" != 1 ]; then  # an earlier MID=1 run's outputs would be summarized as this run's
+    echo "MID=$MID: no supervised mid-training stage"; rm -rf "$RUN/mid"; return 0
+  fi
+  # shellcheck disable=SC2086
+  launch recipes/stage_mid_supervised.py --config "$CONFIGS/stage_mid_$PRESET.yaml" "${common[@]}" \
+    out_dir="$RUN/mid" model.init_connector="$RUN/stage1/connector" \
+    ${MID_STEPS:+loop.max_steps=$MID_STEPS} ${EXTRA_MID:-}
+}
+[ "$MID" = 1 ] && fresh "$RUN/mid"
+step mid mid
+if [ "$MID" = 1 ]; then
+  init2=(model.init_connector="$RUN/mid/connector")
+  [ -d "$RUN/mid/lora" ] && init2+=(model.init_lora="$RUN/mid/lora")
+fi
 fresh "$RUN/stage2"
 # shellcheck disable=SC2086
 step stage2 launch recipes/stage2_finetune.py --config "$CONFIGS/stage2_$PRESET.yaml" "${common[@]}" \
-  out_dir="$RUN/stage2" model.init_connector="$RUN/stage1/connector" \
+  out_dir="$RUN/stage2" "${init2[@]}" \
   ${STAGE2_STEPS:+loop.max_steps=$STAGE2_STEPS} ${EXTRA2:-}
 
 # Evaluation: held-out voices, boundaries from the aligner in free mode (no transcript given);

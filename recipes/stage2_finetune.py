@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from speechlm.config import load_config, save_config
 from speechlm.data.batching import TextBatches
+from speechlm.data.tasks import SupervisedTasks
 from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import load_connector
 from speechlm.models.speechlm import SpeechLM
 from speechlm.training import build
-from speechlm.data.tasks import SupervisedTasks
 from speechlm.training.configs import Stage2Config
 from speechlm.training.engine import (
     build_engine,

@@ -70,7 +70,7 @@ def _report(folder: Path, name: str, rows: list[ResultRow]) -> None:
 
 def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     """The table is read from the reports the evaluation recipes write (speechlm.eval.report), per connector."""
-    names = ["ssr", "stack"]
+    names = ["ssr", "stack", "ssr-mid"]
     text = Accuracy(7, 10)
     sc = []
     for style in ("adversarial", "random"):
@@ -88,9 +88,12 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
                                                                {"system": "ssr/connector", "wer": 0.25}]}))
     metrics = {n: {"steps": 100, "final_valid": {"loss_speech": 5.0, "loss_text": 4.0}, "step_time_s_median": 1.0}
                for n in names}  # as a stage's metrics.json has them
+    metrics["ssr-mid"] = {**metrics["ssr-mid"], "steps": 60, "mid": {"steps": 40}}  # what train() returns for it
     reports = {k: tmp_path / f"{k}.json" for k in ("storycloze", "speech_mmlu", "asr")}
     rows = bench_quality.collect(names, metrics, reports)
-    ssr, stack = rows
+    ssr, stack, mid = rows
+    assert mid["steps"] == 100 and mid["mid_steps"] == 40 and ssr["mid_steps"] == 0
+    assert mid["storycloze_adversarial"] is None and mid["asr_wer"] is None  # no reports for it: missing, not made up
     assert ssr["storycloze_adversarial"]["acc"] == 0.6 and ssr["storycloze_adversarial"]["parity"] == pytest.approx(6 / 7, abs=1e-4)
     assert ssr["storycloze_random"]["text"] == 0.7
     assert ssr["mmlu_0shot"]["acc"] == 0.375 and ssr["asr_wer"] == 0.25
@@ -99,6 +102,7 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     assert stack["mmlu_0shot"] is None  # only a per-subject row: the overall one is missing, not made up
     table = bench_quality.table(rows)
     assert "| SSR (stage 1 + 2) | 100 | 1.00 | 5.000 (4.000) |" in table and "60.0 [31, 83] (0.86)" in table
+    assert "| SSR (stage 1 + mid + 2) | 40 + 60 | 1.00 |" in table
     bench_quality.plot(rows, tmp_path / "q.png")
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -106,7 +110,13 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
 def test_quality_refuses_unknown_connectors_and_missing_runs(tmp_path):
     from speechlm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown connector"):
+    with pytest.raises(ConfigError, match=r"--connectors: unknown choice\(s\) \[.mlp.\]"):
         bench_quality.main(["--connectors", "ssr,mlp", "--run", str(tmp_path)])
     with pytest.raises(ConfigError, match="not found"):
         bench_quality.main(["--run", str(tmp_path / "nope"), "--llm", str(tmp_path), "--encoder", str(tmp_path)])
+    (tmp_path / "stage1").mkdir()
+    for bad in (0, 100, 120):  # ssr-mid splits --steps between the mid stage and stage 2: both get some
+        args = bench_quality.argparse.Namespace(steps=100, mid_steps=bad, retrain=False)
+        with pytest.raises(ConfigError, match="--mid-steps"):
+            bench_quality.train("ssr-mid", args, {"stage1": tmp_path / "stage1"}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from speechlm.config import load_config
-from speechlm.training.configs import Stage1Config, Stage2Config
+from speechlm.training.configs import Stage1Config, Stage2Config, StageMidConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -37,6 +37,33 @@ def test_preset_configs_load(preset):
     assert s1.out_dir == f"runs/{preset}/stage1" and s2.out_dir == f"runs/{preset}/stage2"
     assert s2.variant == "frozen" and 0 < s2.distill_weight
     assert al.model.kind == "charCTC" and al.steps > 0
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_mid_configs_load(preset):
+    """MID=1 runs recipes/configs/stage_mid_$PRESET.yaml between stage 1 and stage 2, into <run>/mid."""
+    mid = load_config(StageMidConfig, CONFIGS / f"stage_mid_{preset}.yaml")
+    s2 = load_config(Stage2Config, CONFIGS / f"stage2_{preset}.yaml")
+    assert mid.objective == "supervised" and mid.out_dir == f"runs/{preset}/mid"
+    assert 0 < mid.loop.max_steps < s2.loop.max_steps
+    assert "{speech}" in mid.supervised.transcribe_prompt
+
+
+def test_flow_refuses_mid_without_its_config(tmp_path):
+    """MID=1 with a preset whose stage_mid config is missing stops before any step runs."""
+    configs = tmp_path / "repo" / "recipes" / "configs"
+    configs.mkdir(parents=True)
+    for c in ("aligner", "stage1", "stage2"):
+        (configs / f"{c}_tiny.yaml").write_text("{}\n")
+    script = tmp_path / "repo" / "recipes" / "run_cpu.sh"
+    script.write_text((ROOT / "recipes" / "run_cpu.sh").read_text())
+    (tmp_path / "repo" / ".venv").symlink_to(ROOT / ".venv")
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False,
+                          env={**os.environ, "MID": "1", "RUN": str(tmp_path / "run"),
+                               "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "MID=1: no recipes/configs/stage_mid_tiny.yaml" in proc.stderr
+    assert not (tmp_path / "run" / "times.json").exists()
 
 
 def test_small_trains_longer_than_tiny():

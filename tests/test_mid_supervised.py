@@ -10,7 +10,7 @@ import pytest
 import torch
 from training_helpers import make_llm, make_tokenizer, make_world, run_recipe, stage1_overrides
 
-from speechlm.data.batching import collate, Example
+from speechlm.data.batching import Example, collate
 from speechlm.data.manifest import Utterance, read_manifest, write_manifest
 from speechlm.data.tasks import SupervisedTasks, split_template, task_draw
 from speechlm.errors import ConfigError, ManifestError

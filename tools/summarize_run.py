@@ -4,7 +4,8 @@
 
 Reads what each step wrote: the corpus's ``summary.json`` (``--corpus``: hours, word-type coverage of the
 evaluation sets, utterances per engine), ``aligner_eval.json`` (tools/eval_alignment.py), ``stage1/metrics.json``,
-``stage2/metrics.json``, ``token_analysis.json`` (tools/analyze_tokens.py: stage 1 by token class and by engine),
+``mid/metrics.json`` (the optional supervised mid-training, MID=1), ``stage2/metrics.json``,
+``token_analysis.json`` (tools/analyze_tokens.py: stage 1 by token class and by engine),
 ``times.json`` (wall seconds per step, from the recipe) and the evaluation
 entries the evaluation recipes already merged into ``summary.json``. ``corpus.whisper_wer_test`` is
 Whisper base's own WER on the evaluated test rows (``eval/asr.json``, the ``whisper`` system), overall and
@@ -91,7 +92,7 @@ def summarize(run: Path, corpus: Path | None = None) -> dict:
             "within_50ms": res.get("within_50ms"), "cer": res.get("cer"), "rtf": res.get("rtf_aligner"),
             "all": align["results"],
         }
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "mid", "stage2"):  # mid: the optional supervised mid-training (MID=1)
         values = _stage(_load(run / stage / "metrics.json"))
         if values:
             summary[stage] = values

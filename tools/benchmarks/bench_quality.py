@@ -8,6 +8,9 @@ launcher (``deepspeed``, ``--ranks`` CPU ranks):
 
 * ``ssr``: SSR from the run's stage-1 connector (stage 1 applies to SSR only: the baselines have no vector per token);
 * ``ssr-scratch``: SSR without stage 1, from a fresh connector like the baselines (the architecture alone);
+* ``ssr-mid``: SSR from the stage-1 connector through the supervised mid-training stage first
+  (``recipes/stage_mid_supervised.py`` with ``recipes/configs/stage_mid_<preset>.yaml``: task prompt + speech ->
+  transcript, ``--mid-steps`` steps), then stage 2 for the rest of the budget: ``--steps`` in all, as ``ssr``;
 * ``stack`` (k=8, Ultravox, 6.25 Hz), ``conv`` (k=5, SLAM-LLM, 10 Hz), ``qformer`` (one query per 0.33 s window,
   SALMONN, ~3 Hz): from fresh connectors, trained with the speech as a prefix of the transcript (all of its
   tokens targets) and ``distill_weight=0``.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +37,16 @@ ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: the repository and this folder (benchlib) importable
     sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from benchlib import machine, pyplot, save_figure, write_json
+from benchlib import (
+    machine,
+    pick_names,
+    pyplot,
+    recipe_command,
+    recipe_env,
+    run_finished,
+    save_figure,
+    write_json,
+)
 
 from speechlm.atomic import atomic_write_text
 from speechlm.errors import ConfigError
@@ -44,11 +55,12 @@ from speechlm.errors import ConfigError
 CONNECTORS: dict[str, tuple[dict[str, object], bool]] = {
     "ssr": ({}, True),
     "ssr-scratch": ({}, False),
+    "ssr-mid": ({}, True),  # + the supervised mid-training stage for --mid-steps of the --steps (MID=1)
     "stack": ({"name": "stack"}, False),
     "conv": ({"name": "conv"}, False),
     "qformer": ({"name": "qformer"}, False),
 }
-LABELS = {"ssr": "SSR (stage 1 + 2)", "ssr-scratch": "SSR (stage 2 only)", "stack": "stack k=8 (Ultravox)",
+LABELS = {"ssr": "SSR (stage 1 + 2)", "ssr-scratch": "SSR (stage 2 only)", "ssr-mid": "SSR (stage 1 + mid + 2)", "stack": "stack k=8 (Ultravox)",
           "conv": "conv k=5 (SLAM-LLM)", "qformer": "window Q-Former (SALMONN)"}
 
 
@@ -64,61 +76,92 @@ def _paths(args: argparse.Namespace) -> dict[str, Path]:
         "train": run / "aligned" / "train.jsonl", "valid": run / "aligned" / "valid.jsonl",
         "test": corpus / "test.jsonl", "aligner": run / "aligner", "stage1": run / "stage1" / "connector",
         "config": ROOT / "recipes" / "configs" / f"stage2_{preset}.yaml",
+        "mid_config": ROOT / "recipes" / "configs" / f"stage_mid_{preset}.yaml",
         "llm": Path(args.llm) if args.llm else models_dir() / "smollm2-135m",
         "encoder": Path(args.encoder) if args.encoder else models_dir() / "whisper-base",
     }
-    for key in ("train", "valid", "test", "aligner", "config", "llm", "encoder", "features"):
+    for key in ("train", "valid", "test", "aligner", "config", "mid_config", "llm", "encoder", "features"):
         if not paths[key].exists():
             raise ConfigError(f"bench_quality: {key} not found: {paths[key]} (run `make small` first, or pass --run/"
                               "--corpus/--features)")
     return paths
 
 
-def _done(out: Path, steps: int) -> bool:
-    m = out / "metrics.json"
-    return m.is_file() and (out / "connector").is_dir() and json.loads(m.read_text()).get("steps") == steps
+def _data_keys(paths: dict[str, Path], out: Path, steps: int) -> list[str]:
+    """The overrides every trained connector shares: the run's data, models, ``out`` and ``steps``."""
+    return [f"data.train_manifest={paths['train']}", f"data.valid_manifest={paths['valid']}",
+            f"data.feature_cache={paths['features'] / 'train'}",
+            f"data.valid_feature_cache={paths['features'] / 'valid'}",
+            f"model.llm={paths['llm']}", f"model.encoder={paths['encoder']}", f"out_dir={out}",
+            f"loop.max_steps={steps}", "loop.eval_every=0", f"loop.save_every={steps}", "loop.progress=false"]
+
+
+def _launch(name: str, script: str, config: Path, keys: list[str], args: argparse.Namespace, log: Path) -> float:
+    """One training recipe under the launcher (output appended to ``log``); its wall seconds."""
+    cmd = [*recipe_command(ROOT / "recipes" / script, args.ranks, args.master_port), "--config", str(config), *keys]
+    print(f"[{name}] training: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
+    if rc != 0:
+        raise RuntimeError(f"bench_quality: {script} for {name} failed (exit {rc}); see {log}")
+    return time.perf_counter() - t0
+
+
+def train_mid(args: argparse.Namespace, paths: dict[str, Path], out: Path) -> tuple[Path, dict]:
+    """ssr-mid's first part: the supervised mid-training stage from the stage-1 connector for ``--mid-steps``
+    steps into ``<out>/mid`` (reused when finished); its connector folder and metrics."""
+    mid = out / "mid"
+    wall = None
+    if not run_finished(mid, args.mid_steps):
+        mid.mkdir(parents=True, exist_ok=True)
+        keys = [*_data_keys(paths, mid, args.mid_steps), f"model.init_connector={paths['stage1']}"]
+        wall = _launch("ssr-mid", "stage_mid_supervised.py", paths["mid_config"], keys, args,
+                       out.parent / "ssr-mid.log")
+    metrics = json.loads((mid / "metrics.json").read_text())
+    if wall is not None:
+        metrics["bench_wall_s"] = wall
+        atomic_write_text(mid / "metrics.json", json.dumps(metrics, indent=1))
+    return mid / "connector", metrics
 
 
 def train(name: str, args: argparse.Namespace, paths: dict[str, Path], out: Path) -> dict:
-    """Stage 2 for one connector (the recipe, under the launcher); its metrics.json plus the wall time."""
+    """Stage 2 for one connector (the recipe, under the launcher); its metrics.json plus the wall time (ssr-mid:
+    the mid stage's metrics under ``mid`` and its wall time added)."""
     overrides, from_stage1 = CONNECTORS[name]
     if from_stage1 and not paths["stage1"].is_dir():
         raise ConfigError(f"bench_quality: {name} starts from the stage-1 connector, not found: {paths['stage1']}")
+    steps = args.steps
+    if name == "ssr-mid" and not 0 < args.mid_steps < args.steps:
+        raise ConfigError(f"bench_quality: --mid-steps must be between 0 and --steps ({args.steps}) exclusive, got "
+                          f"{args.mid_steps}")
     if args.retrain and out.exists():
         shutil.rmtree(out)
+    start, mid_metrics = paths["stage1"], None
+    if name == "ssr-mid":
+        start, mid_metrics = train_mid(args, paths, out)
+        steps = args.steps - args.mid_steps  # equal total steps: mid + stage 2 = --steps
     wall = None
-    if not _done(out, args.steps):
-        keys = [f"data.train_manifest={paths['train']}", f"data.valid_manifest={paths['valid']}",
-                f"data.feature_cache={paths['features'] / 'train'}",
-                f"data.valid_feature_cache={paths['features'] / 'valid'}",
-                f"model.llm={paths['llm']}", f"model.encoder={paths['encoder']}", f"out_dir={out}",
-                f"loop.max_steps={args.steps}", "loop.eval_every=0", f"loop.save_every={args.steps}",
-                "loop.progress=false"]
+    if not run_finished(out, steps):
+        keys = _data_keys(paths, out, steps)
         if from_stage1:
-            keys.append(f"model.init_connector={paths['stage1']}")
+            keys.append(f"model.init_connector={start}")
         else:
             keys += ["leakage_utts=0"] + [f"model.connector.{k}={v}" for k, v in overrides.items()]
             if overrides:  # a baseline: no per-token vectors, so no stage-1 term
                 keys.append("distill_weight=0")
             else:  # SSR from scratch gets the run's stage-1 connector shape
                 keys += _ssr_shape(paths)
-        script = str(ROOT / "recipes" / "stage2_finetune.py")
-        cmd = ([sys.executable, script] if args.ranks == 1 else
-               [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
-                str(args.master_port), script])
-        cmd += ["--config", str(paths["config"]), *keys]
         out.mkdir(parents=True, exist_ok=True)
-        print(f"[{name}] training: {' '.join(cmd)}", flush=True)
-        t0 = time.perf_counter()
-        with open(out.parent / f"{name}.log", "a") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
-        wall = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"bench_quality: stage 2 of {name} failed (exit {rc}); see {out.parent / name}.log")
+        wall = _launch(name, "stage2_finetune.py", paths["config"], keys, args, out.parent / f"{name}.log")
     metrics = json.loads((out / "metrics.json").read_text())
     if wall is not None:
         metrics["bench_wall_s"] = wall
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    if mid_metrics is not None:
+        metrics = {**metrics, "mid": mid_metrics}
+        if metrics.get("bench_wall_s") is not None and mid_metrics.get("bench_wall_s") is not None:
+            metrics["bench_wall_s"] += mid_metrics["bench_wall_s"]
     return metrics
 
 
@@ -128,12 +171,6 @@ def _ssr_shape(paths: dict[str, Path]) -> list[str]:
     keep = ("d_model", "n_layers", "n_heads", "mask", "stack", "slot_readout", "readout", "rope")
     return [f"model.connector.{k}={str(cfg[k]).lower() if isinstance(cfg[k], bool) else cfg[k]}"
             for k in keep if k in cfg]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    return env
 
 
 def evaluate(names: list[str], args: argparse.Namespace, paths: dict[str, Path], work: Path) -> dict[str, Path]:
@@ -154,7 +191,7 @@ def evaluate(names: list[str], args: argparse.Namespace, paths: dict[str, Path],
     for key, cmd in runs.items():
         print(f"[eval] {key}", flush=True)
         with open(work / f"eval_{key}.log", "w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
         if rc != 0:
             raise RuntimeError(f"bench_quality: {key} evaluation failed (exit {rc}); see {work / f'eval_{key}.log'}")
         reports[key] = work / "eval" / f"{key}.json"
@@ -177,7 +214,8 @@ def collect(names: list[str], metrics: dict[str, dict], reports: dict[str, Path]
         label = f"{n}/connector"
         m = metrics[n]
         valid = m.get("final_valid", {})  # a stage's metrics.json: the last validation
-        row = {"connector": n, "label": LABELS[n], "steps": m["steps"],
+        mid_steps = m["mid"]["steps"] if "mid" in m else 0
+        row = {"connector": n, "label": LABELS[n], "steps": m["steps"] + mid_steps, "mid_steps": mid_steps,
                "valid_loss_speech": valid.get("loss_speech", m.get("valid_loss_speech")),
                "valid_loss_text": valid.get("loss_text", m.get("valid_loss_text")),
                "step_time_s": m.get("step_time_s_median"), "train_wall_s": m.get("bench_wall_s")}
@@ -201,14 +239,15 @@ def _acc(d: dict | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| connector | stage-2 steps | step s | valid loss (text) | ASR WER % | StoryCloze S->T adv. % (parity) "
+    head = ("| connector | steps (mid + stage 2) | step s | valid loss (text) | ASR WER % | StoryCloze S->T adv. % (parity) "
             "| S->T random % (parity) | MMLU cloze 0-shot % (parity) |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         loss = "-" if r["valid_loss_speech"] is None else f"{r['valid_loss_speech']:.3f} ({r['valid_loss_text']:.3f})"
         wer = "-" if r["asr_wer"] is None else f"{100 * r['asr_wer']:.1f}"
         step = "-" if r["step_time_s"] is None else f"{r['step_time_s']:.2f}"
-        lines.append(f"| {r['label']} | {r['steps']} | {step} | {loss} | {wer} | {_acc(r['storycloze_adversarial'])} "
+        steps = f"{r['mid_steps']} + {r['steps'] - r['mid_steps']}" if r.get("mid_steps") else str(r["steps"])
+        lines.append(f"| {r['label']} | {steps} | {step} | {loss} | {wer} | {_acc(r['storycloze_adversarial'])} "
                      f"| {_acc(r['storycloze_random'])} | {_acc(r['mmlu_0shot'])} |")
     return "\n".join(lines)
 
@@ -249,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--encoder", default="")
     ap.add_argument("--out", default="runs/bench_quality")
     ap.add_argument("--connectors", default=",".join(CONNECTORS))
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=100, help="training steps per connector (ssr-mid: mid + stage 2)")
+    ap.add_argument("--mid-steps", type=int, default=50, help="ssr-mid: of --steps, the mid-training stage's")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--master-port", type=int, default=29541)
     ap.add_argument("--threads", type=int, default=2)
@@ -260,10 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--skip-eval", action="store_true", help="train only")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.connectors.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONNECTORS]
-    if unknown:
-        raise ConfigError(f"bench_quality: unknown connector(s) {unknown}; choose from {list(CONNECTORS)}")
+    names = pick_names(args.connectors, list(CONNECTORS), "bench_quality --connectors")
     paths = _paths(args)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
