@@ -239,3 +239,40 @@ def test_checkpoint_identity_from_before_a_new_connector_option_still_matches():
     assert _with_new_defaults(changed) != now  # a real difference still shows
     future = {**now, "connector": {**now["connector"], "an_option_from_the_future": 1}}
     assert _with_new_defaults(future) == future  # unknown field: left as saved, reported as a mismatch
+
+
+def test_leakage_check_names_or_skips_an_unreadable_row(models, tmp_path):
+    """A validation row whose audio is gone: an AudioError naming it, or (skip_bad) left out of the losses,
+    counted, with the same numbers as the readable rows alone."""
+    from types import SimpleNamespace
+
+    import soundfile as sf
+
+    from speechlm.data.manifest import Utterance
+    from speechlm.errors import AudioError
+    from speechlm.training.build import leakage_check
+    from speechlm.training.engine import DistInfo
+
+    encoder = SpeechEncoder(str(models["enc"]))
+    llm = AutoModelForCausalLM.from_pretrained(models["llm"])
+    connector = _connector(llm, encoder.hidden_size, frame_rate_hz=encoder.frame_rate_hz).eval()
+    module = Stage2Finetune(SpeechLM(connector, llm), bos_id=1).eval()
+    torch.manual_seed(0)
+    sf.write(tmp_path / "good.wav", (0.1 * torch.randn(16_000)).numpy(), 16_000)
+    row = {"sample_rate": 16_000, "duration_s": 1.0, "text": "a b c d", "split": "valid",
+           "token_boundaries": [9, 19, 29, 49], "boundary_frame_rate_hz": encoder.frame_rate_hz}
+    good = Utterance(id="good", audio=str(tmp_path / "good.wav"), **row)
+    gone = Utterance(id="gone", audio=str(tmp_path / "gone.wav"), **row)
+    engine = SimpleNamespace(info=DistInfo(0, 1, 0, 1), ds=module)
+
+    def reader(skip_bad: bool):
+        return SimpleNamespace(tokens=lambda utt: [5, 6, 7, 8], frame_rate_hz=encoder.frame_rate_hz, skip_bad=skip_bad)
+
+    with pytest.raises(AudioError, match=r"row 'gone'.*gone\.wav.*data\.skip_bad"):
+        leakage_check(engine, module, encoder, [good, gone], reader(False))
+    both = leakage_check(engine, module, encoder, [gone, good], reader(True))
+    alone = leakage_check(engine, module, encoder, [good], reader(False))
+    assert both["leakage_rows_skipped"] == 1 and alone["leakage_rows_skipped"] == 0
+    for k in ("loss_speech_onfly", "loss_speech_cut", "leakage_gap", "leakage_targets"):
+        assert both[k] == pytest.approx(alone[k], rel=1e-6)
+    assert alone["leakage_targets"] == 3

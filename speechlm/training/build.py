@@ -318,28 +318,49 @@ def leakage_check(engine: Engine, module: nn.Module, encoder: Any, utts: list[Ut
 
     Every rank scores its share of ``utts`` one utterance at a time, padded to the same count so that
     ZeRO-3's collective parameter gathers line up. ``leakage_gap`` = cut loss - plain loss (nats).
+    A row whose audio cannot be read (gone, damaged, another sample rate) still runs, on silence of its
+    duration, so that every rank makes the same calls, and is not counted; afterwards every rank raises an
+    AudioError naming the count (the failing rank names the rows), or, with the reader's ``skip_bad``, the
+    rows are logged and counted in ``leakage_rows_skipped``.
     """
     from speechlm.data.audio import load_audio
+    from speechlm.errors import AudioError
     from speechlm.training.stages import leakage_losses
 
     info = engine.info
     mine = utts[info.rank:: info.world_size]
     per_rank = -(-len(utts) // info.world_size)
     order = [(u, True) for u in mine] + [(utts[0], False)] * (per_rank - len(mine))
-    sums = {"plain": 0.0, "cut": 0.0, "targets": 0.0}
+    sums = {"plain": 0.0, "cut": 0.0, "targets": 0.0, "bad": 0.0}
+    bad: list[str] = []
     engine.ds.eval()
     for utt, counted in order:
         ids = reader.tokens(utt)
         if utt.token_boundaries is None:
             raise ConfigError(f"leakage check needs token_boundaries (row {utt.id!r})")
         bnd = convert_boundaries(utt.token_boundaries, utt.boundary_frame_rate_hz, reader.frame_rate_hz)
-        wave = load_audio(utt.audio_path, target_sr=encoder.sample_rate, expected_sr=utt.sample_rate)
+        try:
+            wave = load_audio(utt.audio_path, target_sr=encoder.sample_rate, expected_sr=utt.sample_rate)
+        except (AudioError, OSError) as e:
+            if counted:
+                bad.append(f"row {utt.id!r}: {e}")
+                sums["bad"] += 1.0
+            counted = False
+            wave = torch.zeros(max(1, round(utt.duration_s * encoder.sample_rate)))
         r = leakage_losses(module, encoder, wave, ids, bnd)
-        for k in sums:
+        for k in ("plain", "cut", "targets"):
             sums[k] += r[k] * (1.0 if counted else 0.0)
     engine.ds.train()
     total = all_sum(sums)
+    if total["bad"]:
+        if not reader.skip_bad:
+            raise AudioError(f"leakage check: {int(total['bad'])} validation row(s) could not be read"
+                             + (f": {'; '.join(bad[:5])}" if bad else " (named in another rank's log)")
+                             + " (data.skip_bad=true skips such rows)")
+        for b in bad:
+            log.warning("leakage check: skipping %s (data.skip_bad)", b)
     n = max(1.0, total["targets"])
     plain, cut = total["plain"] / n, total["cut"] / n
     return {"loss_speech_onfly": plain, "loss_speech_cut": cut, "leakage_gap": cut - plain,
+            "leakage_rows_skipped": total["bad"],
             "leakage_targets": total["targets"]}
