@@ -97,6 +97,7 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     assert ssr["storycloze_adversarial"]["acc"] == 0.6 and ssr["storycloze_adversarial"]["parity"] == pytest.approx(6 / 7, abs=1e-4)
     assert ssr["storycloze_random"]["text"] == 0.7
     assert ssr["mmlu_0shot"]["acc"] == 0.375 and ssr["asr_wer"] == 0.25
+    assert ssr["mmlu_0shot"]["text"] == 0.75  # the text line of the Speech-MMLU panel
     assert stack["storycloze_adversarial"]["acc"] == 0.5 and stack["asr_wer"] == 0.5
     assert ssr["valid_loss_speech"] == 5.0 and ssr["valid_loss_text"] == 4.0
     assert stack["mmlu_0shot"] is None  # only a per-subject row: the overall one is missing, not made up

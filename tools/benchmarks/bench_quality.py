@@ -224,7 +224,8 @@ def collect(names: list[str], metrics: dict[str, dict], reports: dict[str, Path]
             row[f"storycloze_{style}"] = None if r is None else {**r["accuracy"], "parity": r["parity"],
                                                                   "text": r["text_accuracy"]["acc"]}
         r = _row(mm, label, task="speech_mmlu/all", condition="speech_0shot", scoring="cloze")
-        row["mmlu_0shot"] = None if r is None else {**r["accuracy"], "parity": r["parity"]}
+        row["mmlu_0shot"] = None if r is None else {**r["accuracy"], "parity": r["parity"],
+                                                    "text": r["text_accuracy"]["acc"]}
         a = next((x for x in asr if x["system"] == label), None)
         row["asr_wer"] = None if a is None else a["wer"]
         rows.append(row)
