@@ -7,7 +7,8 @@
 # PRESET=tiny|small picks recipes/configs/{aligner,stage1,stage2}_$PRESET.yaml; the wrappers set the
 # rest. Knobs (environment): RUN HOURS ALIGNER_STEPS STAGE1_STEPS STAGE2_STEPS (empty = the config's)
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
-#   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) FORCE=1 (new corpus)
+#   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) UNTIL=stage1 (stop after this
+#   step: no later steps, no summary) FORCE=1 (new corpus)
 #   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES CASCADE LIBRIVOX VOICES
 #   HARD_EVAL MID=1 (supervised mid-training between stage 1 and stage 2, recipes/stage_mid_supervised.py with
 #   recipes/configs/stage_mid_$PRESET.yaml; stage 2 then starts from its connector, and its LoRA when it has one)
@@ -52,7 +53,11 @@ LLM=$MODELS/smollm2-135m
 STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 analyze_tokens
        mid stage2 eval_storycloze eval_storycloze_hard eval_speech_mmlu eval_asr)
 FROM=${FROM:-prepare_models}
+UNTIL=${UNTIL:-eval_asr}
 [[ " ${STEPS[*]} " == *" $FROM "* ]] || { echo "FROM must be one of: ${STEPS[*]}" >&2; exit 2; }
+[[ " ${STEPS[*]} " == *" $UNTIL "* ]] || { echo "UNTIL must be one of: ${STEPS[*]}" >&2; exit 2; }
+index() { local i; for i in "${!STEPS[@]}"; do [ "${STEPS[$i]}" = "$1" ] && echo "$i"; done; }
+[ "$(index "$UNTIL")" -ge "$(index "$FROM")" ] || { echo "UNTIL=$UNTIL comes before FROM=$FROM" >&2; exit 2; }
 mkdir -p "$RUN"
 rm -f "$RUN/summary.json"
 [ "$FROM" = prepare_models ] && rm -f "$RUN/times.json"
@@ -66,7 +71,12 @@ step() {
   echo; echo "=== [$name] $*"
   local t0=$(date +%s.%N)
   "$@"
-  "$PY" - "$RUN/times.json" "$name" "$t0" <<'PYEOF'
+  record_time "$name" "$t0"
+  if [ "$name" = "$UNTIL" ]; then echo "=== stopping after [$name] (UNTIL=$UNTIL)"; exit 0; fi
+}
+
+record_time() {
+  "$PY" - "$RUN/times.json" "$1" "$2" <<'PYEOF'
 import json, sys, time
 from pathlib import Path
 from speechlm.atomic import atomic_write_text

@@ -76,7 +76,9 @@ def test_small_trains_longer_than_tiny():
 
 
 @pytest.mark.parametrize("env, message", [({"PRESET": "huge"}, "no recipes/configs/aligner_huge.yaml"),
-                                          ({"FROM": "stage9"}, "FROM must be one of")])
+                                          ({"FROM": "stage9"}, "FROM must be one of"),
+                                          ({"UNTIL": "stage9"}, "UNTIL must be one of"),
+                                          ({"FROM": "stage2", "UNTIL": "stage1"}, "UNTIL=stage1 comes before")])
 def test_flow_refuses_unknown_preset_or_step(env, message, tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "run_cpu.sh")], capture_output=True, text=True, check=False,
                           env={**os.environ, "RUN": str(tmp_path / "run"), **env}, timeout=120)
