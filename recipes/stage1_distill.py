@@ -6,7 +6,8 @@
 The LLM never runs: only its input-embedding table (the targets) is read, from the safetensors
 themselves when it can be (no full model load). Writes to ``out_dir``:
 checkpoints/ (resumable), connector/ (the exported connector folder), metrics.json, history.json,
-curves.png, tensorboard/, config.yaml.
+curves.png, tensorboard/, config.yaml; with ``model.encoder_adapt.method=adapter|lora|prompt`` the encoder runs on
+the fly inside the trained module and its adaptation trains too, exported as encoder_adapt/.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from speechlm.training import build
 from speechlm.training.configs import Stage1Config
 from speechlm.training.engine import (
     build_engine,
+    export_encoder_adapt,
     export_module,
     frozen_fingerprint,
     init_distributed,
@@ -58,16 +60,19 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, out_dir / "config.yaml")
 
     # Models: the embedding table of the frozen LLM (targets), the encoder only if features are not cached.
+    adapt = build.encoder_adapt_config(cfg.model, cfg.data, cfg.engine)  # None: the frozen encoder (default)
     llm, tokenizer = build.load_llm_embeddings(cfg.model.llm)  # config + input-embedding table only
     encoder = None if cfg.data.feature_cache else build.load_encoder(cfg.model, train_dtype(cfg.engine))
     enc = build.encoder_facts(cfg.model, cfg.data, encoder)
     connector = build.make_connector(cfg.model, enc, llm)
     embedding = TokenEmbedding(llm.get_input_embeddings().weight)
     del llm
-    model = Stage1Distill(connector, embedding, cfg.mse_weight, cfg.cosine_weight)
+    # An adapted encoder runs inside the module: its adaptation reaches the optimizer and the checkpoints
+    model = Stage1Distill(connector, embedding, cfg.mse_weight, cfg.cosine_weight,
+                          encoder=encoder if adapt is not None else None)
 
     engine = build_engine(model, cfg.engine, cfg.loop.max_steps, info)
-    identity = build.run_identity("stage1", connector, cfg.data)
+    identity = build.run_identity("stage1", connector, cfg.data, **build.adapt_identity(cfg.model, adapt))
     start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
     if start is None:  # a resumed run has restored every rank's RNG instead
         seed_everything(cfg.seed, info.rank)
@@ -75,15 +80,23 @@ def main(argv: list[str] | None = None) -> dict:
     # Data
     if encoder is not None:
         encoder.to(engine.device)
-    prep = BatchPrep(engine.device, next(model.connector.parameters()).dtype, encoder)
+    prep = BatchPrep(engine.device, next(model.connector.parameters()).dtype, encoder,
+                     encode_in_module=adapt is not None)
     reader = build.make_reader(cfg.data, enc, tokenizer)
     valid_reader = build.make_reader(cfg.data, enc, tokenizer, valid=True)
     train = build.train_batches(cfg.data, reader, info, cfg.seed, tuple(start["position"]) if start else (0, 0))
     valid = build.valid_batches(cfg.data, valid_reader, info)
 
+    def export(folder: Path) -> None:
+        export_module(engine, connector, folder)
+        if adapt is not None:  # the encoder's adaptation next to the connector: <out_dir>/encoder_adapt
+            export_encoder_adapt(engine, encoder, folder.parent / "encoder_adapt")
+
+    # adapted: the frozen encoder weights inside the module are checked as well as the embedding table
+    frozen = model if adapt is not None else embedding
     result = train_loop(engine, train, prep, lambda: validate(engine, valid(), prep), cfg.loop, out_dir, identity,
-                        export=lambda folder: export_module(engine, connector, folder), start=start,
-                        frozen_check=lambda: frozen_fingerprint(embedding, engine), title="stage 1: distillation",
+                        export=export, start=start,
+                        frozen_check=lambda: frozen_fingerprint(frozen, engine), title="stage 1: distillation",
                         batch_limits=batch_limits(cfg.data))
     if info.is_main:
         print(json.dumps({"stage1": result["final_valid"], "step_time_s": result["step_time_s_median"]}, indent=1))

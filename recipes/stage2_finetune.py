@@ -5,7 +5,9 @@
     python recipes/stage2_finetune.py --config ... [key=value ...]
 
 Variants (``variant=``): frozen (connector only, default), lora (+ LoRA on the LLM), multitask (LoRA +
-text-only LM batches from ``text_corpus`` on a ``text_ratio`` of the steps). ``distill_weight`` mixes
+text-only LM batches from ``text_corpus`` on a ``text_ratio`` of the steps). ``model.encoder_adapt`` /
+``model.init_encoder_adapt=<stage1>/encoder_adapt`` adapt the encoder (run on the fly, trained with the connector,
+exported as encoder_adapt/). ``distill_weight`` mixes
 the stage-1 loss in (SSR only). The baseline connectors (``model.connector.name=stack|conv|qformer``, no
 ``init_connector``, ``distill_weight=0``) have no vector per token: they train with the clip's vectors as a
 prefix of its transcript, every transcript token a target. Validation reports the speech loss, the same LLM's loss on the transcripts as
@@ -35,6 +37,7 @@ from speechlm.training import build
 from speechlm.training.configs import Stage2Config
 from speechlm.training.engine import (
     build_engine,
+    export_encoder_adapt,
     export_lora,
     export_module,
     frozen_fingerprint,
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None, config_class: type = Stage2Config, stage
 
     # Models: frozen LLM + connector (from stage 1); the encoder when features are not cached or for leakage.
     # The LLM is read straight into the training precision (bf16 on GPUs): no ranks x fp32 copies in host RAM.
+    adapt = build.encoder_adapt_config(cfg.model, cfg.data, cfg.engine)  # None: the frozen encoder (default)
     dtype = train_dtype(cfg.engine)
     llm, tokenizer = build.load_llm(cfg.model.llm, dtype)
     need_encoder = not cfg.data.feature_cache or cfg.leakage_utts > 0
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None, config_class: type = Stage2Config, stage
         connector = load_connector(cfg.model.init_connector, llm=llm)
     else:
         connector = build.make_connector(cfg.model, enc, llm)
-    speechlm = SpeechLM(connector, llm, tokenizer=tokenizer, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    # An adapted encoder runs inside the module (its adaptation trains); the frozen one stays outside, as before
+    speechlm = SpeechLM(connector, llm, tokenizer=tokenizer, encoder=encoder if adapt is not None else None,
+                        gradient_checkpointing=cfg.model.gradient_checkpointing)
     train_lora = cfg.variant in ("lora", "multitask")
     if cfg.model.init_lora:  # e.g. the mid-training stage's adapter: go on training it, or keep it frozen
         speechlm.load_lora(cfg.model.init_lora, trainable=train_lora)
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None, config_class: type = Stage2Config, stage
     extra = {"objective": cfg.objective, "supervised": vars(cfg.supervised)} if cfg.objective != "ntp" else {}
     if cfg.model.init_lora:
         extra["init_lora"] = str(cfg.model.init_lora)
+    extra.update(build.adapt_identity(cfg.model, adapt))
     identity = build.run_identity(stage, connector, cfg.data, variant=cfg.variant, lora=vars(cfg.lora) if
                                   cfg.variant != "frozen" else None, **extra)
     start = load_checkpoint(engine, out_dir / "checkpoints", identity) if cfg.loop.resume else None
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None, config_class: type = Stage2Config, stage
                                      rank=info.rank)
     need_bnd = connector.uses_boundaries
     dtype = next(connector.parameters()).dtype
-    prep = BatchPrep(engine.device, dtype, encoder, text, cfg.text_ratio, cfg.seed)
+    prep = BatchPrep(engine.device, dtype, encoder, text, cfg.text_ratio, cfg.seed, encode_in_module=adapt is not None)
     tasks = None
     if cfg.objective == "supervised":
         sup = cfg.supervised
@@ -136,9 +143,15 @@ def main(argv: list[str] | None = None, config_class: type = Stage2Config, stage
         export_module(engine, connector, folder)
         if speechlm.lora:  # the adapter of the LLM next to the connector: <out_dir>/lora
             export_lora(engine, speechlm.llm, folder.parent / "lora")
+        if adapt is not None:  # the encoder's adaptation: <out_dir>/encoder_adapt
+            export_encoder_adapt(engine, encoder, folder.parent / "encoder_adapt")
+
+    def frozen_check() -> str:
+        llm_sha = frozen_fingerprint(speechlm.llm, engine)
+        return llm_sha if adapt is None else llm_sha + "+" + frozen_fingerprint(encoder.model, engine)
 
     result = train_loop(engine, train, prep, run_validation, cfg.loop, out_dir, identity, export=export, start=start,
-                        frozen_check=lambda: frozen_fingerprint(speechlm.llm, engine),
+                        frozen_check=frozen_check,
                         title=(f"mid-training: supervised tasks ({cfg.variant})" if cfg.objective == "supervised"
                                else f"stage 2: next-token ({cfg.variant})"),
                         batch_limits={"data.max_frames": cfg.data.max_frames, "data.max_tokens": cfg.data.max_tokens,

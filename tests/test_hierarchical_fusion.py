@@ -288,6 +288,9 @@ def test_bench_variants_and_cache_cost(bench, all_layers_cache):
     # L x D x frame rate x 2 bytes (fp16): 3 layers of 32 at 50 Hz
     assert stats["bytes_per_s"] == 3 * 32 * 50.0 * 2 and stats["layers"] == [0, 1, 2]
     assert stats["bytes_per_s"] <= stats["bytes_per_s_measured"] < 1.5 * stats["bytes_per_s"]  # + headers
+    from speechlm.data.feature_cache import select_layers
+
+    select_layers(all_layers_cache / "all", all_layers_cache / "top", [2])  # the one-layer cut (kept if there)
     top = bench.cache_stats(all_layers_cache / "top")
     assert top["bytes_per_s"] * 3 == stats["bytes_per_s"] and top["audio_s"] == stats["audio_s"]
 

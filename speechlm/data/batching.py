@@ -132,12 +132,15 @@ def empty_batch(epoch: int = 0, index: int = 0) -> Batch:
                  epoch=epoch, index=index)
 
 
-@torch.no_grad()
 def encode_batch(batch: Batch, encoder: Any) -> Batch:
-    """The on-the-fly path: run the frozen encoder on ``batch.waves``; fills features and frame lengths."""
+    """The on-the-fly path: run the frozen encoder on ``batch.waves``; fills features and frame lengths.
+
+    Without gradients, except for an adapted SpeechEncoder (``encoder.adapted``) inside a training forward pass:
+    its adaptation's parameters need them."""
     if batch.features is not None:
         return batch
-    out = encoder(batch.waves)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(getattr(encoder, "adapted", False))):
+        out = encoder(batch.waves)
     features, lengths = out.features, out.lengths.to(batch.token_ids.device)
     boundaries = batch.boundaries
     if boundaries is not None:

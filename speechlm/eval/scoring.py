@@ -209,9 +209,13 @@ def connector_label(folder: str) -> str:
 
 
 def load_front_end(connector_folder: str, llm: torch.nn.Module, tokenizer: Any, aligner_folder: str = "",
-                   mode: str = "free", encoder_folder: str = "", device: str = "cpu") -> tuple[Any, SpeechFrontEnd]:
+                   mode: str = "free", encoder_folder: str = "", device: str = "cpu",
+                   encoder_adapt_folder: str = "") -> tuple[Any, SpeechFrontEnd]:
     """(SpeechLM, SpeechFrontEnd) for a saved connector on ``llm``: its encoder (the folder the connector
-    names, inside the models cache unless ``encoder_folder`` is given) and, for SSR, an aligner folder."""
+    names, inside the models cache unless ``encoder_folder`` is given) and, for SSR, an aligner folder.
+
+    An encoder adaptation trained with the connector (``model.encoder_adapt``) is installed, frozen: the one in
+    ``encoder_adapt_folder``, else the ``encoder_adapt/`` folder the stage exported beside the connector."""
     from pathlib import Path
 
     from speechlm.errors import ModelError
@@ -225,6 +229,9 @@ def load_front_end(connector_folder: str, llm: torch.nn.Module, tokenizer: Any, 
     if not enc_path.is_dir():
         raise ModelError(f"{enc_path}: encoder folder of connector {connector_folder} not found")
     encoder = SpeechEncoder(str(enc_path), layers=tuple(cfg.encoder_layers or (-1,)))
+    adapt = Path(encoder_adapt_folder) if encoder_adapt_folder else Path(connector_folder).parent / "encoder_adapt"
+    if encoder_adapt_folder or adapt.is_dir():
+        encoder.adapt({"train": False}, folder=adapt)
     model = SpeechLM.from_pretrained(connector_folder, llm, tokenizer=tokenizer, encoder=encoder).to(device).eval()
     aligner = None
     if cfg.name == "ssr":

@@ -13,11 +13,13 @@ concatenated. A batch of clips gives, per clip, what that clip gives alone:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,6 +111,7 @@ class SpeechEncoder(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         self._fingerprint: str | None = None
+        self.adaptation: Any = None  # an EncoderAdaptation once adapt() installed one (speechlm.models.encoder_adapt)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kw) -> SpeechEncoder:
@@ -127,9 +130,87 @@ class SpeechEncoder(nn.Module):
         return tuple(out)
 
     def train(self, mode: bool = True) -> SpeechEncoder:
-        # The encoder is frozen: a parent's .train() must not switch on its dropout.
+        # The encoder is frozen: a parent's .train() must not switch on its dropout. Only an installed
+        # adaptation (its LoRA dropout) follows ``mode``.
         super().train(False)
+        if self.adaptation is not None:
+            self.adaptation.train(mode)
         return self
+
+    # ---------------------------------------------------------------- parameter-efficient adaptation
+    @property
+    def adapted(self) -> bool:
+        """Whether an adaptation (adapters, LoRA or prompts) is installed: forward then keeps gradients."""
+        return self.adaptation is not None
+
+    def adapt(self, cfg: Any, folder: str | Path | None = None) -> Any:
+        """Install a parameter-efficient adaptation (an EncoderAdaptConfig or its dict; see
+        speechlm.models.encoder_adapt) and return it; ``folder``: start from an exported adaptation instead.
+
+        The base weights stay frozen and in eval mode; the adaptation's parameters train unless
+        ``cfg.train`` is false. A probe pass checks that every hook runs (an architecture whose modules
+        are bypassed raises :class:`ModelError` instead of training nothing). Returns None for method none.
+        """
+        from speechlm.models import encoder_adapt as ea
+
+        if self.adaptation is not None:
+            raise ModelError(f"{self.name}: the encoder is already adapted ({self.adaptation.cfg.method})")
+        cfg = ea.adapt_config_from_dict(cfg)
+        meta = None
+        if folder is not None:
+            saved, meta = ea.read_adaptation_config(folder)
+            if cfg.enabled and cfg.essentials() != saved.essentials():
+                raise ModelError(f"{folder}: the saved adaptation {saved.essentials()} differs from the configured "
+                                 f"one {cfg.essentials()} (drop encoder_adapt settings or the folder)")
+            ea.check_folder_matches(folder, meta, self)
+            cfg = dataclasses.replace(saved, train=cfg.train)
+        if not cfg.enabled:
+            return None
+        adaptation = ea.EncoderAdaptation(cfg, self.model, self.hidden_size, self.model_type)
+        adaptation.to(self.device, self.dtype)
+        if folder is not None:
+            ea.load_state(folder, adaptation)
+        adaptation.requires_grad_(cfg.train)
+        adaptation.install()
+        self.adaptation = adaptation
+        try:
+            self._probe()
+        except BaseException:
+            adaptation.remove()
+            self.adaptation = None
+            raise
+        self.train(self.training)
+        return adaptation
+
+    def _probe(self) -> None:
+        """One short pass: every hook site must run (else the method cannot reach that architecture's modules)."""
+        self.adaptation.fired.clear()
+        n = max(self._samples_per_frame * 8, self.sample_rate // 2)
+        with torch.no_grad():
+            self([torch.zeros(n)])
+        unfired = [s for s in self.adaptation.sites if s not in self.adaptation.fired]
+        if unfired:
+            raise ModelError(f"{self.name}: encoder_adapt.method={self.adaptation.cfg.method} cannot reach "
+                             f"{len(unfired)} module(s) of this {self.model_type} encoder ({', '.join(unfired[:4])}): "
+                             "its forward pass bypasses them (e.g. WavLM's fused attention takes the projection "
+                             "weights directly); use another method")
+
+    def adaptation_parameters(self) -> list[nn.Parameter]:
+        """The adaptation's parameters (empty when not adapted); the base encoder's are never among them."""
+        return [] if self.adaptation is None else list(self.adaptation.parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train: the adaptation's (when ``cfg.train``), never the frozen base weights."""
+        return [p for p in self.adaptation_parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def save_adaptation(self, folder: str | Path) -> Path:
+        """Export the adaptation: ``folder``/config.json + model.safetensors."""
+        from speechlm.models.encoder_adapt import save_adaptation
+
+        return save_adaptation(self, folder)
 
     # ---------------------------------------------------------------- lengths and chunks
     def _chunk_bounds(self, num_samples: int) -> list[tuple[int, int]]:
@@ -176,13 +257,19 @@ class SpeechEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    @torch.no_grad()
     def forward(self, waves: list[torch.Tensor]) -> EncoderOutput:
         """Encode 1-D float waveforms at ``sample_rate``; returns (B, L, T, D) float32 and (B,) lengths.
 
         Features are on the encoder's device, lengths on the CPU. A clip shorter than one encoder
-        frame raises :class:`AudioError`.
+        frame raises :class:`AudioError`. The frozen encoder runs without gradients; an adapted one
+        keeps them (for its adaptation's parameters) whenever the caller has gradients enabled.
         """
+        if self.adaptation is None:
+            with torch.no_grad():
+                return self._forward(waves)
+        return self._forward(waves)
+
+    def _forward(self, waves: list[torch.Tensor]) -> EncoderOutput:
         pieces: list[np.ndarray] = []  # every chunk of every clip
         owner: list[int] = []
         for i, wave in enumerate(waves):
@@ -230,6 +317,8 @@ class SpeechEncoder(nn.Module):
         return out  # type: ignore[return-value]
 
     def _select(self, hidden_states: Sequence[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
+        if self.adaptation is not None and self.adaptation.n_prompts:  # prompt positions out: frames stay exact
+            hidden_states = [self.adaptation.strip(h, k) for k, h in enumerate(hidden_states)]
         stacked = torch.stack([hidden_states[k] for k in self.layers], dim=1).float()  # (B, L, T, D)
         return [stacked[b, :, :n] for b, n in enumerate(lengths)]  # stays on the model's device
 

@@ -81,7 +81,13 @@ class SpeechLM(nn.Module):
         self.connector = connector
         self.llm = llm.requires_grad_(False).eval()
         self.tokenizer = tokenizer
-        self.encoder = encoder.requires_grad_(False).eval() if encoder is not None else None
+        self.encoder = None
+        if encoder is not None:
+            # Frozen, except an adapted SpeechEncoder's adaptation parameters (model.encoder_adapt), which train
+            adaptation = [p for p in getattr(encoder, "adaptation_parameters", list)() if p.requires_grad]
+            self.encoder = encoder.requires_grad_(False).eval()
+            for p in adaptation:
+                p.requires_grad_(True)
         self.lora = False
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
@@ -107,7 +113,11 @@ class SpeechLM(nn.Module):
         self.connector.train(mode)
         self.llm.train(mode and (self.lora or self.gradient_checkpointing))
         if self.encoder is not None:
-            self.encoder.eval()
+            # a SpeechEncoder keeps its base weights in eval mode itself; only its adaptation follows ``mode``
+            if getattr(self.encoder, "adaptation", None) is not None:
+                self.encoder.train(mode)
+            else:
+                self.encoder.eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:

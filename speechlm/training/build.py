@@ -30,6 +30,7 @@ from speechlm.models.connectors.base import (
     connector_config_from_dict,
     llm_identity,
 )
+from speechlm.models.encoder_adapt import EncoderAdaptConfig, adapt_config_from_dict, read_adaptation_config
 from speechlm.paths import SMOLLM2_135M, WHISPER_BASE, default_model
 from speechlm.training.configs import DataConfig, ModelConfig
 from speechlm.training.engine import DistInfo, Engine, all_sum
@@ -162,12 +163,60 @@ def load_llm_embeddings(path: str) -> tuple[InputEmbeddingsOnly, Any]:
 
 
 def load_encoder(cfg: ModelConfig, train_dtype: torch.dtype = torch.float32) -> Any:
-    """The frozen encoder for on-the-fly features, in ``cfg.encoder_dtype`` ("auto" = ``train_dtype``)."""
+    """The frozen encoder for on-the-fly features, in ``cfg.encoder_dtype`` ("auto" = ``train_dtype``), with the
+    parameter-efficient adaptation of ``cfg.encoder_adapt`` / ``cfg.init_encoder_adapt`` installed when one is set."""
     from speechlm.models.encoder import SpeechEncoder
 
     folder = cfg.encoder or str(default_model(WHISPER_BASE))
     dtype = train_dtype if cfg.encoder_dtype == "auto" else cfg.encoder_dtype
-    return SpeechEncoder(folder, layers=tuple(cfg.encoder_layers), dtype=dtype)
+    encoder = SpeechEncoder(folder, layers=tuple(cfg.encoder_layers), dtype=dtype)
+    if encoder_adapt_config(cfg) is not None:
+        encoder.adapt(adapt_config_from_dict(cfg.encoder_adapt, "model.encoder_adapt"),
+                      folder=Path(cfg.init_encoder_adapt).expanduser() if cfg.init_encoder_adapt else None)
+        log.info("%s: encoder adaptation %s, %d trainable parameters", folder, encoder.adaptation.cfg.method,
+                 encoder.num_trainable_parameters())
+    return encoder
+
+
+def encoder_adapt_config(model: ModelConfig, data: DataConfig | None = None, engine: Any = None
+                         ) -> EncoderAdaptConfig | None:
+    """The encoder adaptation a run uses (``model.encoder_adapt``, or the one ``model.init_encoder_adapt`` holds),
+    or None when the encoder stays frozen (the default).
+
+    With ``data``/``engine``: a :class:`ConfigError` when the run cannot adapt the encoder: cached features
+    (the adapted encoder must run on the fly) or ZeRO-3 (its partitioned weights are read outside their modules).
+    """
+    cfg = adapt_config_from_dict(model.encoder_adapt, "model.encoder_adapt")
+    if model.init_encoder_adapt:
+        saved, _ = read_adaptation_config(model.init_encoder_adapt)
+        if cfg.enabled and cfg.essentials() != saved.essentials():
+            raise ConfigError(f"model.init_encoder_adapt={model.init_encoder_adapt}: its adaptation "
+                              f"{saved.essentials()} differs from model.encoder_adapt {cfg.essentials()}; drop "
+                              "model.encoder_adapt (the folder's config is used) or use a matching folder")
+        cfg = dataclasses.replace(saved, train=cfg.train)
+    if not cfg.enabled:
+        return None
+    if data is not None:
+        for key in ("feature_cache", "valid_feature_cache"):
+            if getattr(data, key):
+                raise ConfigError(f"model.encoder_adapt.method={cfg.method}: the adapted encoder runs on the fly, "
+                                  f"but data.{key}={getattr(data, key)} is set (cached features come from the frozen "
+                                  f"encoder); set data.{key}= (empty) or model.encoder_adapt.method=none")
+    if engine is not None:
+        from speechlm.training.engine import ds_config
+
+        if int(ds_config(engine).get("zero_optimization", {}).get("stage", 0)) == 3:
+            raise ConfigError(f"model.encoder_adapt.method={cfg.method}: not supported under ZeRO-3 (the encoder "
+                              "reads some of its partitioned weights outside their modules); set engine.zero_stage "
+                              "to 0 or 2")
+    return cfg
+
+
+def adapt_identity(model: ModelConfig, adapt: EncoderAdaptConfig | None) -> dict:
+    """What a checkpoint records of the encoder adaptation (nothing when off, so default runs resume as before)."""
+    if adapt is None:
+        return {}
+    return {"encoder_adapt": dataclasses.asdict(adapt), "init_encoder_adapt": str(model.init_encoder_adapt)}
 
 
 @dataclass

@@ -29,6 +29,14 @@ class ModelConfig:
     # variant=lora|multitask, kept frozen with variant=frozen
     init_lora: str = ""
     gradient_checkpointing: bool = False  # stage 2: activation checkpointing inside the LLM
+    # Parameter-efficient encoder adaptation (fields of speechlm.models.encoder_adapt.EncoderAdaptConfig): method
+    # none (default: the frozen encoder, nothing changes) | adapter | lora | prompt. On, the encoder runs on the fly
+    # inside the trained module (no data.feature_cache), its adaptation trains with the connector, is checkpointed,
+    # and is exported beside the connector as <out_dir>/encoder_adapt (safetensors + config.json).
+    encoder_adapt: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    # An exported encoder_adapt folder (e.g. stage 1's <out_dir>/encoder_adapt) to start from: its config is used
+    # (model.encoder_adapt may only repeat it, or set train: false to keep it frozen)
+    init_encoder_adapt: str = ""
 
 
 @dataclass

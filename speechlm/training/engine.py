@@ -496,6 +496,22 @@ def export_lora(engine: Engine, peft_model: nn.Module, folder: str | Path) -> No
                                    f"{_space_text(Path(folder).parent)}") from err
 
 
+def export_encoder_adapt(engine: Engine, encoder: nn.Module, folder: str | Path) -> None:
+    """Save an adapted SpeechEncoder's adaptation (config.json + model.safetensors, fp32) atomically on rank 0
+    (all ranks call it); non-finite weights are refused and a failed write is raised on every rank."""
+    check_finite_weights(engine, f"the encoder adaptation export {folder}", encoder.adaptation, trainable_only=False)
+    err = None
+    if engine.info.is_main:
+        try:
+            encoder.save_adaptation(folder)
+        except Exception as e:  # noqa: BLE001 -- any failed write must reach the other ranks
+            err = e
+    failures = _agree(engine, err)
+    if failures:
+        raise CheckpointWriteError(f"{folder}: encoder adaptation export failed ({'; '.join(failures)}); "
+                                   f"{_space_text(Path(folder).parent)}") from err
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def _sha256(path: Path, fsync: bool = False) -> str:
     h = hashlib.sha256()

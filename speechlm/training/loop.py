@@ -268,9 +268,11 @@ class BatchPrep:
     text: TextBatches | None = None  # multitask: text-only LM batches
     text_ratio: float = 0.0  # fraction of steps that also get a text batch
     seed: int = 0
+    # An adapted encoder runs inside the trained module (its parameters need gradients): leave the waves as they are
+    encode_in_module: bool = False
 
     def __call__(self, batch: Batch, step: int | None = None) -> Batch:
-        if batch.features is None:
+        if batch.features is None and not self.encode_in_module:
             if self.encoder is None:
                 raise ValueError("batch has no features and no encoder was given to compute them")
             batch = encode_batch(batch, self.encoder)

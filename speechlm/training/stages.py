@@ -6,10 +6,12 @@ gathers a partitioned parameter when its module is called) works unchanged.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from speechlm.data.batching import Batch
+from speechlm.data.batching import Batch, encode_batch
 from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import Connector
 from speechlm.training.losses import (
@@ -39,17 +41,32 @@ class TokenEmbedding(nn.Module):
         return rows, acc
 
 
+def encode_in_module(batch: Batch, encoder: nn.Module | None, dtype: torch.dtype) -> Batch:
+    """A batch still holding waves (BatchPrep.encode_in_module) encoded by the module's own (adapted) encoder,
+    with gradients for its adaptation; batches with features pass through unchanged."""
+    if batch.features is not None or encoder is None:
+        return batch
+    batch = encode_batch(batch, encoder)
+    return replace(batch, features=batch.features.to(dtype))
+
+
 class Stage1Distill(nn.Module):
-    """Connector trained to reproduce the LLM's raw embedding of each transcript token; the LLM never runs."""
+    """Connector trained to reproduce the LLM's raw embedding of each transcript token; the LLM never runs.
+
+    ``encoder``: an adapted SpeechEncoder (model.encoder_adapt) run inside this module, so that its adaptation's
+    parameters train with the connector; None (default) when features come ready-made (cache or BatchPrep).
+    """
 
     def __init__(self, connector: Connector, embedding: TokenEmbedding, mse_weight: float = 1.0,
-                 cosine_weight: float = 5.0):
+                 cosine_weight: float = 5.0, encoder: nn.Module | None = None):
         super().__init__()
         self.connector = connector
         self.embedding = embedding.requires_grad_(False)
         self.mse_weight, self.cosine_weight = mse_weight, cosine_weight
+        self.encoder = encoder
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = encode_in_module(batch, self.encoder, next(self.connector.parameters()).dtype)
         out = self.connector(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
         mask = out.mask & batch.token_mask
         want_acc = not self.training
@@ -121,6 +138,7 @@ class Stage2Finetune(nn.Module):
         return next_token_loss(logits, inputs.labels)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = encode_in_module(batch, self.speechlm.encoder, next(self.speechlm.connector.parameters()).dtype)
         out = self.speechlm.speech_embeds(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
         embeds = out.embeds
         if self.objective == "supervised":

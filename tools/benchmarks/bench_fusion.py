@@ -46,7 +46,17 @@ ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: the repository and this folder (benchlib) importable
     sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from benchlib import machine, pick_names, recipe_command, recipe_env, run_finished, stage_metrics, write_json
+from benchlib import (
+    machine,
+    pick_names,
+    recipe_command,
+    recipe_env,
+    run_finished,
+    stage1_inputs,
+    stage1_overrides,
+    stage_metrics,
+    write_json,
+)
 
 from speechlm.errors import ConfigError
 
@@ -113,22 +123,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _paths(args: argparse.Namespace) -> dict[str, Path]:
-    from speechlm.paths import models_dir
-
-    run = Path(args.run)
-    preset = args.preset or run.name
-    paths = {"train": run / "aligned" / "train.jsonl", "valid": run / "aligned" / "valid.jsonl",
-             "config": ROOT / "recipes" / "configs" / f"stage1_{preset}.yaml",
-             "llm": Path(args.llm) if args.llm else models_dir() / "smollm2-135m",
-             "encoder": Path(args.encoder) if args.encoder else models_dir() / "whisper-base"}
-    for key, path in paths.items():
-        if not path.exists():
-            raise ConfigError(f"bench_fusion: {key} not found: {path} (run `make small` first, or pass --run/--preset/"
-                              "--llm/--encoder)")
-    return paths
-
-
 def all_features(args: argparse.Namespace, paths: dict[str, Path], work: Path, depth: int) -> Path:
     """The all-layers cache of the train and valid rows: ``--all-features``, else built into <work>/features/all."""
     from speechlm.data.feature_cache import FeatureCache
@@ -169,12 +163,10 @@ def train(name: str, variant: dict[str, Any], args: argparse.Namespace, paths: d
     if run_finished(out, args.steps):
         print(f"[{name}] reusing {out}", flush=True)
         return
-    keys = [f"data.train_manifest={paths['train']}", f"data.valid_manifest={paths['valid']}",
+    keys = [*stage1_overrides(paths, out, args.seed, args.steps),
             f"data.feature_cache={features / 'train'}", f"data.valid_feature_cache={features / 'valid'}",
-            f"model.llm={paths['llm']}", f"model.encoder={paths['encoder']}",
-            f"model.encoder_layers=[{','.join(map(str, variant['layers']))}]", f"out_dir={out}", f"seed={args.seed}",
-            f"loop.max_steps={args.steps}", "loop.eval_every=0", f"loop.save_every={args.steps}",
-            "loop.progress=false", *[f"model.connector.{k}={v}" for k, v in variant["connector"].items()]]
+            f"model.encoder_layers=[{','.join(map(str, variant['layers']))}]",
+            *[f"model.connector.{k}={v}" for k, v in variant["connector"].items()]]
     cmd = [*recipe_command(ROOT / "recipes" / "stage1_distill.py", args.ranks, args.master_port),
            "--config", str(paths["config"]), *keys]
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--retrain", action="store_true")
     args = ap.parse_args(argv)
     names = pick_names(args.variants, list(VARIANTS), "bench_fusion --variants")
-    paths = _paths(args)
+    paths = stage1_inputs(args.run, args.preset, args.llm, args.encoder, "bench_fusion")
     from speechlm.models.encoder import SpeechEncoder
 
     depth = SpeechEncoder(str(paths["encoder"])).num_hidden_layers

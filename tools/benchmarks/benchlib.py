@@ -99,3 +99,30 @@ def stage_metrics(folder: str | Path) -> dict[str, Any] | None:
     return {"steps": m["steps"], **m["final_valid"], "step_time_s_median": m["step_time_s_median"],
             "loop_wall_s": m.get("loop_wall_s"),
             "connector": json.loads(cfg.read_text())["config"] if cfg.is_file() else None}
+
+
+def stage1_inputs(run: str | Path, preset: str, llm: str, encoder: str, what: str) -> dict[str, Path]:
+    """What a stage-1 benchmark trains from: a run's aligned train and valid manifests, the stage-1 config of
+    ``preset`` (default: the run's folder name), the LLM and the encoder (default: the embedded models).
+    ConfigError names the first one missing (``what``: the benchmark, for the message)."""
+    from speechlm.errors import ConfigError
+    from speechlm.paths import models_dir
+
+    run = Path(run)
+    paths = {"train": run / "aligned" / "train.jsonl", "valid": run / "aligned" / "valid.jsonl",
+             "config": Path(__file__).resolve().parents[2] / "recipes" / "configs" / f"stage1_{preset or run.name}.yaml",
+             "llm": Path(llm) if llm else models_dir() / "smollm2-135m",
+             "encoder": Path(encoder) if encoder else models_dir() / "whisper-base"}
+    for key, path in paths.items():
+        if not path.exists():
+            raise ConfigError(f"{what}: {key} not found: {path} (run `make small` first, or pass --run/--preset/--llm/"
+                              "--encoder)")
+    return paths
+
+
+def stage1_overrides(paths: dict[str, Path], out: str | Path, seed: int, steps: int) -> list[str]:
+    """The overrides every stage-1 benchmark run shares: the inputs of ``stage1_inputs``, ``out_dir``, the seed and
+    ``steps`` steps with one save at the end and no validation before it (append the variant's own)."""
+    return [f"data.train_manifest={paths['train']}", f"data.valid_manifest={paths['valid']}",
+            f"model.llm={paths['llm']}", f"model.encoder={paths['encoder']}", f"out_dir={out}", f"seed={seed}",
+            f"loop.max_steps={steps}", "loop.eval_every=0", f"loop.save_every={steps}", "loop.progress=false"]
