@@ -63,10 +63,14 @@ class Aligner:
     (``llm_tokenizer=None``: word timings only).
 
     ``decoder`` and ``beam_size`` apply to the CTC models; CIF segments by its own firing.
+    ``encoder_adapt``: the encoder adaptation the model was trained with (``recipes/train_aligner.py``
+    ``encoder_adapt.*`` exports it as ``<folder>/encoder_adapt``); its frames then come from
+    :meth:`load_encoder` (the adapted encoder), never from a cache of the frozen encoder's frames.
     """
 
     def __init__(self, model: CTCAligner | CIFAligner, llm_tokenizer, decoder: str = "ctc_segmentation",
-                 sub_tokenizer=None, beam_size: int = 0, device: str | torch.device = "cpu"):
+                 sub_tokenizer=None, beam_size: int = 0, device: str | torch.device = "cpu",
+                 encoder_adapt: str | Path | None = None):
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
         if model.config.kind in ("subCTC", "CIF") and sub_tokenizer is None:
@@ -77,12 +81,28 @@ class Aligner:
         self.decoder = decoder
         self.beam_size = beam_size
         self.device = torch.device(device)
+        self.encoder_adapt = Path(encoder_adapt) if encoder_adapt else None
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, llm_tokenizer, **kw) -> Aligner:
+        """The aligner saved in ``folder`` (with the encoder adaptation saved beside it, if any)."""
         model = load_aligner_model(folder)
         sub = load_folder_tokenizer(folder) if model.config.kind != "charCTC" else None
+        adapt = Path(folder) / ENCODER_ADAPT_DIR
+        kw.setdefault("encoder_adapt", adapt if adapt.is_dir() else None)
         return cls(model, llm_tokenizer, sub_tokenizer=sub, **kw)
+
+    def load_encoder(self, encoder_path: str | Path = ""):
+        """The speech encoder whose frames this aligner reads: ``encoder_path`` (default: the one the model
+        names) with the layers it was trained on and, frozen, the adaptation it was trained with."""
+        from speechlm.models.encoder import SpeechEncoder
+
+        c = self.model.config
+        encoder = SpeechEncoder(str(encoder_path or c.encoder_name), layers=c.encoder_layers)
+        check_encoder(self.model, encoder)
+        if self.encoder_adapt is not None:
+            encoder.adapt({"train": False}, folder=self.encoder_adapt)
+        return encoder
 
     @property
     def frame_rate_hz(self) -> float:
@@ -180,11 +200,18 @@ class Aligner:
 
     def align_waves(self, encoder, waves: Sequence[torch.Tensor], texts: Sequence[str | None],
                     utt_ids: Sequence[str] | None = None, **kw) -> list[AlignmentResult]:
-        """Run the (matching) frozen encoder on 1-D waveforms, then :meth:`align`."""
+        """Run the (matching) encoder on 1-D waveforms, then :meth:`align` (:meth:`load_encoder` gives it)."""
         check_encoder(self.model, encoder)
+        if self.encoder_adapt is not None and not encoder.adapted:
+            raise ModelError(f"this aligner was trained with an adapted encoder ({self.encoder_adapt}); "
+                             "encoder has no adaptation: use Aligner.load_encoder()")
         with torch.no_grad():
             enc = encoder(list(waves))
         return self.align(enc.features, enc.lengths, texts, utt_ids, **kw)
+
+
+#: Where recipes/train_aligner.py saves an encoder adaptation trained with the aligner, inside its folder.
+ENCODER_ADAPT_DIR = "encoder_adapt"
 
 
 def load_aligner_model(folder: str | Path) -> CTCAligner | CIFAligner:

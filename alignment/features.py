@@ -85,27 +85,27 @@ def describe(encoder=None, cache=None) -> tuple[str, list[int], float, int]:
     raise SpeechLMError("need a feature cache or an encoder")
 
 
-def open_frame_source(model, encoder_path: str = "", cache_dir: str = ""):
-    """``(encoder or None, FeatureCache or None)`` giving the frames ``model`` (a CTCAligner) was trained on.
+def open_frame_source(aligner, encoder_path: str = "", cache_dir: str = ""):
+    """``(encoder or None, FeatureCache or None)`` giving the frames ``aligner`` (an
+    :class:`alignment.aligner.Aligner`) was trained on.
 
     A cache is used when given (checked against the model); the encoder (``encoder_path``, default the
     one the model names) is loaded when there is no cache or it is asked for (rows missing in the cache).
+    An aligner trained with an adapted encoder reads the adapted encoder's frames: a cache (the frozen
+    encoder's frames) is refused.
     """
-    from alignment.aligner import check_encoder
     from speechlm.data.feature_cache import FeatureCache
     from speechlm.errors import ModelError
 
-    cfg = model.config
+    cfg = aligner.model.config
+    if cache_dir and aligner.encoder_adapt is not None:
+        raise ModelError(f"{cache_dir}: this aligner was trained with an adapted encoder ({aligner.encoder_adapt}); "
+                         "cached frames are the frozen encoder's, so it reads audio instead: drop the feature cache")
     cache = FeatureCache.open(Path(cache_dir).expanduser()) if cache_dir else None
     if cache is not None and (cache.hidden_size != cfg.input_dim or abs(cache.frame_rate_hz - cfg.frame_rate_hz) > 1e-6
                               or len(cache.layers) != cfg.num_input_layers):
         raise ModelError(f"{cache_dir}: cached frames ({cache.hidden_size}-dim, layers {list(cache.layers)}, "
                          f"{cache.frame_rate_hz} Hz) do not match the aligner ({cfg.input_dim}-dim, layers "
                          f"{cfg.encoder_layers}, {cfg.frame_rate_hz} Hz)")
-    encoder = None
-    if cache is None or encoder_path:
-        from speechlm.models.encoder import SpeechEncoder
-
-        encoder = SpeechEncoder(encoder_path or cfg.encoder_name, layers=cfg.encoder_layers)
-        check_encoder(model, encoder)
+    encoder = aligner.load_encoder(encoder_path) if cache is None or encoder_path else None
     return encoder, cache

@@ -132,13 +132,14 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
 
 
 def test_aligner_refuses_another_encoder(tmp_path):
+    from alignment.aligner import Aligner
     from alignment.ctc_model import CTCAligner, char_ctc_config
     from alignment.features import open_frame_source
 
     encoder = _tiny_whisper(tmp_path / "whisper")
     model = CTCAligner(char_ctc_config(input_dim=48, d_model=32, layers=1, heads=2, encoder_name=encoder))
     with pytest.raises(ModelError, match="48-dim"):
-        open_frame_source(model)
+        open_frame_source(Aligner(model, None))
 
 
 @pytest.mark.parametrize("kind", ["CIF", "subCTC"])

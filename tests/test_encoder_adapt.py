@@ -323,3 +323,37 @@ def test_aligner_trains_and_exports_the_adaptation(tmp_path, capsys):
     # feature caches with the adaptation on: refused, naming the key
     assert recipe.main([*args, f"out_dir={tmp_path / 'x'}", f"feature_cache_train={tmp_path}"]) == 1
     assert "feature_cache_train" in capsys.readouterr().err
+
+    # Using it: the aligner brings its adaptation, and the tools give it the adapted encoder's frames.
+    from alignment_helpers import byte_level_bpe
+    from test_alignment_tools import _load
+
+    from alignment.aligner import Aligner
+    from alignment.features import open_frame_source
+    from speechlm.data.audio import load_audio
+    from speechlm.data.manifest import read_manifest
+
+    tok_dir = tmp_path / "tok"
+    byte_level_bpe().save_pretrained(tok_dir)
+    aligner = Aligner.from_pretrained(out, byte_level_bpe(), decoder="forced_align")
+    assert aligner.encoder_adapt == folder
+    adapted = aligner.load_encoder()
+    assert adapted.adapted and adapted.num_trainable_parameters() == 0      # frozen: it only reads
+    rows = read_manifest(train)
+    waves = [load_audio(r.audio_path) for r in rows]
+    with torch.no_grad():
+        a, f = adapted(waves[:1]).features, SpeechEncoder(encoder)(waves[:1]).features
+    assert a.shape == f.shape and not torch.allclose(a, f)                  # the adaptation changes the frames
+    with pytest.raises(ModelError, match="adapted encoder"):
+        open_frame_source(aligner, cache_dir=str(tmp_path / "cache"))      # frozen-encoder frames: refused
+    with pytest.raises(ModelError, match="adapted encoder"):
+        aligner.align_waves(SpeechEncoder(encoder), waves[:1], [rows[0].text])
+    align = _load("tools/align.py")
+    aligned = tmp_path / "train.aligned.jsonl"
+    assert align.main(["--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir),
+                       "--out", str(aligned), "--decoder", "forced_align", "--threads", "1"]) == 0
+    direct = aligner.align_waves(adapted, waves, [r.text for r in rows])
+    assert [r.token_boundaries for r in read_manifest(aligned)] == [d.token_boundaries for d in direct]
+    assert align.main(["--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir),
+                       "--out", str(tmp_path / "no.jsonl"), "--feature-cache", str(tmp_path / "cache")]) == 1
+    assert "adapted encoder" in capsys.readouterr().err

@@ -219,6 +219,37 @@ def test_front_end_gives_one_vector_per_aligned_token(mode):
     assert front.label == mode
 
 
+def test_front_end_feeds_the_aligner_its_own_encoder_frames():
+    """An aligner trained with an adapted encoder reads that encoder's frames (at its own frame count), while the
+    connector reads the SpeechLM's and the boundaries land on the connector's frames."""
+    from speechlm.models.encoder import EncoderOutput
+
+    class OwnEncoder:  # 7.0 everywhere, a different frame rate (one frame per 640 samples)
+        def __call__(self, waves):
+            lengths = torch.tensor([len(w) // 640 for w in waves])
+            return EncoderOutput(torch.full((len(waves), 1, int(lengths.max()), 8), 7.0), lengths)
+
+    class Recording(StubAligner):
+        def align(self, features, lengths, texts, **kw):
+            self.seen = (features.clone(), lengths.tolist(), list(kw["target_num_frames"]))
+            return super().align(features, lengths, texts, **kw)
+
+    tok = word_tokenizer()
+    model = speech_model(tiny_llm(len(tok)), tok)
+    model.encoder = StubEncoder()
+    for own in (None, OwnEncoder()):
+        aligner = Recording(tok)
+        front = SpeechFrontEnd(model, aligner, mode="forced", aligner_encoder=own)
+        segs = front.embed([SpeechInput(torch.zeros(16000), "tom was late"), SpeechInput(torch.zeros(9600), "a cat")])
+        features, lengths, targets = aligner.seen
+        assert targets == [50, 30]                                  # the connector's frames, either way
+        if own is None:
+            assert lengths == [50, 30] and not bool((features == 7.0).any())
+        else:
+            assert lengths == [25, 15] and bool((features == 7.0).all())
+        assert [s.ids for s in segs] == [text_ids(tok, "tom was late"), text_ids(tok, "a cat")]
+
+
 def test_default_voices_are_held_out_from_training():
     from speechlm.data import corpus
 

@@ -64,7 +64,7 @@ def run(args) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     aligner = Aligner.from_pretrained(args.aligner, tokenizer, decoder=args.decoder, beam_size=args.beam_size)
-    encoder, cache = open_frame_source(aligner.model, args.encoder, args.feature_cache)
+    encoder, cache = open_frame_source(aligner, args.encoder, args.feature_cache)
     bad: list[str] = []
     utts = read_manifest(args.manifest, skip_bad=args.skip_bad, bad_rows=bad)
     to_hz = args.target_frame_rate or aligner.frame_rate_hz

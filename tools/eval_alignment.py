@@ -72,7 +72,7 @@ def evaluate(args) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     aligner = Aligner.from_pretrained(args.aligner, tokenizer, beam_size=args.beam_size)
-    encoder, cache = open_frame_source(aligner.model, args.encoder, args.feature_cache)
+    encoder, cache = open_frame_source(aligner, args.encoder, args.feature_cache)
     utts = [u for u in read_manifest(args.manifest) if u.words]
     if args.limit:
         utts = utts[: args.limit]

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         aligner = Aligner.from_pretrained(args.aligner, tokenizer, decoder=args.decoder)
-        encoder, cache = open_frame_source(aligner.model, args.encoder, args.feature_cache)
+        encoder, cache = open_frame_source(aligner, args.encoder, args.feature_cache)
         utts = read_manifest(args.manifest)
         utts = [u for u in utts if u.id in set(args.ids)] if args.ids else utts[: args.limit]
         out_dir = Path(args.out_dir)

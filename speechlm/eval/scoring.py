@@ -130,15 +130,18 @@ class SpeechFrontEnd:
     ``aligner`` is an :class:`alignment.aligner.Aligner` (any object with the same ``align`` method).
     Connectors without token boundaries (the stack/conv/Q-Former baselines) need no aligner; their
     segments carry no transcript ids, so they cannot be scored in the all-speech ("S") condition.
+    ``aligner_encoder``: the encoder whose frames the aligner reads when they are not the connector's (an
+    aligner trained with an adapted encoder: :meth:`alignment.aligner.Aligner.load_encoder`).
     """
 
-    def __init__(self, model: Any, aligner: Any = None, mode: str = "free"):
+    def __init__(self, model: Any, aligner: Any = None, mode: str = "free", aligner_encoder: Any = None):
         if mode not in BOUNDARY_MODES:
             raise ValueError(f"boundary mode must be one of {BOUNDARY_MODES}, not {mode!r}")
         if model.encoder is None:
             raise ValueError("the SpeechLM needs its speech encoder to evaluate from audio")
         self.model = model
         self.aligner = aligner
+        self.aligner_encoder = aligner_encoder
         self.mode = mode
         self.uses_boundaries = model.connector.cfg.name == "ssr"
         self.failures: list[str] = []  # utterances that got no boundaries (see _align)
@@ -150,9 +153,11 @@ class SpeechFrontEnd:
         """What made the boundaries, for reports: ``free`` / ``forced`` / ``none`` (baseline connector)."""
         return self.mode if self.uses_boundaries else "none"
 
-    def _align(self, features: torch.Tensor, lengths: torch.Tensor, texts: list[str | None], ids: list[str]) -> list[Any]:
-        """Aligner results; an utterance the aligner cannot handle (e.g. free mode decodes nothing from
-        a short word) gets no tokens: an empty segment, counted in ``failures``, never a crash."""
+    def _align(self, features: torch.Tensor, lengths: torch.Tensor, texts: list[str | None], ids: list[str],
+               target_lengths: torch.Tensor) -> list[Any]:
+        """Aligner results on the aligner's frames, boundaries on the connector's ``target_lengths`` frames; an
+        utterance the aligner cannot handle (e.g. free mode decodes nothing from a short word) gets no tokens:
+        an empty segment, counted in ``failures``, never a crash."""
         from types import SimpleNamespace
 
         from speechlm.errors import AlignmentError
@@ -160,14 +165,14 @@ class SpeechFrontEnd:
         rate = self.model.connector.cfg.frame_rate_hz
         try:
             return self.aligner.align(features, lengths, texts, utt_ids=ids, target_frame_rate_hz=rate,
-                                      target_num_frames=[int(n) for n in lengths])
+                                      target_num_frames=[int(n) for n in target_lengths])
         except AlignmentError:
             pass
         out = []
         for b in range(len(texts)):
             try:
                 [r] = self.aligner.align(features[b:b + 1], lengths[b:b + 1], texts[b:b + 1], utt_ids=ids[b:b + 1],
-                                         target_frame_rate_hz=rate, target_num_frames=[int(lengths[b])])
+                                         target_frame_rate_hz=rate, target_num_frames=[int(target_lengths[b])])
             except AlignmentError as e:
                 log.warning("no boundaries (%s): the utterance gets no speech vectors", e)
                 self.failures.append(str(e))
@@ -188,7 +193,11 @@ class SpeechFrontEnd:
         texts = [None if self.mode == "free" else x.text for x in inputs]
         if self.mode == "forced" and any(t is None for t in texts):
             raise ValueError("forced boundaries need the reference transcript of every utterance")
-        results = self._align(features, lengths, texts, [x.id for x in inputs])
+        if self.aligner_encoder is not None:
+            own = self.aligner_encoder([x.wave for x in inputs])
+            results = self._align(own.features, own.lengths, texts, [x.id for x in inputs], lengths)
+        else:
+            results = self._align(features, lengths, texts, [x.id for x in inputs], lengths)
         n = max(1, max(len(r.token_ids) for r in results))
         bounds = torch.zeros(len(inputs), n, dtype=torch.long)
         mask = torch.zeros(len(inputs), n, dtype=torch.bool)
@@ -240,4 +249,6 @@ def load_front_end(connector_folder: str, llm: torch.nn.Module, tokenizer: Any, 
         from alignment.aligner import Aligner
 
         aligner = Aligner.from_pretrained(aligner_folder, tokenizer, device=device)
+        if aligner.encoder_adapt is not None:  # its frames: the encoder with the aligner's own adaptation
+            return model, SpeechFrontEnd(model, aligner, mode, aligner_encoder=aligner.load_encoder(enc_path))
     return model, SpeechFrontEnd(model, aligner, mode)
