@@ -147,3 +147,21 @@ def test_reuses_trained_aligners_and_reports_bad_input(world, report, capsys):
     assert "holds a 'CIF' aligner, not 'subCTC'" in capsys.readouterr().err
     assert bench.main(_args(world, out, "--kinds", "CIF", "--work-dir", str(world / "empty"), "--no-train")) == 1
     assert "no trained CIF aligner" in capsys.readouterr().err
+
+
+def test_aligner_with_an_adapted_encoder(world):
+    """encoder_adapt.* reaches the aligner's training; its evaluation and timing read the adapted encoder."""
+    bench = _bench()
+    out = world / "bench" / "adapted.json"
+    assert bench.main(_args(world, out, "--work-dir", str(world / "adapted"), "--kinds", "charCTC",
+                            "--decoders", "forced_align", "--modes", "forced", "--no-pocketsphinx",
+                            "--train-steps", "2", "--train-override", f"encoder={world / 'whisper'}",
+                            "model.d_model=32", "model.layers=1", "model.heads=2", "valid_every=2", "batch_size=2",
+                            "encoder_adapt.method=lora", "encoder_adapt.r=2")) == 0
+    report = json.loads(out.read_text())
+    info = report["aligners"]["charCTC"]
+    assert info["encoder_adapt"]["method"] == "lora" and info["encoder_adapt"]["r"] == 2
+    assert info["encoder_adapt"]["trainable_parameters"] == 2 * 2 * (32 + 32)    # A and B of q and v, 1 layer
+    (row,) = [r for r in report["rows"] if r["aligner"] == "charCTC"]
+    assert row["words_matched"] == row["words_ref"] == 21 and row["failed"] == 0
+    assert "charCTC + encoder lora (2 steps)" in bench.markdown_table(report)

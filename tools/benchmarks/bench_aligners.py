@@ -101,12 +101,17 @@ def describe_aligner(kind: str, folder: Path) -> dict:
     if cfg.get("kind") != kind:
         raise ModelError(f"{folder}: holds a {cfg.get('kind')!r} aligner, not {kind!r}")
     state = _train_state(folder)
+    adapt = folder / "encoder_adapt" / "config.json"       # an encoder adaptation trained with it (encoder_adapt.*)
+    adapt_cfg = None
+    if adapt.is_file():
+        meta = json.loads(adapt.read_text())
+        adapt_cfg = {**meta["config"], "trainable_parameters": meta.get("trainable_parameters")}
     # The recipe rewrites train_state.json each time it saves a new best model, so its last history
     # entry is the step of the weights in the folder (a run may have gone on without improving).
     hist = state.get("history") or []
     return {
         "folder": str(folder), "d_model": cfg.get("d_model"), "layers": cfg.get("layers"),
-        "encoder": cfg.get("encoder_name"), "encoder_layers": cfg.get("encoder_layers"),
+        "encoder": cfg.get("encoder_name"), "encoder_layers": cfg.get("encoder_layers"), "encoder_adapt": adapt_cfg,
         "start_offset_frames": cfg.get("start_offset_frames"), "end_offset_frames": cfg.get("end_offset_frames"),
         "saved_at_step": hist[-1]["step"] if hist else None,
         "steps_configured": (state.get("config") or {}).get("steps"),
@@ -168,14 +173,12 @@ def resolve_aligners(args) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------------- measuring
 def encoder_rtf(folder: str, utts, args) -> dict:
-    """Seconds of the aligner's frozen encoder per second of audio, on the first ``--encoder-clips`` clips."""
-    from alignment.aligner import check_encoder, load_aligner_model
+    """Seconds of the aligner's encoder (with the adaptation it was trained with, if any) per second of audio,
+    on the first ``--encoder-clips`` clips."""
+    from alignment.aligner import Aligner
     from speechlm.data.audio import load_audio
-    from speechlm.models.encoder import SpeechEncoder
 
-    model = load_aligner_model(folder)
-    encoder = SpeechEncoder(args.encoder or model.config.encoder_name, layers=model.config.encoder_layers)
-    check_encoder(model, encoder)
+    encoder = Aligner.from_pretrained(folder, None).load_encoder(args.encoder)
     clips = utts[: args.encoder_clips]
     waves = [load_audio(u.audio_path, target_sr=encoder.sample_rate, expected_sr=u.sample_rate) for u in clips]
     audio_s = sum(w.numel() for w in waves) / encoder.sample_rate
@@ -381,6 +384,8 @@ def markdown_table(report: dict) -> str:
         info = report["aligners"].get(r["aligner"], {})
         name = r["aligner"]
         done, planned = info.get("saved_at_step"), info.get("steps_configured")
+        if info.get("encoder_adapt"):
+            name += f" + encoder {info['encoder_adapt']['method']}"
         if done:
             name += f" (step {done} of {planned})" if planned and planned != done else f" ({done} steps)"
         if not r["applies"]:
