@@ -286,6 +286,41 @@ def test_stage1_adapter_exports_and_stage2_loads_it(tmp_path):
     assert proc.returncode != 0 and "data.feature_cache" in proc.stderr
 
 
+@pytest.mark.slow
+def test_stage1_with_lora_resumes_exactly_after_a_stop(tmp_path, monkeypatch):
+    """SIGTERM in step 2 of an adapted stage 1 (LoRA with dropout, the encoder on the fly): the checkpoint holds the
+    adaptation, and the rerun ends with the uninterrupted run's losses, connector and adaptation, bit for bit."""
+    from safetensors.torch import load_file
+
+    from speechlm.errors import EXIT_PREEMPTED
+    from speechlm.training.loop import FAULT_ENV
+
+    world = make_world(tmp_path / "world", n_train=8, n_valid=3, cache=False)
+    extra = {"loop.max_steps": 4, "loop.eval_every": 0, "loop.save_every": 1, "loop.log_every": 1,
+             "model.encoder_adapt.method": "lora", "model.encoder_adapt.r": 2, "model.encoder_adapt.dropout": 0.2,
+             "engine.zero_stage": 0}
+
+    def run(out: Path, faults: str = ""):
+        monkeypatch.setenv(FAULT_ENV, faults)
+        return run_recipe("stage1_distill.py", "stage1_tiny.yaml", stage1_overrides(world, out, cache=False, **extra))
+
+    base, chain = tmp_path / "base", tmp_path / "chain"
+    proc = run(base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(chain, "sigterm_at_step:2")
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert (chain / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    proc = run(chain)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m, ref = (json.loads((d / "metrics.json").read_text()) for d in (chain, base))
+    assert len(ref["train_losses"]) == 4 and m["train_losses"] == ref["train_losses"]
+    for name in ("encoder_adapt", "connector"):
+        w, w_ref = (load_file(str(d / name / "model.safetensors")) for d in (chain, base))
+        assert w.keys() == w_ref.keys() and all(torch.equal(w[k], w_ref[k]) for k in w), name
+    lora_b = [v for k, v in load_file(str(base / "encoder_adapt" / "model.safetensors")).items() if "B.weight" in k]
+    assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)         # it did train
+
+
 def test_identity_is_empty_when_off():
     from speechlm.training import build
     from speechlm.training.configs import ModelConfig

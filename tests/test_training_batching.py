@@ -172,6 +172,18 @@ def test_workers_give_the_same_batches(world):
     assert run(0) == run(2)
 
 
+def test_loader_leaves_the_global_rng_alone(world):
+    """Starting a loader must not advance torch's global RNG (a resumed run restores it, then builds its loader)."""
+    tok = AutoTokenizer.from_pretrained(world["llm"])
+    ds = SpeechTextDataset(read_manifest(world["manifest"]), ExampleReader(tok, 50.0, world["cache"]))
+    frames, tokens = ds.lengths()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    it = iter(make_loader(ds, DistributedBucketSampler(frames, tokens, max_frames=300, seed=1), 0, seed=1))
+    next(it)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_token_count_mismatch_is_a_manifest_error(world, tmp_path):
     tok = AutoTokenizer.from_pretrained(world["llm"])
     utt = read_manifest(world["manifest"])[0]

@@ -523,9 +523,14 @@ def uses_text_batch(step: int, ratio: float, seed: int = 0) -> bool:
 
 # ------------------------------------------------------------------------------------------ loader
 def make_loader(source: SpeechTextDataset | ShardedManifestStream, sampler: DistributedBucketSampler | None,
-                num_workers: int = 0) -> DataLoader:
-    """A DataLoader yielding :class:`Batch` objects (batches are formed by the sampler or the stream)."""
-    kw: dict[str, Any] = {"num_workers": num_workers, "collate_fn": _identity}
+                num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """A DataLoader yielding :class:`Batch` objects (batches are formed by the sampler or the stream).
+
+    It draws its workers' base seed from a generator of its own (``seed``), never from the global torch RNG:
+    creating its iterator would otherwise advance that RNG, so a resumed run (which restores the RNG, then
+    builds its loader) would train with other dropout masks than the uninterrupted one."""
+    kw: dict[str, Any] = {"num_workers": num_workers, "collate_fn": _identity,
+                          "generator": torch.Generator().manual_seed(seed)}
     if num_workers > 0:
         kw.update(prefetch_factor=2, persistent_workers=False)
     if isinstance(source, ShardedManifestStream):

@@ -331,7 +331,7 @@ def train_batches(data: DataConfig, reader: ExampleReader, info: DistInfo, seed:
                                             data.max_frames, data.max_tokens, data.max_batch,
                                             data.shuffle_buffer, data.stream_window)
         source.set_position(*position)
-        return iter(make_loader(source, None, data.num_workers))
+        return iter(make_loader(source, None, data.num_workers, seed))
     utts = _in_cache(read_split(data.train_manifest, data.train_split), reader, data.train_manifest,
                      data.check_fresh)
     dataset = SpeechTextDataset(utts, reader)
@@ -340,7 +340,7 @@ def train_batches(data: DataConfig, reader: ExampleReader, info: DistInfo, seed:
                                        info.world_size, info.rank, seed, shuffle=True, infinite=True,
                                        window=data.bucket_window)
     sampler.set_position(*position)
-    return iter(make_loader(dataset, sampler, data.num_workers))
+    return iter(make_loader(dataset, sampler, data.num_workers, seed))
 
 
 def valid_batches(data: DataConfig, reader: ExampleReader, info: DistInfo) -> Callable[[], Iterable[Batch]]:
