@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from speechlm.training.engine import (
     latest_checkpoint,
     param_groups,
     rng_state,
+    safe_torch_load,
     set_rng_state,
 )
 from speechlm.training.stages import (
@@ -35,12 +37,41 @@ from speechlm.training.stages import (
 )
 
 
-def test_rng_state_round_trip():
-    state = rng_state()
+def test_rng_state_round_trip(tmp_path):
+    torch.save(rng_state(), tmp_path / "rng.pt")
     a = (random.random(), np.random.rand(), torch.rand(3))
-    set_rng_state(state)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # plain types: a safe load reads it
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+class _RunsCode:
+    """Unpickling this (unsafely) touches a file: the attack a weights-only load prevents."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_safe_torch_load_refuses_code_and_allows_deepspeed_state(tmp_path):
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(2), "evil": _RunsCode(marker)}, tmp_path / "evil.pt")
+    original = torch.load
+    with safe_torch_load(), pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "evil.pt", weights_only=False)     # as DeepSpeed asks: overridden
+    assert not marker.exists() and torch.load is original
+    torch.save({"stage": ZeroStageEnum.gradients, "scaler": DynamicLossScaler(8.0, 1000, 1, 2, False),
+                "w": torch.ones(2)}, tmp_path / "ds.pt")
+    with safe_torch_load():
+        state = torch.load(tmp_path / "ds.pt", weights_only=False)
+    assert state["stage"] is ZeroStageEnum.gradients and state["scaler"].cur_scale == 8.0
 
 
 def test_ds_config_fills_auto_and_keeps_fp32_on_cpu():

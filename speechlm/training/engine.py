@@ -179,7 +179,10 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in plain types and tensors (what ``torch.load(weights_only=True)`` reads back)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -187,7 +190,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -738,6 +742,62 @@ def _check_meta(path: Path, engine: Engine, identity: dict) -> dict:
     return meta
 
 
+#: The non-tensor objects DeepSpeed pickles into its optimizer states ("module:qualname"), allowed for
+#: :func:`safe_torch_load`. Any other object in a checkpoint is refused rather than unpickled.
+SAFE_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+)
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    found = []
+    for spec in SAFE_CHECKPOINT_GLOBALS:
+        module, _, name = spec.partition(":")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: it does not store that class
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within the block, every ``torch.load`` (DeepSpeed's own included, which asks for ``weights_only=False``)
+    runs with ``weights_only=True`` and :data:`SAFE_CHECKPOINT_GLOBALS` allowed: loading a checkpoint never
+    executes code from it. A file holding any other object raises ``pickle.UnpicklingError``."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+def _unpickling_reason(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the object (its message starts with advice)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    named = [x for x in lines if "Unsupported" in x or "GLOBAL" in x]
+    return (named or lines or [type(e).__name__])[0][:300]
+
+
+def _unsafe_object_error(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: the checkpoint holds objects that a safe load (torch.load(weights_only=True)) refuses to run "
+        f"({_unpickling_reason(e)}). If you wrote it yourself with another DeepSpeed version, add the "
+        "class it names to SAFE_CHECKPOINT_GLOBALS in speechlm/training/engine.py; never load an untrusted one")
+
+
 def load_checkpoint(engine: Engine, ckpt_dir: str | Path, identity: dict, path: str | Path | None = None
                     ) -> dict | None:
     """Restore the newest complete checkpoint (or ``path``): weights, optimizer, schedule, RNG.
@@ -751,15 +811,22 @@ def load_checkpoint(engine: Engine, ckpt_dir: str | Path, identity: dict, path: 
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
     _check_meta(path, engine, identity)
+    import pickle
+
     try:
-        load_path, _ = engine.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+        with safe_torch_load():
+            load_path, _ = engine.ds.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    except pickle.UnpicklingError as e:
+        raise _unsafe_object_error(path, e) from None
     except Exception as e:  # noqa: BLE001 -- DeepSpeed raises assertion/pickle/runtime errors on bad files
         raise CheckpointError(f"{path}: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e})") from None
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
     state_path = path / f"trainer_state_rank{engine.info.rank}.pt"
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _unsafe_object_error(state_path, e) from None
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types on a damaged file
         raise CheckpointError(f"{state_path}: unreadable trainer state ({e})") from None
     set_rng_state(state["rng"])
