@@ -788,14 +788,16 @@ def _unpickling_reason(e: BaseException) -> str:
     """The line of torch's weights-only refusal that names the object (its message starts with advice)."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     named = [x for x in lines if "Unsupported" in x or "GLOBAL" in x]
-    return (named or lines or [type(e).__name__])[0][:300]
+    return (named or lines or [type(e).__name__])[0].split(". Please use")[0][:300]
 
 
 def _unsafe_object_error(path: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(
         f"{path}: the checkpoint holds objects that a safe load (torch.load(weights_only=True)) refuses to run "
-        f"({_unpickling_reason(e)}). If you wrote it yourself with another DeepSpeed version, add the "
-        "class it names to SAFE_CHECKPOINT_GLOBALS in speechlm/training/engine.py; never load an untrusted one")
+        f"({_unpickling_reason(e)}). A checkpoint from before speechlm loaded checkpoints safely (numpy arrays in "
+        "its RNG state) cannot be resumed: start again with loop.resume=false or another out_dir. If it names a "
+        "DeepSpeed class and you wrote the checkpoint yourself, add that class to SAFE_CHECKPOINT_GLOBALS in "
+        "speechlm/training/engine.py; never load an untrusted one")
 
 
 def load_checkpoint(engine: Engine, ckpt_dir: str | Path, identity: dict, path: str | Path | None = None
