@@ -35,7 +35,7 @@ import itertools
 import torch
 from tqdm import tqdm
 
-from alignment.aligner import Aligner, load_aligner_model
+from alignment.aligner import ENCODER_ADAPT_DIR, Aligner, load_aligner_model
 from alignment.cif import CIFAligner, cif_config, cif_loss
 from alignment.ctc_model import CTCAligner, char_ctc_config, sub_ctc_config
 from alignment.features import describe, iter_feature_batches
@@ -146,7 +146,7 @@ def save_best(model, out_dir: Path, tokenizer, encoder=None) -> None:
     replaced atomically on every save, so the adaptation is written after it."""
     model.save_pretrained(out_dir, tokenizer=tokenizer)
     if encoder is not None and encoder.adapted:
-        encoder.save_adaptation(out_dir / "encoder_adapt")
+        encoder.save_adaptation(out_dir / ENCODER_ADAPT_DIR)
 
 
 def labels_for(utt: Utterance, kind: str, model, tokenizer) -> list[int]:
@@ -219,7 +219,7 @@ def calibrate(out_dir: Path, data, cfg: TrainAlignerConfig, tokenizer, encoder=N
     if encoder is not None and encoder.adapted:
         from speechlm.models.encoder_adapt import load_state
 
-        load_state(out_dir / "encoder_adapt", encoder.adaptation)
+        load_state(out_dir / ENCODER_ADAPT_DIR, encoder.adaptation)
         encoder.train(False)
     model = load_aligner_model(out_dir)
     model.config.start_offset_frames = model.config.end_offset_frames = 0

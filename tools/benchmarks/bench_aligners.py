@@ -51,12 +51,14 @@ if __package__ in (None, ""):  # run as a script: the repository and this folder
 import torch
 from benchlib import pyplot, save_figure, write_json
 
+from alignment.aligner import ENCODER_ADAPT_DIR
 from alignment.decoders import DECODERS
 from alignment.metrics import BoundaryErrors, SpeedMeter, word_boundary_errors
 from alignment.tokens import normalize_for_alignment
 from speechlm.data.manifest import read_manifest
 from speechlm.errors import ModelError, SpeechLMError
 from speechlm.eval.report import engine_of
+from speechlm.models.encoder_adapt import read_adaptation_config
 from speechlm.paths import SMOLLM2_135M, default_model
 
 KINDS = ("charCTC", "subCTC", "CIF")
@@ -101,10 +103,9 @@ def describe_aligner(kind: str, folder: Path) -> dict:
     if cfg.get("kind") != kind:
         raise ModelError(f"{folder}: holds a {cfg.get('kind')!r} aligner, not {kind!r}")
     state = _train_state(folder)
-    adapt = folder / "encoder_adapt" / "config.json"       # an encoder adaptation trained with it (encoder_adapt.*)
     adapt_cfg = None
-    if adapt.is_file():
-        meta = json.loads(adapt.read_text())
+    if (folder / ENCODER_ADAPT_DIR).is_dir():                # an encoder adaptation trained with it (encoder_adapt.*)
+        _, meta = read_adaptation_config(folder / ENCODER_ADAPT_DIR)
         adapt_cfg = {**meta["config"], "trainable_parameters": meta.get("trainable_parameters")}
     # The recipe rewrites train_state.json each time it saves a new best model, so its last history
     # entry is the step of the weights in the folder (a run may have gone on without improving).
