@@ -8,7 +8,8 @@
 # rest. Knobs (environment): RUN HOURS ALIGNER_STEPS STAGE1_STEPS STAGE2_STEPS (empty = the config's)
 #   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
 #   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) UNTIL=stage1 (stop after this
-#   step: no later steps, no summary) FORCE=1 (new corpus)
+#   step: no later steps, no summary; unset = every step, then the summary) FORCE=1 (new corpus)
+#   DRY_RUN=1 (print each step's command and the summary command, run nothing)
 #   STORIES QUESTIONS_PER_SUBJECT ASR_UTTS (evaluation subset sizes; 0 = all) WRONG_STYLES CASCADE LIBRIVOX VOICES
 #   HARD_EVAL MID=1 (supervised mid-training between stage 1 and stage 2, recipes/stage_mid_supervised.py with
 #   recipes/configs/stage_mid_$PRESET.yaml; stage 2 then starts from its connector, and its LoRA when it has one)
@@ -53,14 +54,19 @@ LLM=$MODELS/smollm2-135m
 STEPS=(prepare_models synthesize_corpus cache_features train_aligner eval_aligner align stage1 analyze_tokens
        mid stage2 eval_storycloze eval_storycloze_hard eval_speech_mmlu eval_asr)
 FROM=${FROM:-prepare_models}
-UNTIL=${UNTIL:-eval_asr}
+UNTIL=${UNTIL:-}  # empty: run every step, then write the summary and print its table
+DRY_RUN=${DRY_RUN:-0}
 [[ " ${STEPS[*]} " == *" $FROM "* ]] || { echo "FROM must be one of: ${STEPS[*]}" >&2; exit 2; }
-[[ " ${STEPS[*]} " == *" $UNTIL "* ]] || { echo "UNTIL must be one of: ${STEPS[*]}" >&2; exit 2; }
 index() { local i; for i in "${!STEPS[@]}"; do [ "${STEPS[$i]}" = "$1" ] && echo "$i"; done; }
-[ "$(index "$UNTIL")" -ge "$(index "$FROM")" ] || { echo "UNTIL=$UNTIL comes before FROM=$FROM" >&2; exit 2; }
-mkdir -p "$RUN"
-rm -f "$RUN/summary.json"
-[ "$FROM" = prepare_models ] && rm -f "$RUN/times.json"
+if [ -n "$UNTIL" ]; then
+  [[ " ${STEPS[*]} " == *" $UNTIL "* ]] || { echo "UNTIL must be one of: ${STEPS[*]}" >&2; exit 2; }
+  [ "$(index "$UNTIL")" -ge "$(index "$FROM")" ] || { echo "UNTIL=$UNTIL comes before FROM=$FROM" >&2; exit 2; }
+fi
+if [ "$DRY_RUN" != 1 ]; then
+  mkdir -p "$RUN"
+  rm -f "$RUN/summary.json"
+  [ "$FROM" = prepare_models ] && rm -f "$RUN/times.json"
+fi
 skipping=1
 
 # step NAME CMD...: run a step, record its wall time in $RUN/times.json.
@@ -69,9 +75,13 @@ step() {
   [ "$name" = "$FROM" ] && skipping=0
   if [ "$skipping" = 1 ]; then echo "=== [$name] skipped (FROM=$FROM)"; return 0; fi
   echo; echo "=== [$name] $*"
-  local t0=$(date +%s.%N)
-  "$@"
-  record_time "$name" "$t0"
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "=== [$name] not run (DRY_RUN=1)"
+  else
+    local t0=$(date +%s.%N)
+    "$@"
+    record_time "$name" "$t0"
+  fi
   if [ "$name" = "$UNTIL" ]; then echo "=== stopping after [$name] (UNTIL=$UNTIL)"; exit 0; fi
 }
 
@@ -91,7 +101,7 @@ PYEOF
 # fresh DIR: before a training stage, drop its old checkpoints when an earlier step ran in this invocation
 # (its data may have changed); FROM=<that stage> keeps them, so an interrupted stage resumes.
 fresh() {
-  if [ "$skipping" = 0 ] && [ -d "$1" ]; then echo "=== removing $1 (earlier steps ran: a fresh start)"; rm -rf "$1"; fi
+  if [ "$DRY_RUN" != 1 ] && [ "$skipping" = 0 ] && [ -d "$1" ]; then echo "=== removing $1 (earlier steps ran: a fresh start)"; rm -rf "$1"; fi
 }
 
 # Preemption: SIGTERM / SIGUSR1 (and Ctrl-C) are passed on to the training ranks, which finish their step,
@@ -210,4 +220,7 @@ step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors
 step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \
   connectors="[$RUN/stage1/connector]" whisper_baseline=true limit="$ASR_UTTS" librivox="$LIBRIVOX"
 
-"$PY" tools/summarize_run.py --run "$RUN" --corpus "$CORPUS"
+summary=("$PY" tools/summarize_run.py --run "$RUN" --corpus "$CORPUS")
+echo; echo "=== [summary] ${summary[*]}"
+if [ "$DRY_RUN" = 1 ]; then echo "=== [summary] not run (DRY_RUN=1)"; exit 0; fi
+"${summary[@]}"

@@ -119,3 +119,29 @@ def test_summary_gathers_corpus_whisper_and_token_analysis(tmp_path):
     assert summary["stage1"]["by_engine"]["piper"]["token_acc"] == 0.5
     assert json.loads((run / "summary.json").read_text()) == summary
     assert "corpus.whisper_wer_test" in mod.table(summary)
+
+
+@pytest.mark.parametrize("wrapper", ["run_tiny.sh", "run_small.sh"])
+def test_default_step_list_reaches_the_summary(wrapper, tmp_path):
+    """`make demo` / `make small` run every step and then the summary table: with no UNTIL the flow goes
+    through eval_asr and on to tools/summarize_run.py (a dry run prints the commands and runs none)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("UNTIL", "FROM")}
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / wrapper)], capture_output=True, text=True, check=False,
+                          env={**env, "DRY_RUN": "1", "RUN": str(tmp_path / "run")}, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ran = [line.split("]")[0].removeprefix("=== [") for line in proc.stdout.splitlines()
+           if line.startswith("=== [") and "not run (DRY_RUN=1)" in line]
+    assert ran[-2:] == ["eval_asr", "summary"], ran
+    assert ran[:3] == ["prepare_models", "synthesize_corpus", "cache_features"]
+    assert "tools/summarize_run.py --run " + str(tmp_path / "run") in proc.stdout
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_until_stops_before_the_summary(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FROM"}
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / "run_cpu.sh")], capture_output=True, text=True,
+                          check=False, env={**env, "DRY_RUN": "1", "UNTIL": "stage1", "RUN": str(tmp_path / "run")},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stopping after [stage1]" in proc.stdout
+    assert "[summary]" not in proc.stdout and "[stage2]" not in proc.stdout
