@@ -17,17 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignment.cif import CIFAligner, cif_spans
-from alignment.ctc_model import CTCAligner, load_folder_tokenizer, read_folder_config
-from alignment.decoders import DECODERS, LabelSpans, align_labels, beam_decode, greedy_decode
+from alignment.cif import CIFAligner
+from alignment.ctc_model import CTCAligner
+from alignment.decoders import DECODERS, LabelSpans
+from alignment.kinds import (
+    AlignerKind,
+    folder_kind,
+    model_kind,
+    subword_char_frames,  # noqa: F401  (re-exported: it lived here)
+)
 from alignment.tokens import (
-    char_spans_from_normalized,
-    convert_boundaries,
     normalize_for_alignment,
     token_boundaries,
     token_char_spans,
     words_from_char_spans,
 )
+from speechlm.data.boundaries import convert_boundaries
 from speechlm.errors import AlignmentError, ModelError
 
 MODES = ("forced", "free")
@@ -73,8 +78,9 @@ class Aligner:
                  encoder_adapt: str | Path | None = None):
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
-        if model.config.kind in ("subCTC", "CIF") and sub_tokenizer is None:
-            raise ModelError(f"a {model.config.kind} aligner needs the tokenizer it was trained with (sub_tokenizer)")
+        self.kind: AlignerKind = model_kind(model)
+        if self.kind.uses_tokenizer and sub_tokenizer is None:
+            raise ModelError(f"a {self.kind.name} aligner needs the tokenizer it was trained with (sub_tokenizer)")
         self.model = model.to(device).eval()
         self.llm_tokenizer = llm_tokenizer
         self.sub_tokenizer = sub_tokenizer
@@ -86,8 +92,9 @@ class Aligner:
     @classmethod
     def from_pretrained(cls, folder: str | Path, llm_tokenizer, **kw) -> Aligner:
         """The aligner saved in ``folder`` (with the encoder adaptation saved beside it, if any)."""
-        model = load_aligner_model(folder)
-        sub = load_folder_tokenizer(folder) if model.config.kind != "charCTC" else None
+        kind = folder_kind(folder)
+        model = kind.load(folder)
+        sub = kind.load_tokenizer(folder)
         adapt = Path(folder) / ENCODER_ADAPT_DIR
         kw.setdefault("encoder_adapt", adapt if adapt.is_dir() else None)
         return cls(model, llm_tokenizer, sub_tokenizer=sub, **kw)
@@ -117,8 +124,7 @@ class Aligner:
         """``(B, L, T, D)`` frames -> per-frame model output (CPU): CTC ``(B, T, V)`` log-posteriors,
         CIF ``(B, T, 1 + d)`` firing weight and hidden state."""
         features, lengths = features.to(self.device), lengths.to(self.device)
-        out = self.model.frame_outputs(features, lengths) if self.is_cif else self.model(features, lengths)
-        return out.float().cpu()
+        return self.kind.frame_outputs(self.model, features, lengths).float().cpu()
 
     def align(self, features: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str | None],
               utt_ids: Sequence[str] | None = None, target_frame_rate_hz: float | None = None,
@@ -153,18 +159,7 @@ class Aligner:
 
     def decode(self, log_probs: torch.Tensor) -> str:
         """Free mode: the aligner's own transcript of one utterance's frame outputs."""
-        if self.is_cif:
-            try:
-                _, vectors = cif_spans(log_probs, None, self.model.config)
-            except AlignmentError:
-                return ""
-            with torch.no_grad():
-                ids = self.model.token_head(vectors).argmax(-1).tolist()
-            return self.sub_tokenizer.decode(ids, skip_special_tokens=True).strip()
-        labels = beam_decode(log_probs, self.beam_size) if self.beam_size > 1 else greedy_decode(log_probs)
-        if self.model.config.kind == "charCTC":
-            return " ".join(self.model.labels_to_text(labels).split())
-        return self.sub_tokenizer.decode([x - 1 for x in labels], skip_special_tokens=True).strip()
+        return self.kind.decode(self.model, log_probs, self.sub_tokenizer, self.beam_size)
 
     def _char_frames(self, log_probs: torch.Tensor, text: str, utt_id: str
                      ) -> tuple[list[int | None], list[int | None], LabelSpans]:
@@ -181,22 +176,9 @@ class Aligner:
 
     def _raw_char_frames(self, log_probs: torch.Tensor, text: str, utt_id: str
                          ) -> tuple[list[int | None], list[int | None], LabelSpans]:
-        norm = normalize_for_alignment(text)
-        if not norm.text:
+        if not normalize_for_alignment(text).text:
             raise AlignmentError(f"utterance {utt_id!r}: transcript {text!r} has nothing to speak")
-        if self.model.config.kind == "charCTC":
-            labels = self.model.text_to_labels(norm.text)
-            spans = align_labels(log_probs, labels, self.frame_rate_hz, self.decoder, utt_id)
-            starts, ends = char_spans_from_normalized(norm, len(text), spans.start_frames, spans.end_frames)
-            return starts, ends, spans
-        sub_ids, sub_spans = token_char_spans(self.sub_tokenizer, text)
-        if self.is_cif:
-            spans, _ = cif_spans(log_probs, len(sub_ids), self.model.config, utt_id)
-            spans.labels = list(sub_ids)
-        else:
-            spans = align_labels(log_probs, [x + 1 for x in sub_ids], self.frame_rate_hz, self.decoder, utt_id)
-        starts, ends = subword_char_frames(text, sub_spans, spans)
-        return starts, ends, spans
+        return self.kind.char_frames(self.model, log_probs, text, self.sub_tokenizer, self.decoder, utt_id)
 
     def align_waves(self, encoder, waves: Sequence[torch.Tensor], texts: Sequence[str | None],
                     utt_ids: Sequence[str] | None = None, **kw) -> list[AlignmentResult]:
@@ -216,8 +198,7 @@ ENCODER_ADAPT_DIR = "encoder_adapt"
 
 def load_aligner_model(folder: str | Path) -> CTCAligner | CIFAligner:
     """The aligner model in ``folder`` (charCTC, subCTC or CIF, by its config's ``kind``)."""
-    kind = read_folder_config(folder).get("kind")
-    return CIFAligner.from_pretrained(folder) if kind == "CIF" else CTCAligner.from_pretrained(folder)
+    return folder_kind(folder).load(folder)
 
 
 def check_encoder(model: CTCAligner | CIFAligner, encoder) -> None:
@@ -229,19 +210,6 @@ def check_encoder(model: CTCAligner | CIFAligner, encoder) -> None:
             f"aligner trained on {c.encoder_name!r} ({c.input_dim}-dim, {c.num_input_layers} layer(s), "
             f"{c.frame_rate_hz} Hz) cannot use encoder {encoder.name!r} ({encoder.hidden_size}-dim, "
             f"{len(encoder.layers)} layer(s), {encoder.frame_rate_hz} Hz)")
-
-
-def subword_char_frames(text: str, sub_spans: Sequence[tuple[int, int]], spans: LabelSpans
-                        ) -> tuple[list[int | None], list[int | None]]:
-    """Subword label spans -> frames of each spoken character (a subword's frames go to all its characters)."""
-    spoken = {s for s in normalize_for_alignment(text).source if s >= 0}
-    starts: list[int | None] = [None] * len(text)
-    ends: list[int | None] = [None] * len(text)
-    for k, (a, b) in enumerate(sub_spans):
-        for c in range(a, b):
-            if c in spoken:
-                starts[c], ends[c] = int(spans.start_frames[k]), int(spans.end_frames[k])
-    return starts, ends
 
 
 def build_result(utt_id: str, text: str, mode: str, char_start: Sequence[int | None],

@@ -1,8 +1,9 @@
-"""PNG of an alignment: log-mel spectrogram, reference and predicted word boundaries, LLM-token boundaries."""
+"""PNG of an alignment: log-mel spectrogram, reference and predicted word boundaries, LLM-token boundaries
+(:func:`plot_manifest` for rows of a manifest: the logic behind ``tools/plot_alignment.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -14,8 +15,11 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from alignment.aligner import AlignmentResult
+from alignment.aligner import Aligner, AlignmentResult
+from alignment.features import iter_feature_batches, open_frame_source
 from speechlm.atomic import atomic_path
+from speechlm.data.audio import load_audio
+from speechlm.data.manifest import read_manifest
 
 
 def log_mel(wave: torch.Tensor, sample_rate: int, n_mels: int = 80, hop_s: float = 0.01) -> np.ndarray:
@@ -66,3 +70,25 @@ def plot_alignment(path: str | Path, wave: torch.Tensor, sample_rate: int, resul
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def plot_manifest(manifest: str, aligner_folder: str, tokenizer: str, out_dir: str | Path, *, encoder: str = "",
+                  feature_cache: str = "", ids: Sequence[str] | None = None, limit: int = 4, free: bool = False,
+                  decoder: str = "ctc_segmentation") -> Iterator[Path]:
+    """One PNG per row (``ids``, else the first ``limit`` rows) as ``out_dir/<id>.<mode>.png``, yielding each path
+    once written."""
+    from transformers import AutoTokenizer
+
+    llm_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    aligner = Aligner.from_pretrained(aligner_folder, llm_tokenizer, decoder=decoder)
+    enc, cache = open_frame_source(aligner, encoder, feature_cache)
+    utts = read_manifest(manifest)
+    utts = [u for u in utts if u.id in set(ids)] if ids else utts[:limit]
+    for fb in iter_feature_batches(utts, 4, encoder=enc, cache=cache):
+        texts = [None if free else u.text for u in fb.utts]
+        for utt, res in zip(fb.utts, aligner.align(fb.features, fb.lengths, texts, [u.id for u in fb.utts]),
+                            strict=True):
+            ref = [(w.word, w.start_s, w.end_s) for w in utt.words] if utt.words else None
+            png = Path(out_dir) / f"{utt.id}.{res.mode}.png"
+            plot_alignment(png, load_audio(utt.audio_path), 16_000, res, llm_tokenizer, ref)
+            yield png

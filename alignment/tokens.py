@@ -1,6 +1,6 @@
 """The one place that maps character spans of a transcript to one end frame per LLM token.
 
-Rule (documented in METHOD.md section 2 and relied on by the SSR connector):
+Rule (docs/METHOD.md section 2, "Token boundaries"; the SSR connector relies on it):
 
 * The LLM tokens of a text are ``tokenizer(text, add_special_tokens=False).input_ids``; every one of
   them gets exactly one boundary (1:1), special and punctuation tokens included.
@@ -28,6 +28,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from speechlm.data.boundaries import convert_boundaries  # noqa: F401  (re-exported; the conversion lives in data)
 
 #: The character aligner's alphabet besides the blank: word separator, apostrophe, a-z.
 CHAR_ALPHABET = " '" + "abcdefghijklmnopqrstuvwxyz"
@@ -225,21 +227,6 @@ def token_boundaries(token_spans: Sequence[tuple[int, int]], char_start: Sequenc
         out.append(cur)
         prev = cur
     return out
-
-
-def convert_boundaries(boundaries: Sequence[int], from_hz: float, to_hz: float,
-                       num_frames: int | None = None) -> list[int]:
-    """Inclusive end frames at ``from_hz`` -> at ``to_hz`` (e.g. aligner 50 Hz -> stacked 12.5 Hz).
-
-    A frame b at ``from_hz`` ends at ``(b + 1) / from_hz`` seconds; the new boundary is the frame at
-    ``to_hz`` that contains that instant's last sample. Monotone, so order is kept; the result is
-    clipped to ``[0, num_frames - 1]`` (only below at 0 when ``num_frames`` is None).
-    """
-    upper = num_frames - 1 if num_frames is not None else math.inf
-    if abs(from_hz - to_hz) < 1e-9:
-        return [int(min(max(int(b), 0), upper)) for b in boundaries]
-    ratio = to_hz / from_hz
-    return [int(min(max(math.ceil((int(b) + 1) * ratio - 1e-6) - 1, 0), upper)) for b in boundaries]
 
 
 def frames_for_duration(duration_s: float, frame_rate_hz: float) -> int:

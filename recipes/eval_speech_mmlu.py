@@ -19,166 +19,20 @@ time; one missing from both is an error naming it. k-shot exemplars come from ``
 too few is an error (or use ``shots=[0]``).
 
 Every accuracy over spoken items (speech and cascade, and text on the same items) is also reported
-per TTS engine of the item's voice (:func:`speechlm.eval.report.engine_of`), over all subjects:
+per TTS engine of the item's voice (:func:`speechlm.data.tts.engine_of`), over all subjects:
 ``by_engine`` in the JSON report, a second markdown table, and ``speech_mmlu.by_engine`` in the summary
 (``{engine: {n, text_acc, speech_acc_<k>shot, cascade_acc_<k>shot}}``, headline method, first connector).
+
+The run: speechlm/eval/run_speech_mmlu.py (config fields shared by all three: speechlm/eval/config.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-import torch
-
-from speechlm.config import load_config, save_config
-from speechlm.errors import ManifestError
-from speechlm.eval import speech_mmlu as mm
-from speechlm.eval.report import (
-    Accuracy,
-    ResultRow,
-    add_engine_rows,
-    engine_of,
-    engine_rows,
-    merge_summary,
-    write_report,
-)
-from speechlm.eval.scoring import connector_label, load_front_end
-from speechlm.eval.storycloze import resolve_eval_voices
-from speechlm.training.build import eval_dtype, load_llm
-
-log = logging.getLogger("eval_speech_mmlu")
-
-
-@dataclass
-class SpeechMMLUEvalConfig:
-    llm: str = ""  # LLM folder ("" = embedded SmolLM2-135M)
-    connectors: list[str] = field(default_factory=list)
-    aligner: str = ""
-    encoder: str = ""
-    boundaries: str = "free"  # "free" | "forced"
-    text_only: bool = False
-    build_only: bool = False  # render data/<split> to out_dir/speech and stop
-    data: str = ""  # MMLU-format folder ("" = embedded mini set)
-    speech: str = ""  # a built speech folder (its <split>/ subfolder is read, with its own texts); "" = render at run time
-    split: str = "test"
-    subjects: list[str] = field(default_factory=list)  # [] = all
-    methods: list[str] = field(default_factory=lambda: ["cloze", "letter"])
-    shots: list[int] = field(default_factory=lambda: [0, 5])
-    voices: list[str] = field(default_factory=list)  # TTS voices ("engine:name"), or [natural] / [hard] ([] = natural)
-    rate_wpm: int = 175
-    limit: int = 0  # first N questions per subject (0 = all)
-    cascade: bool = False  # Whisper transcribes question and options, the LLM reads them
-    whisper: str = ""
-    headline_method: str = "cloze"  # which method goes into the summary
-    batch_size: int = 8
-    threads: int = 0
-    device: str = "cpu"
-    dtype: str = "auto"  # LLM precision: auto (bf16 on a CUDA device that has it, else fp32), fp32, bf16, fp16
-    out_dir: str = "runs/eval"
-    name: str = "speech_mmlu"  # report file stem and summary key
-    summary: str = ""  # JSON file to merge {<name>: {text_acc, speech_acc_0shot, speech_acc_5shot, by_engine}} into
-
-
-def per_subject_rows(task: str, cond: str, connector: str, bnd: str, method: str, res: dict[str, list[bool]],
-                     text: dict[str, list[bool]] | None) -> tuple[list[ResultRow], Accuracy]:
-    rows, total, text_total = [], Accuracy(0, 0), Accuracy(0, 0)
-    for subject, outcomes in res.items():
-        acc = Accuracy.of(outcomes)
-        ref = Accuracy.of(text[subject]) if text is not None else None
-        rows.append(ResultRow(f"{task}/{subject}", cond, connector, bnd, method, acc, ref))
-        total += acc
-        text_total = text_total + ref if ref is not None else text_total
-    rows.insert(0, ResultRow(f"{task}/all", cond, connector, bnd, method, total, text_total if text is not None else None))
-    return rows, total
-
-
-def _csv_subjects(root: str, split: str, subjects: list[str] | None = None) -> dict[str, list[mm.MCItem]]:
-    """``{subject: items}`` of ``root/<split>/*_<split>.csv``; ``{}`` when that folder holds none."""
-    if not any((Path(root) / split).glob(f"*_{split}.csv")):
-        return {}
-    found = mm.read_mmlu_folder(root, split)
-    return {k: v for k, v in found.items() if subjects is None or k in subjects}
-
-
-def load_sets(cfg: SpeechMMLUEvalConfig, data: str, voices: list[str], want_speech: bool
-              ) -> tuple[dict[str, list[mm.MCItem]], dict[str, list[mm.MCItem]] | None, dict[str, list[mm.SpokenMCItem]]]:
-    """(test texts, dev exemplars or None, spoken items) per subject; spoken is ``{}`` unless ``want_speech``.
-
-    Without ``speech``: the CSVs of ``data``, spoken with TTS. With it: the spoken set's subjects and
-    its own texts (see the module docstring); item order is the same in the texts and the speech.
-    """
-    subjects = cfg.subjects or None
-    lim = (lambda v: v[:cfg.limit]) if cfg.limit else (lambda v: v)
-    if not cfg.speech:
-        test = {k: lim(v) for k, v in mm.read_mmlu_folder(data, cfg.split, subjects).items()}
-        dev = mm.read_mmlu_folder(data, "dev", subjects) if any(cfg.shots) else None
-        spoken = {s: mm.speak_items(v, voices, cfg.rate_wpm) for s, v in test.items()} if want_speech else {}
-        return test, dev, spoken
-    split_dir = Path(cfg.speech) / cfg.split
-    own = mm.read_speech_mmlu_items(split_dir)
-    csv = _csv_subjects(data, cfg.split)
-    wanted = list(subjects) if subjects else sorted(own)
-    missing = [s for s in wanted if s not in own and s not in csv]
-    if missing:
-        raise ManifestError(f"subject(s) {', '.join(missing)}: in neither the spoken set {split_dir} "
-                            f"nor the MMLU CSVs of {Path(data) / cfg.split}")
-    rendered = [s for s in wanted if s not in own]
-    if rendered:
-        log.info("subject(s) %s are not in %s: texts from %s, spoken with TTS now", ", ".join(rendered), split_dir, data)
-    test = {s: lim(own[s] if s in own else csv[s]) for s in wanted}
-    dev = None
-    if any(cfg.shots):
-        dev = _csv_subjects(data, "dev", wanted)
-        if (Path(cfg.speech) / "dev").is_dir() and set(wanted) - set(dev):
-            dev |= mm.read_speech_mmlu_items(Path(cfg.speech) / "dev", sorted(set(wanted) - set(dev)))
-        need = max(cfg.shots)
-        short = [s for s in wanted if len(dev.get(s, [])) < need]
-        if short:
-            raise ManifestError(f"{need}-shot needs {need} exemplars per subject; subject(s) {', '.join(short)} have "
-                                f"fewer in {Path(data) / 'dev'} (<subject>_dev.csv) and {Path(cfg.speech) / 'dev'} "
-                                "(<subject>.jsonl): add them, or use shots=[0]")
-    spoken: dict[str, list[mm.SpokenMCItem]] = {}
-    if want_speech:
-        from_set = mm.read_speech_mmlu(split_dir, subjects=[s for s in wanted if s in own])
-        spoken = {s: lim(from_set[s]) if s in own else mm.speak_items(test[s], voices, cfg.rate_wpm) for s in wanted}
-    return test, dev, spoken
-
-
-def engine_split(task: str, cond: str, connector: str, bnd: str, method: str, res: dict[str, list[bool]],
-                 text: dict[str, list[bool]] | None, engines: dict[str, list[str]],
-                 by_engine: dict[str, list[ResultRow]]) -> None:
-    """Accuracy over all subjects per engine (``engines[subject][i]`` is item i's), added to ``by_engine``."""
-    order = [s for s in engines if s in res]
-    outcomes = [x for s in order for x in res[s]]
-    ref = [x for s in order for x in text[s]] if text is not None else None
-    template = ResultRow(f"{task}/all", cond, connector, bnd, method, Accuracy(0, 0))
-    add_engine_rows(by_engine, engine_rows(template, outcomes, [e for s in order for e in engines[s]], ref))
-
-
-def engine_summary(by_engine: dict[str, list[ResultRow]], method: str, text_cond: str, connector: str | None) -> dict:
-    """``{engine: {n, text_acc, speech_acc_<k>shot, cascade_acc_<k>shot}}`` for the headline method."""
-    out: dict[str, dict] = {}
-    for e, rows in sorted(by_engine.items()):
-        entry: dict[str, float | int | None] = {}
-        for r in rows:
-            if r.scoring != method:
-                continue
-            shots = r.condition.split("_", 1)[-1]  # "0shot"
-            if r.connector == "llm" and r.condition == text_cond:
-                entry["n"], entry["text_acc"] = r.accuracy.total, r.accuracy.value
-            elif r.connector == connector:
-                entry[f"speech_acc_{shots}"] = r.accuracy.value
-            elif r.connector == "cascade-whisper":
-                entry[f"cascade_acc_{shots}"] = r.accuracy.value
-        if entry:
-            out[e] = entry
-    return out
+from speechlm.config import load_config
+from speechlm.eval.run_speech_mmlu import SpeechMMLUEvalConfig, run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,95 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = load_config(SpeechMMLUEvalConfig, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    data = cfg.data or str(mm.embedded_set_path())
-    voices = resolve_eval_voices(cfg.voices)
-    if cfg.build_only:
-        out = mm.build_speech_mmlu(data, Path(cfg.out_dir) / "speech", voices, cfg.split, cfg.rate_wpm)
-        print(f"wrote {out}")
-        return {"speech": str(out)}
-    save_config(cfg, Path(cfg.out_dir) / f"{cfg.name}.config.yaml")
-
-    want_speech = not cfg.text_only and bool(cfg.connectors or cfg.cascade)
-    test, dev, spoken = load_sets(cfg, data, voices, want_speech)
-    llm, tok = load_llm(cfg.llm, eval_dtype(cfg.dtype, cfg.device))
-    llm.to(cfg.device)
-
-    rows: list[ResultRow] = []
-    by_engine: dict[str, list[ResultRow]] = {}
-    engines = {s: [engine_of(x.voice) for x in v] for s, v in spoken.items()}
-    summary: dict = {}
-    text_res: dict[tuple[str, int], dict[str, list[bool]]] = {}
-    for method in cfg.methods:
-        for k in cfg.shots:
-            res = mm.eval_text(llm, tok, test, dev, method, k, cfg.batch_size)
-            text_res[(method, k)] = res
-            r, total = per_subject_rows("speech_mmlu", f"text_{k}shot", "llm", "none", method, res, None)
-            rows += r
-            if spoken:
-                engine_split("speech_mmlu", f"text_{k}shot", "llm", "none", method, res, None, engines, by_engine)
-            log.info("text %s %d-shot: %d/%d", method, k, total.correct, total.total)
-            if method == cfg.headline_method and k == cfg.shots[0]:
-                summary["text_acc"] = total.value
-
-    if spoken:
-        if cfg.cascade:
-            rows += cascade_rows(cfg, llm, tok, spoken, dev, text_res, engines, by_engine)
-        for folder in cfg.connectors:
-            model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
-            for method in cfg.methods:
-                for k in cfg.shots:
-                    res = mm.eval_speech(model, front, spoken, dev, method, k, cfg.batch_size)
-                    r, total = per_subject_rows("speech_mmlu", f"speech_{k}shot", connector_label(folder), front.label,
-                                                method, res, text_res[(method, k)])
-                    rows += r
-                    engine_split("speech_mmlu", f"speech_{k}shot", connector_label(folder), front.label, method, res,
-                                 text_res[(method, k)], engines, by_engine)
-                    log.info("%s %s %d-shot: %d/%d", connector_label(folder), method, k, total.correct, total.total)
-                    if method == cfg.headline_method and folder == cfg.connectors[0]:
-                        summary[f"speech_acc_{k}shot"] = total.value
-
-    meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
-            "split": cfg.split, "headline_method": cfg.headline_method}
-    if cfg.speech:
-        meta["speech"] = cfg.speech
-    js, md = write_report(rows, cfg.out_dir, cfg.name, meta, by_engine)
-    print(md.read_text())
-    if by_engine:
-        summary["by_engine"] = engine_summary(by_engine, cfg.headline_method, f"text_{cfg.shots[0]}shot",
-                                              connector_label(cfg.connectors[0]) if cfg.connectors else None)
-    if cfg.summary:
-        merge_summary(cfg.summary, cfg.name, summary)
-    return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md),
-            "by_engine": {e: [r.to_json() for r in v] for e, v in sorted(by_engine.items())}}
-
-
-def cascade_rows(cfg: SpeechMMLUEvalConfig, llm, tok, spoken: dict[str, list[mm.SpokenMCItem]],
-                 dev: dict[str, list[mm.MCItem]] | None, text_res: dict, engines: dict[str, list[str]] | None = None,
-                 by_engine: dict[str, list[ResultRow]] | None = None) -> list[ResultRow]:
-    """Whisper transcribes the spoken question and options; the LLM answers the transcripts as text
-    (``by_engine``, if given, gets the accuracy per engine of ``engines``)."""
-    from speechlm.eval.asr import WhisperCascade
-    from speechlm.paths import WHISPER_BASE, default_model
-
-    whisper = WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device)
-    transcribed: dict[str, list[mm.MCItem]] = {}
-    for subject, items in spoken.items():
-        waves = [w.wave for s in items for w in [s.question] + s.options]
-        hyp = whisper.transcribe(waves, cfg.batch_size)
-        transcribed[subject] = [mm.MCItem(s.item.id, subject, hyp[5 * j] or ".", [h or "." for h in hyp[5 * j + 1:5 * j + 5]],
-                                          s.item.answer) for j, s in enumerate(items)]
-    rows = []
-    for method in cfg.methods:
-        for k in cfg.shots:
-            res = mm.eval_text(llm, tok, transcribed, dev, method, k, cfg.batch_size)
-            rows += per_subject_rows("speech_mmlu", f"speech_{k}shot", "cascade-whisper", "none", method, res,
-                                     text_res[(method, k)])[0]
-            if by_engine is not None and engines is not None:
-                engine_split("speech_mmlu", f"speech_{k}shot", "cascade-whisper", "none", method, res,
-                             text_res[(method, k)], engines, by_engine)
-    return rows
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -16,20 +16,17 @@ exact resume, stage-1 loss mixing); it writes the same outputs. Stage 2 then con
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage2_finetune next to this file
-
-from stage2_finetune import main as stage2_main
-
+from speechlm.config import load_config
 from speechlm.training.configs import StageMidConfig
 from speechlm.training.engine import run_main
+from speechlm.training.loop import install_stop_handlers
+from speechlm.training.stage_runs import run_stage2, stage_arguments
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return stage2_main(argv, config_class=StageMidConfig, stage="mid", description=__doc__.splitlines()[0])
+    args = stage_arguments(argv, __doc__)
+    install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (before any worker forks)
+    return run_stage2(load_config(StageMidConfig, args.config, args.overrides), stage="mid")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from speechlm.config import load_config, save_config
 from speechlm.errors import SpeechLMError
 from speechlm.eval.speaker import SpeakerProbeConfig, train_probe

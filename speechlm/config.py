@@ -4,10 +4,16 @@
 
 Nested dataclasses are addressed with dots. Values of overrides are parsed as YAML scalars
 (``3e-4`` -> float, ``true`` -> bool, ``[1,2]`` -> list). Unknown keys are errors, not silently ignored.
+
+A *tagged* section (a dataclass with a ``config_tag`` class attribute, the name of the field that selects
+the concrete class, and a ``config_variants()`` classmethod mapping each tag value to its dataclass, e.g.
+``model.connector`` with ``name: ssr | stack | ...``) is filled as the class its tag names, so a key that
+class lacks is refused when the config loads, naming its path.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -37,7 +43,42 @@ def _dataclass_of(tp: Any) -> type | None:
     return None
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _is_tagged(cls: type) -> bool:
+    return isinstance(getattr(cls, "config_tag", None), str) and callable(getattr(cls, "config_variants", None))
+
+
+def _variant(cls: type, data: dict, prefix: str, default: type | None) -> type:
+    """The dataclass a tagged section ``data`` is filled as: the one its tag names, else ``default`` (the
+    field's default class), else ``cls`` itself when it is a variant, else the variant of ``cls``'s own tag."""
+    tag = cls.config_tag
+    variants: dict[str, type] = cls.config_variants()
+    if tag in data:
+        value = data[tag]
+        if not isinstance(value, str) or value not in variants:
+            raise ConfigError(f"{prefix}{tag}: {value!r} is not one of {', '.join(variants)}")
+        chosen = variants[value]
+    elif default is not None:
+        chosen = default
+    elif cls in variants.values():
+        chosen = cls
+    else:
+        chosen = variants.get(getattr(cls(), tag), None)
+        if chosen is None:
+            raise ConfigError(f"{prefix}{tag}: missing (one of {', '.join(variants)})")
+    if not issubclass(chosen, cls):
+        raise ConfigError(f"{prefix}{tag}: {getattr(chosen(), tag)!r} is not a {cls.__name__}")
+    return chosen
+
+
+def _field_default_class(f: dataclasses.Field) -> type | None:
+    if f.default is not dataclasses.MISSING:
+        return None if f.default is None else type(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return type(f.default_factory())
+    return None
+
+
+def _coerce(value: Any, tp: Any, key: str, f: dataclasses.Field | None = None) -> Any:
     if value is None:
         return None
     sub = _dataclass_of(tp)
@@ -46,7 +87,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {sub.__name__}, got {value!r}")
-        return from_dict(sub, value, prefix=key + ".")
+        default = None
+        if _is_tagged(sub) and sub.config_tag not in value and f is not None:
+            default = _field_default_class(f)
+        return from_dict(sub, value, prefix=key + ".", default=default)
     if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)
@@ -66,13 +110,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) mapping; unknown keys raise :class:`ConfigError`."""
+def from_dict(cls: type[T], data: dict, prefix: str = "", default: type | None = None) -> T:
+    """Build dataclass ``cls`` from a (nested) mapping; unknown keys raise :class:`ConfigError`.
+
+    A tagged ``cls`` (see the module docstring) is built as the class ``data``'s tag names; ``default``: the
+    class to build when ``data`` names none."""
+    if _is_tagged(cls):
+        cls = _variant(cls, data, prefix, default)
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}")
-    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(v, types_[k], prefix + k, fields[k]) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -82,6 +132,20 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
 def to_dict(cfg: Any) -> dict:
     """A plain nested dict of a config (for saving next to a run)."""
     return dataclasses.asdict(cfg)
+
+
+def _defaults_dict(cfg: Any) -> dict:
+    """The plain dict of a config's defaults, YAML and overrides are merged into. A tagged section holds only
+    its tag and the fields that differ from its class's defaults: a YAML or override that sets another tag
+    then starts from that class's defaults instead of carrying the first class's keys along."""
+    plain = type(cfg)() if _is_tagged(type(cfg)) else None
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if plain is not None and f.name != cfg.config_tag and value == getattr(plain, f.name):
+            continue
+        out[f.name] = _defaults_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -115,7 +179,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of ``cls`` <- YAML file ``path`` <- ``overrides`` (``key=value`` strings)."""
-    data: dict = to_dict(cls())
+    data: dict = _defaults_dict(cls())
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -155,8 +155,10 @@ def test_alignment_package_does_not_import_the_trainer():
     import subprocess
     import sys
 
-    code = ("import sys, alignment.aligner, alignment.cif, alignment.features, alignment.metrics, alignment.plot; "
-            "print([m for m in sys.modules if m.startswith('speechlm.training')])")
+    code = ("import sys, alignment.aligner, alignment.cif, alignment.features, alignment.metrics, alignment.plot, "
+            "alignment.kinds, alignment.training, alignment.evaluation, alignment.annotate; "
+            "print([m for m in sys.modules if m.startswith(('speechlm.training', 'speechlm.eval', "
+            "'speechlm.inference', 'speechlm.perf'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert out.stdout.strip() == "[]"

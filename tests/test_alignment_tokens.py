@@ -7,14 +7,15 @@ import itertools
 import pytest
 from alignment_helpers import byte_level_bpe, sentencepiece_llama
 
+from alignment import tokens
 from alignment.tokens import (
     char_spans_from_normalized,
-    convert_boundaries,
     normalize_for_alignment,
     number_to_words,
     token_boundaries,
     token_char_spans,
 )
+from speechlm.data.boundaries import convert_boundaries
 
 TRICKY = [
     "The cat sat.",
@@ -121,6 +122,7 @@ def test_normalisation_keeps_source_map():
 
 def test_frame_rate_conversion():
     # 50 Hz frames end at 20 ms steps; 12.5 Hz frames at 80 ms steps.
+    assert tokens.convert_boundaries is convert_boundaries      # the one conversion, re-exported by alignment.tokens
     assert convert_boundaries([0, 3, 4, 7, 49], 50, 12.5, 13) == [0, 0, 1, 1, 12]
     assert convert_boundaries([0, 1, 5], 50, 100, 20) == [1, 3, 11]
     assert convert_boundaries([2, 9], 50, 50, 5) == [2, 4]          # clipped to the target's frames

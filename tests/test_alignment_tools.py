@@ -1,9 +1,11 @@
-"""recipes/train_aligner.py -> tools/align.py -> tools/eval_alignment.py on a tiny random Whisper and tiny audio."""
+"""Train an aligner -> align a manifest -> evaluate -> plot (alignment.training, .annotate, .evaluation, .plot) on a
+tiny random Whisper and tiny audio; the scripts' command lines (recipes/train_aligner.py, tools/align.py,
+tools/eval_alignment.py) run as subprocesses."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,19 +15,22 @@ import torch
 from alignment_helpers import byte_level_bpe
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+from alignment.annotate import align_manifest
+from alignment.evaluation import EvalOptions, evaluate
+from alignment.plot import plot_manifest
+from alignment.training import load_train_config, train
 from speechlm.data.audio import save_audio
 from speechlm.data.manifest import Utterance, WordTiming, read_manifest, write_manifest
-from speechlm.errors import ModelError
+from speechlm.errors import AlignmentError, ConfigError, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes/configs/aligner_tiny.yaml"
 
 
-def _load(rel: str):
-    spec = importlib.util.spec_from_file_location(rel.replace("/", "_")[:-3], ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod          # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+def run_script(rel: str, *args: str) -> subprocess.CompletedProcess:
+    """A repository script's command line, as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / rel), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, check=False)
 
 
 def _tiny_whisper(folder: Path) -> str:
@@ -64,35 +69,36 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
     encoder = _tiny_whisper(tmp_path / "whisper")
     tok_dir = tmp_path / "tok"
     byte_level_bpe().save_pretrained(tok_dir)
-    train, valid = _corpus(tmp_path)
+    train_m, valid = _corpus(tmp_path)
     out = tmp_path / "aligner"
-    rc = _load("recipes/train_aligner.py").main([
-        "--config", str(ROOT / "recipes/configs/aligner_tiny.yaml"), f"train_manifest={train}",
-        f"valid_manifest={train}", f"out_dir={out}", f"encoder={encoder}", "steps=4", "valid_every=2",
-        "batch_size=2", "model.d_model=32", "model.layers=1", "model.heads=2", "threads=1", "max_minutes=0"])
-    assert rc == 0
+    done = train(load_train_config(TINY, [
+        f"train_manifest={train_m}", f"valid_manifest={train_m}", f"out_dir={out}", f"encoder={encoder}", "steps=4",
+        "valid_every=2", "batch_size=2", "model.d_model=32", "model.layers=1", "model.heads=2", "threads=1",
+        "max_minutes=0"]))
+    assert done["steps"] == 4 and done["out_dir"] == str(out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kind"] == "charCTC" and cfg["input_dim"] == 32 and cfg["frame_rate_hz"] == 50.0
     assert cfg["encoder_name"] == encoder and (out / "model.safetensors").is_file()
     state = json.loads((tmp_path / "aligner.train_state.json").read_text())
     assert [h["step"] for h in state["history"]] == [2, 4]
+    assert state["best_valid_cer"] == done["best_valid_cer"]
     cal = state["calibration"]                     # offsets fitted on the valid rows' reference words
     assert (cfg["start_offset_frames"], cfg["end_offset_frames"]) == (cal["start_offset_frames"], cal["end_offset_frames"])
 
-    # continue from the trained weights; a different model size is refused
-    train_args = ["--config", str(ROOT / "recipes/configs/aligner_tiny.yaml"), f"train_manifest={train}",
-                  f"valid_manifest={train}", f"encoder={encoder}", "steps=2", "valid_every=2", "batch_size=2",
-                  "model.layers=1", "model.heads=2", "threads=1", f"init_from={out}"]
-    recipe = _load("recipes/train_aligner.py")
-    assert recipe.main([*train_args, f"out_dir={tmp_path / 'more'}", "model.d_model=32"]) == 0
-    assert recipe.main([*train_args, f"out_dir={tmp_path / 'other'}", "model.d_model=48"]) == 1
-    assert "do not match" in capsys.readouterr().err
+    # continue from the trained weights; a different model size is refused (also by the recipe's command line)
+    train_args = [f"train_manifest={train_m}", f"valid_manifest={train_m}", f"encoder={encoder}", "steps=2",
+                  "valid_every=2", "batch_size=2", "model.layers=1", "model.heads=2", "threads=1", f"init_from={out}"]
+    assert train(load_train_config(TINY, [*train_args, f"out_dir={tmp_path / 'more'}", "model.d_model=32"]))["steps"] == 2
+    with pytest.raises(ModelError, match="do not match"):
+        train(load_train_config(TINY, [*train_args, f"out_dir={tmp_path / 'other'}", "model.d_model=48"]))
+    cli = run_script("recipes/train_aligner.py", "--config", TINY, *train_args, f"out_dir={tmp_path / 'other'}",
+                     "model.d_model=48")
+    assert cli.returncode == 1 and "do not match" in cli.stderr and not (tmp_path / "other").exists()
 
-    align = _load("tools/align.py")
     aligned = tmp_path / "valid.aligned.jsonl"
-    assert align.main(["--manifest", str(valid), "--aligner", str(out), "--tokenizer", str(tok_dir),
-                       "--out", str(aligned), "--decoder", "forced_align", "--skip-bad", "--threads", "1"]) == 0
-    assert "short" in capsys.readouterr().err
+    cli = run_script("tools/align.py", "--manifest", valid, "--aligner", out, "--tokenizer", tok_dir, "--out", aligned,
+                     "--decoder", "forced_align", "--skip-bad", "--threads", "1")
+    assert cli.returncode == 0 and "short" in cli.stderr
     rows = read_manifest(aligned)
     tok = byte_level_bpe()
     assert [r.id for r in rows] == ["u4", "u5"]
@@ -100,16 +106,20 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
         assert r.boundary_frame_rate_hz == 50.0
         assert len(r.token_boundaries) == len(tok(r.text, add_special_tokens=False)["input_ids"])
         assert r.token_boundaries[-1] < round(r.duration_s * 50)
-    # without --skip-bad the short row stops the run and nothing is written
+    again = align_manifest(str(valid), str(out), str(tok_dir), str(tmp_path / "again.jsonl"), decoder="forced_align",
+                           skip_bad=True)
+    assert again.rows == 2 and [b.split(":")[0] for b in again.bad] == ["short"]
+    assert [r.token_boundaries for r in read_manifest(tmp_path / "again.jsonl")] == [r.token_boundaries for r in rows]
+    # without skip_bad the short row stops the run and nothing is written
     failed = tmp_path / "failed.jsonl"
-    assert align.main(["--manifest", str(valid), "--aligner", str(out), "--tokenizer", str(tok_dir),
-                       "--out", str(failed)]) == 1
-    assert "short" in capsys.readouterr().err and not failed.exists()
+    with pytest.raises(AlignmentError, match="short"):
+        align_manifest(str(valid), str(out), str(tok_dir), str(failed))
+    assert not failed.exists()
 
     report_path = tmp_path / "report.json"
-    assert _load("tools/eval_alignment.py").main([
-        "--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir), "--out", str(report_path),
-        "--threads", "1"]) == 0
+    cli = run_script("tools/eval_alignment.py", "--manifest", train_m, "--aligner", out, "--tokenizer", tok_dir,
+                     "--out", report_path, "--threads", "1")
+    assert cli.returncode == 0, cli.stderr
     report = json.loads(report_path.read_text())
     assert report["utterances"] == 4
     forced = report["results"]["ctc_segmentation/forced"]
@@ -122,13 +132,17 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
     if len(engines) == 1:
         only = next(iter(engines.values()))
         assert only["cer"] == forced["cer"] and only["ctc_segmentation/forced"]["mae_ms"] == forced["mae_ms"]
-    plots = tmp_path / "plots"
-    assert _load("tools/plot_alignment.py").main([
-        "--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir), "--out-dir", str(plots),
-        "--ids", "u1"]) == 0
-    assert (plots / "u1.forced.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(report["results"]) == {f"{d}/{m}" for d in ("ctc_segmentation", "forced_align")
                                       for m in ("forced", "free")}
+    # the library call, on a chosen decoder and mode only
+    lib = evaluate(EvalOptions(manifest=str(train_m), aligner=str(out), tokenizer=str(tok_dir),
+                               modes=["forced"], decoders=["ctc_segmentation"]))
+    assert set(lib["results"]) == {"ctc_segmentation/forced"} and lib["utterances"] == 4
+    assert lib["results"]["ctc_segmentation/forced"]["boundaries"] == 24
+    plots = tmp_path / "plots"
+    written = list(plot_manifest(str(train_m), str(out), str(tok_dir), plots, ids=["u1"]))
+    assert written == [plots / "u1.forced.png"]
+    assert (plots / "u1.forced.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_aligner_refuses_another_encoder(tmp_path):
@@ -147,19 +161,41 @@ def test_subword_aligners_train_and_align(tmp_path, kind):
     encoder = _tiny_whisper(tmp_path / "whisper")
     tok_dir = tmp_path / "tok"
     byte_level_bpe().save_pretrained(tok_dir)
-    train, _ = _corpus(tmp_path)
+    train_m, _ = _corpus(tmp_path)
     out = tmp_path / kind
-    assert _load("recipes/train_aligner.py").main([
-        f"train_manifest={train}", f"valid_manifest={train}", f"out_dir={out}", f"encoder={encoder}",
+    train(load_train_config(None, [
+        f"train_manifest={train_m}", f"valid_manifest={train_m}", f"out_dir={out}", f"encoder={encoder}",
         f"model.kind={kind}", f"tokenizer={tok_dir}", "steps=2", "valid_every=2", "batch_size=2",
-        "model.d_model=32", "model.layers=1", "model.heads=2", "threads=1"]) == 0
+        "model.d_model=32", "model.layers=1", "model.heads=2", "threads=1"]))
     assert json.loads((out / "config.json").read_text())["kind"] == kind
     assert (out / "tokenizer").is_dir()
     aligned = tmp_path / "aligned.jsonl"
-    assert _load("tools/align.py").main(["--manifest", str(train), "--aligner", str(out), "--tokenizer",
-                                         str(tok_dir), "--out", str(aligned), "--target-frame-rate", "12.5"]) == 0
+    assert align_manifest(str(train_m), str(out), str(tok_dir), str(aligned), target_frame_rate=12.5).rows == 4
     tok = byte_level_bpe()
     for r in read_manifest(aligned):
         assert r.boundary_frame_rate_hz == 12.5
         assert len(r.token_boundaries) == len(tok(r.text, add_special_tokens=False)["input_ids"])
         assert 0 <= r.token_boundaries[-1] < r.duration_s * 12.5 + 1
+
+
+def test_train_config_is_checked_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError, match="model.kind"):
+        load_train_config(TINY, ["model.kind=charCTX"])
+    with pytest.raises(ConfigError, match="feature_cache_train"):
+        load_train_config(TINY, ["encoder_adapt.method=lora", f"feature_cache_train={tmp_path}"])
+    with pytest.raises(ConfigError, match="out_dir"):
+        train(load_train_config(TINY, ["train_manifest=a.jsonl", "valid_manifest=b.jsonl"]))
+    assert load_train_config(TINY).missing_required() == ["train_manifest", "valid_manifest", "out_dir"]
+
+
+def test_the_aligner_schedule_is_the_trainers():
+    """alignment sits below speechlm.training, so it writes the warm-up + cosine rule itself: the same numbers."""
+    from alignment.training import lr_schedule
+    from speechlm.training.schedule import lr_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(opt, warmup_steps=5, total_steps=40, floor=0.05)
+    for step in range(50):
+        assert sched.get_last_lr()[0] == pytest.approx(lr_factor(step, 5, 40, floor=0.05))
+        opt.step()
+        sched.step()

@@ -1,11 +1,12 @@
-"""tools/analyze_tokens.py: the token classes on hand-made rows, and an end-to-end run on a tiny random world."""
+"""speechlm.eval.token_analysis (tools/analyze_tokens.py): the token classes on hand-made rows, and an end-to-end
+run on a tiny random world (the command line as a subprocess)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,20 +17,17 @@ from alignment_helpers import byte_level_bpe, sentencepiece_llama
 from training_helpers import WORDS, make_llm, make_world
 
 from speechlm.data.manifest import read_manifest, write_manifest
+from speechlm.data.tts import engine_of
+from speechlm.errors import FeatureCacheError, ManifestError, ModelError
+from speechlm.eval import token_analysis as at
 from speechlm.training.losses import distill_loss, nearest_token_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(rel: str):
-    spec = importlib.util.spec_from_file_location(rel.replace("/", "_")[:-3], ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
-at = _load("tools/analyze_tokens.py")
+def run_tool(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "analyze_tokens.py"), *args, "--no-progress"],
+                          check=False, capture_output=True, text=True, timeout=600)
 
 
 def _text_only(classes: list[set[str]]) -> list[str]:
@@ -99,10 +97,10 @@ def test_summarize_and_engines():
     assert s["by_engine"]["festival"] == {"tokens": 2, "share": 0.5, "token_acc": 0.5, "cosine": 0.625}
     records[0].classes.add("unseen_in_training")
     assert s["classes"].keys() < at.summarize(records)["classes"].keys()
-    assert at.engine_of_speaker("festival:ked_diphone/r175/p50") == "festival"
-    assert at.engine_of_speaker("en-gb-scotland+f4/r175/p50") == "espeak-hard"
-    assert at.engine_of_speaker("en-us+m3/r160/p40") == "espeak"
-    assert at.engine_of_speaker(None) == "unknown"
+    assert engine_of("festival:ked_diphone/r175/p50") == "festival"  # the engine the analysis files rows under
+    assert engine_of("en-gb-scotland+f4/r175/p50") == "espeak-hard"
+    assert engine_of("en-us+m3/r160/p40") == "espeak"
+    assert engine_of(None) == "unknown"
     table = at.markdown_table(s)
     assert "| all | 4 | 1.000 | 0.5000 | 0.5000 |" in table and "| engine: espeak |" in table
 
@@ -186,7 +184,7 @@ def _args(world: dict, out: Path, **kw: str) -> list[str]:
     return [x for k, v in a.items() for x in (k, v)]
 
 
-def test_end_to_end_report(world, tmp_path, capsys):
+def test_end_to_end_report(world, tmp_path):
     from speechlm.models.connectors.base import load_connector
     from speechlm.training import build
     from speechlm.training.configs import DataConfig, ModelConfig
@@ -195,8 +193,9 @@ def test_end_to_end_report(world, tmp_path, capsys):
     from speechlm.training.stages import Stage1Distill, TokenEmbedding
 
     out = tmp_path / "analysis.json"
-    assert at.main(_args(world, out)) == 0
-    assert "| all |" in capsys.readouterr().out
+    done = run_tool(_args(world, out))
+    assert done.returncode == 0, done.stderr
+    assert "| all |" in done.stdout
     rep = json.loads(out.read_text())
     cls = rep["classes"]
     assert list(cls) == list(at.CLASSES)
@@ -244,31 +243,33 @@ def test_end_to_end_report(world, tmp_path, capsys):
     assert m["cosine"] == pytest.approx(cls["all"]["cosine"], abs=1e-5)
 
     # no train manifest: no seen/unseen classes; --limit takes the first rows
-    out2 = tmp_path / "no_train.json"
-    args = [a for a in _args(world, out2, **{"--limit": "2"}) if a not in ("--train-manifest", world["train"])]
-    assert at.main(args) == 0
-    rep2 = json.loads(out2.read_text())
+    rep2 = at.analyze(world["connector"], world["valid"], world["cache"], llm=world["llm"], limit=2, batch_size=4,
+                      progress=False)
     assert rep2["rows"] == 2 and rep2["train_manifest"] is None
     assert list(rep2["classes"]) == ["all", *at.TEXT_CLASSES, *at.FRAME_CLASSES]
 
 
-def test_clear_errors(world, tmp_path, capsys):
+def test_clear_errors(world, tmp_path):
     out = tmp_path / "x.json"
-    assert at.main(_args(world, out, **{"--connector": str(tmp_path / "nope")})) == 1
-    assert "no connector folder" in capsys.readouterr().err
+    done = run_tool(_args(world, out, **{"--connector": str(tmp_path / "nope")}))
+    assert done.returncode == 1 and "no connector folder" in done.stderr
+    assert not out.exists()
+
+    def analyze(manifest):
+        return at.analyze(world["connector"], manifest, world["cache"], llm=world["llm"], progress=False)
 
     utts = [dataclasses.replace(u) for u in world["utts"]]
     utts[1].token_boundaries = None
     utts[1].boundary_frame_rate_hz = None
     write_manifest(world["root"] / "unaligned.jsonl", utts)
-    assert at.main(_args(world, out, **{"--manifest": str(world["root"] / "unaligned.jsonl")})) == 1
-    err = capsys.readouterr().err
-    assert "token_boundaries" in err and repr(utts[1].id) in err
+    with pytest.raises(ManifestError, match="token_boundaries") as err:
+        analyze(world["root"] / "unaligned.jsonl")
+    assert repr(utts[1].id) in str(err.value)
 
     utts = [dataclasses.replace(u) for u in world["utts"]]
     utts[2].id = "not_cached_row"
     write_manifest(world["root"] / "uncached.jsonl", utts)
-    assert at.main(_args(world, out, **{"--manifest": str(world["root"] / "uncached.jsonl")})) == 1
-    err = capsys.readouterr().err
-    assert "not in the feature cache" in err and "'not_cached_row'" in err
-    assert not out.exists()
+    with pytest.raises(FeatureCacheError, match="not in the feature cache.*'not_cached_row'"):
+        analyze(world["root"] / "uncached.jsonl")
+    with pytest.raises(ModelError, match="no connector folder"):
+        at.analyze(tmp_path / "nope", world["valid"], world["cache"], llm=world["llm"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,18 +17,17 @@ from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForCondi
 from speechlm.data.audio import save_audio
 from speechlm.data.manifest import Utterance, read_manifest, write_manifest
 from speechlm.data.tts import synthesize
+from speechlm.perf import bench_aligners
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["The cat sat on the mat.", "A dog ran far away.", "We sing a zorblax song.", "It is here, eighty-three times."]
 VOICES = ["en-us", "en-gb-scotland+f4"]          # engine_of: "espeak" and the held-out "espeak-hard"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_aligners_under_test", ROOT / "tools/benchmarks/bench_aligners.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def _bench(*argv: str) -> subprocess.CompletedProcess:
+    """The benchmark's command line, run as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "tools/benchmarks/bench_aligners.py"), *argv], check=False,
+                          capture_output=True, text=True, cwd=ROOT, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,10 @@ def _args(world: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def report(world):
     out = world / "bench" / "report.json"
-    rc = _bench().main(_args(world, out, "--work-dir", str(world / "work"), "--train-steps", "2",
-                             "--train-override", f"encoder={world / 'whisper'}", "model.d_model=32",
-                             "model.layers=1", "model.heads=2", "valid_every=2", "batch_size=2"))
-    assert rc == 0
+    proc = _bench(*_args(world, out, "--work-dir", str(world / "work"), "--train-steps", "2",
+                         "--train-override", f"encoder={world / 'whisper'}", "model.d_model=32",
+                         "model.layers=1", "model.heads=2", "valid_every=2", "batch_size=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert (world / "bench" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads(out.read_text())
 
@@ -110,7 +110,7 @@ def test_pocketsphinx_row_present_either_way(report):
 
 def test_pocketsphinx_aligns_espeak_speech(world):
     pytest.importorskip("pocketsphinx")
-    bench = _bench()
+    bench = bench_aligners
     utts = read_manifest(world / "corpus" / "test.jsonl")
     args = type("A", (), {"no_pocketsphinx": False})()
     row = bench.pocketsphinx_row(utts, args)
@@ -122,14 +122,14 @@ def test_pocketsphinx_aligns_espeak_speech(world):
     assert bench.crude_pronunciation("zorblax") == "Z AA R B L AE K S"
 
 
-def test_reuses_trained_aligners_and_reports_bad_input(world, report, capsys):
-    bench = _bench()
+def test_reuses_trained_aligners_and_reports_bad_input(world, report):
     out = world / "bench" / "reuse.json"
     work = str(world / "work")
-    assert bench.main(_args(world, out, "--work-dir", work, "--no-train", "--kinds", "charCTC",
-                            "--decoders", "forced_align", "--modes", "forced", "--no-pocketsphinx",
-                            "--encoder-clips", "0")) == 0
-    text = capsys.readouterr().out
+    proc = _bench(*_args(world, out, "--work-dir", work, "--no-train", "--kinds", "charCTC",
+                         "--decoders", "forced_align", "--modes", "forced", "--no-pocketsphinx",
+                         "--encoder-clips", "0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
     assert "reusing the charCTC aligner" in text and "skipped (--no-pocketsphinx)" in text
     again = json.loads(out.read_text())
     assert [(r["aligner"], r["decoder"], r["mode"]) for r in again["rows"]] == [
@@ -139,29 +139,30 @@ def test_reuses_trained_aligners_and_reports_bad_input(world, report, capsys):
         ("charCTC", "forced_align", "forced")))
 
     missing = world / "nowhere"
-    assert bench.main(["--corpus", str(missing), "--out", str(out), "--work-dir", work]) == 1
-    assert str(missing / "test.jsonl") in capsys.readouterr().err
-    assert bench.main(_args(world, out, "--kinds", "charCTC", "--aligner", f"charCTC={missing}")) == 1
-    assert f"{missing}: folder not found" in capsys.readouterr().err
-    assert bench.main(_args(world, out, "--kinds", "subCTC", "--aligner", f"subCTC={world / 'work' / 'CIF'}")) == 1
-    assert "holds a 'CIF' aligner, not 'subCTC'" in capsys.readouterr().err
-    assert bench.main(_args(world, out, "--kinds", "CIF", "--work-dir", str(world / "empty"), "--no-train")) == 1
-    assert "no trained CIF aligner" in capsys.readouterr().err
+    for argv, message in (
+            (["--corpus", str(missing), "--out", str(out), "--work-dir", work], str(missing / "test.jsonl")),
+            (_args(world, out, "--kinds", "charCTC", "--aligner", f"charCTC={missing}"), f"{missing}: folder not found"),
+            (_args(world, out, "--kinds", "subCTC", "--aligner", f"subCTC={world / 'work' / 'CIF'}"),
+             "holds a 'CIF' aligner, not 'subCTC'"),
+            (_args(world, out, "--kinds", "CIF", "--work-dir", str(world / "empty"), "--no-train"),
+             "no trained CIF aligner")):
+        proc = _bench(*argv)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
 
 
 def test_aligner_with_an_adapted_encoder(world):
     """encoder_adapt.* reaches the aligner's training; its evaluation and timing read the adapted encoder."""
-    bench = _bench()
     out = world / "bench" / "adapted.json"
-    assert bench.main(_args(world, out, "--work-dir", str(world / "adapted"), "--kinds", "charCTC",
-                            "--decoders", "forced_align", "--modes", "forced", "--no-pocketsphinx",
-                            "--train-steps", "2", "--train-override", f"encoder={world / 'whisper'}",
-                            "model.d_model=32", "model.layers=1", "model.heads=2", "valid_every=2", "batch_size=2",
-                            "encoder_adapt.method=lora", "encoder_adapt.r=2")) == 0
+    proc = _bench(*_args(world, out, "--work-dir", str(world / "adapted"), "--kinds", "charCTC",
+                         "--decoders", "forced_align", "--modes", "forced", "--no-pocketsphinx",
+                         "--train-steps", "2", "--train-override", f"encoder={world / 'whisper'}",
+                         "model.d_model=32", "model.layers=1", "model.heads=2", "valid_every=2", "batch_size=2",
+                         "encoder_adapt.method=lora", "encoder_adapt.r=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     info = report["aligners"]["charCTC"]
     assert info["encoder_adapt"]["method"] == "lora" and info["encoder_adapt"]["r"] == 2
     assert info["encoder_adapt"]["trainable_parameters"] == 2 * 2 * (32 + 32)    # A and B of q and v, 1 layer
     (row,) = [r for r in report["rows"] if r["aligner"] == "charCTC"]
     assert row["words_matched"] == row["words_ref"] == 21 and row["failed"] == 0
-    assert "charCTC + encoder lora (2 steps)" in bench.markdown_table(report)
+    assert "charCTC + encoder lora (2 steps)" in bench_aligners.markdown_table(report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -9,14 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_helpers import ROOT, make_world
-
-sys.path.insert(0, str(ROOT / "tools" / "benchmarks"))
-
-import bench_compression
-import bench_quality
+from training_helpers import ROOT, make_world, run_recipe, stage1_overrides
 
 from speechlm.eval.report import Accuracy, ResultRow, write_report
+from speechlm.perf import bench_compression, bench_quality
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +52,42 @@ def test_compression_counts_follow_each_connector(world):
 
 def test_peak_rss_sees_a_large_allocation():
     """In a fresh process (whose high-water mark is where it stands), touching 160 MiB raises the peak by as much."""
-    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import bench_training as b; "
-            "before = b.peak_rss_mib(); block = np.ones(160 * 2**20 // 8); after = b.peak_rss_mib(); "
+    code = ("import numpy as np; from speechlm.perf.bench import peak_rss_mib; "
+            "before = peak_rss_mib(); block = np.ones(160 * 2**20 // 8); after = peak_rss_mib(); "
             "print(before, after, block.sum() > 0)")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools" / "benchmarks")], capture_output=True,
-                         text=True, check=True, cwd=ROOT).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.split()
     before, after = float(out[0]), float(out[1])
     assert out[2] == "True" and after - before > 140, out
+
+
+@pytest.mark.slow
+def test_training_steps_each_in_a_child_process(world, tmp_path):
+    """bench_training end to end on the tiny world: one child process per step, the stage module from the factory."""
+    run = tmp_path / "tiny"
+    (run / "aligned").mkdir(parents=True)
+    (run / "aligned" / "train.jsonl").write_text(Path(world["manifest"]).read_text())
+    (run / "aligned" / "audio").symlink_to(Path(world["manifest"]).parent / "audio", target_is_directory=True)
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "feats" / "train").symlink_to(world["cache"], target_is_directory=True)
+    proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml",
+                      stage1_overrides(world, run / "stage1", **{"loop.max_steps": 1, "loop.eval_every": 0,
+                                                                 "loop.save_every": 1}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "training.json"
+    proc = _script("bench_training.py", "--run", str(run), "--preset", "tiny", "--features", str(tmp_path / "feats"),
+                   "--llm", world["llm"], "--encoder", world["enc"], "--only", "ssr,stack,stage1-cache",
+                   "--repeats", "1", "--json", str(out), "--png", str(tmp_path / "training.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["ssr", "stack", "stage1-cache"] and "ssr_vs_stack_throughput" in result["targets"]
+    assert rows["ssr"]["tokens"] == rows["stack"]["tokens"] == rows["stage1-cache"]["tokens"] > 0
+    assert rows["ssr"]["speech_vectors"] == rows["ssr"]["tokens"]  # SSR: one vector per token
+    assert rows["stack"]["speech_vectors"] > 0 and rows["ssr"]["trainable_params"] == rows["stage1-cache"][
+        "trainable_params"]  # the same stage-1 connector trains in both
+    assert all(r["peak_rss_mib"] >= r["peak_rss_loaded_mib"] > 0 for r in rows.values())
+    assert "| ssr |" in proc.stdout and (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _report(folder: Path, name: str, rows: list[ResultRow]) -> None:
@@ -108,16 +134,23 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _script(name: str, *argv: str) -> subprocess.CompletedProcess:
+    """A benchmark script's command line, run as the user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "benchmarks" / name), *argv], check=False,
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
 def test_quality_refuses_unknown_connectors_and_missing_runs(tmp_path):
     from speechlm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--connectors: unknown choice\(s\) \[.mlp.\]"):
-        bench_quality.main(["--connectors", "ssr,mlp", "--run", str(tmp_path)])
-    with pytest.raises(ConfigError, match="not found"):
-        bench_quality.main(["--run", str(tmp_path / "nope"), "--llm", str(tmp_path), "--encoder", str(tmp_path)])
+    proc = _script("bench_quality.py", "--connectors", "ssr,mlp", "--run", str(tmp_path))
+    assert proc.returncode != 0 and f"{ConfigError.__name__}: bench_quality --connectors: unknown choice(s) ['mlp']" in proc.stderr
+    proc = _script("bench_quality.py", "--run", str(tmp_path / "nope"), "--llm", str(tmp_path), "--encoder",
+                   str(tmp_path))
+    assert proc.returncode != 0 and f"{ConfigError.__name__}: bench_quality: train not found" in proc.stderr
     (tmp_path / "stage1").mkdir()
     for bad in (0, 100, 120):  # ssr-mid splits --steps between the mid stage and stage 2: both get some
-        args = bench_quality.argparse.Namespace(steps=100, mid_steps=bad, retrain=False)
+        args = argparse.Namespace(steps=100, mid_steps=bad, retrain=False)
         with pytest.raises(ConfigError, match="--mid-steps"):
             bench_quality.train("ssr-mid", args, {"stage1": tmp_path / "stage1"}, tmp_path / "out")
     assert not (tmp_path / "out").exists()

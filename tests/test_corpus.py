@@ -1,21 +1,21 @@
-"""Spoken corpus: wiki markup stripping, planning (disjoint sentences and voices), a tiny real build."""
+"""Spoken corpus: text sources (wiki markup stripping ...), coverage, voices, planning (disjoint sentences and
+voices), a tiny real build."""
 
 import json
 from pathlib import Path
 
 from speechlm.data.audio import audio_info
-from speechlm.data.corpus import (
-    build_corpus,
+from speechlm.data.corpus import build_corpus
+from speechlm.data.corpus_plan import plan_corpus
+from speechlm.data.corpus_voices import train_voices
+from speechlm.data.coverage import read_eval_texts, vocabulary_coverage
+from speechlm.data.manifest import read_manifest
+from speechlm.data.text_sources import (
     detokenize,
     everyday_sentences,
-    plan_corpus,
-    read_eval_texts,
     read_wordnet_examples,
-    train_voices,
-    vocabulary_coverage,
     wiki_to_paragraphs,
 )
-from speechlm.data.manifest import read_manifest
 
 
 def test_wiki_markup_stripped():
@@ -42,7 +42,8 @@ def test_everyday_sentences_deterministic_and_distinct():
 
 
 def _voice_plan():
-    from speechlm.data.corpus import HARD_VOICES, VoicePlan
+    from speechlm.data.corpus_voices import VoicePlan
+    from speechlm.data.tts import HARD_VOICES
 
     return VoicePlan(train={"espeak": train_voices(), "flite": ["flite:kal16"]},
                      train_share={"espeak": 0.5, "flite": 0.5},
@@ -80,24 +81,49 @@ def test_plan_disjoint_sentences_and_held_out_voices():
 def test_voice_plans_refuse_reserved_and_overlapping_voices(monkeypatch):
     import pytest
 
-    from speechlm.data import corpus
+    from speechlm.data import corpus_voices as voices
+    from speechlm.data.text_sources import CorpusError
+    from speechlm.data.tts import HARD_VOICES
 
-    with pytest.raises(corpus.CorpusError, match="training and held out"):
-        corpus.VoicePlan(train={"flite": ["flite:kal16"]}, train_share={"flite": 1.0},
+    with pytest.raises(CorpusError, match="training and held out"):
+        voices.VoicePlan(train={"flite": ["flite:kal16"]}, train_share={"flite": 1.0},
                          held_out={"valid": ["flite:kal16"], "test": ["en-gb-scotland+f4"]}).check_disjoint()
-    monkeypatch.setitem(corpus.NATURAL_TRAIN_VOICES, "flite", ("flite:kal16", "flite:slt"))
-    with pytest.raises(corpus.CorpusError, match="reserved"):
-        corpus.VoicePlan.default(engines={"flite"})
+    monkeypatch.setitem(voices.NATURAL_TRAIN_VOICES, "flite", ("flite:kal16", "flite:slt"))
+    with pytest.raises(CorpusError, match="reserved"):
+        voices.VoicePlan.default(engines={"flite"})
     # An engine that is not installed is left out, and the plan says which voices went missing.
-    monkeypatch.setitem(corpus.NATURAL_TRAIN_VOICES, "flite", ("flite:kal16",))
-    plan = corpus.VoicePlan.default(engines=set())
+    monkeypatch.setitem(voices.NATURAL_TRAIN_VOICES, "flite", ("flite:kal16",))
+    plan = voices.VoicePlan.default(engines=set())
     assert set(plan.train) == {"espeak"} and plan.train_share == {"espeak": 1.0}
     assert "flite:kal16" in plan.missing and "piper:en_US-joe-medium" in plan.missing
-    assert plan.held_out["test"] == list(corpus.HARD_VOICES["test"])
+    assert plan.held_out["test"] == list(HARD_VOICES["test"])
+
+
+def test_engine_conditions_of_corpus_voices():
+    """The corpus labels voices with the one shared "which TTS engine" answer (speechlm.data.tts.engine_of)."""
+    from speechlm.data.corpus_voices import HELD_OUT_VOICES, NATURAL_TRAIN_VOICES, engine_condition
+    from speechlm.data.tts import engine_of
+
+    assert [engine_condition(v) for v in HELD_OUT_VOICES["test"]] == [
+        "festival", "piper", "espeak-hard", "espeak-hard"]
+    assert {engine_condition(v) for vs in NATURAL_TRAIN_VOICES.values() for v in vs} == {"flite", "festival"}
+    assert {engine_condition(v) for v in train_voices()} == {"espeak"}
+    assert engine_of("en-gb-scotland+f4", label_hard=False) == "espeak"
+
+
+def test_corpus_module_still_exports_its_public_names():
+    """Callers import the corpus's names from speechlm.data.corpus, as before it was split into its steps."""
+    from speechlm.data import corpus, corpus_plan, corpus_voices, coverage, text_sources
+
+    assert corpus.plan_corpus is corpus_plan.plan_corpus and corpus.VoicePlan is corpus_voices.VoicePlan
+    assert corpus.select_for_coverage is coverage.select_for_coverage
+    assert corpus.CorpusError is text_sources.CorpusError and corpus.default_sources is text_sources.default_sources
+    assert corpus.HARD_VOICES["test"] == ("en-gb-scotland+f4", "en-gb-x-gbcwmd+m6")
+    assert corpus.engine_condition("en-gb-scotland+f4") == "espeak-hard" and corpus.is_hard("en-gb-scotland+m5")
 
 
 def test_coverage_selection_prefers_sentences_with_needed_words():
-    from speechlm.data.corpus import select_for_coverage
+    from speechlm.data.coverage import select_for_coverage
 
     pool = ["The the the the the the.", "A red cat and a blue dog.", "Cat dog red blue.", "Nothing here at all."]
     chosen = select_for_coverage(pool, {"cat", "dog", "red", "blue"}, budget_s=100.0, depth=1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,9 @@ PRESETS = ("tiny", "small")
 
 
 def _aligner_config_cls():
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        import train_aligner
-    finally:
-        sys.path.remove(str(ROOT / "recipes"))
-    return train_aligner.TrainAlignerConfig
+    from alignment.training import TrainAlignerConfig
+
+    return TrainAlignerConfig
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -33,7 +29,7 @@ def test_preset_configs_load(preset):
     s1 = load_config(Stage1Config, CONFIGS / f"stage1_{preset}.yaml")
     s2 = load_config(Stage2Config, CONFIGS / f"stage2_{preset}.yaml")
     al = load_config(_aligner_config_cls(), CONFIGS / f"aligner_{preset}.yaml")
-    assert s1.model.connector["name"] == "ssr" and s1.model.connector["mask"] == "causal"
+    assert s1.model.connector.name == "ssr" and s1.model.connector.mask == "causal"
     assert s1.out_dir == f"runs/{preset}/stage1" and s2.out_dir == f"runs/{preset}/stage2"
     assert s2.variant == "frozen" and 0 < s2.distill_weight
     assert al.model.kind == "charCTC" and al.steps > 0
@@ -90,12 +86,9 @@ def test_flow_refuses_unknown_preset_or_step(env, message, tmp_path):
 def test_summary_gathers_corpus_whisper_and_token_analysis(tmp_path):
     """tools/summarize_run.py: corpus coverage and engines, Whisper's test WER (overall and per engine)
     and the stage-1 token analysis land in summary.json; keys the evaluations wrote stay."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("summarize_run", ROOT / "tools" / "summarize_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from speechlm.eval import summary as mod
     run, corpus = tmp_path / "run", tmp_path / "corpus"
     (run / "eval").mkdir(parents=True)
     corpus.mkdir()

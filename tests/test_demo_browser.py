@@ -1,7 +1,7 @@
-"""tools/demo_server.py on a tiny random run: the upload checks over HTTP, and the page driven in a real
-headless Chromium (Selenium + Debian's chromium / chromium-driver): a spoken clip gets an answer, a transcript
-and the boundary picture; a non-audio file gets a clear message. The browser test takes a 900 x 700 screenshot
-and writes it to docs/demo.png when that file is missing or when
+"""speechlm.serving.demo (tools/demo_server.py) on a tiny random run: the upload checks over HTTP, and the page
+driven in a real headless Chromium (Selenium + Debian's chromium / chromium-driver): a spoken clip gets an
+answer, a transcript and the boundary picture; a non-audio file gets a clear message. The browser test takes a
+900 x 700 screenshot and writes it to docs/demo.png when that file is missing or when
 
 ``SPEECHLM_DEMO_RUN=runs/tiny`` drives the page with that trained run instead of the random one (how the
 README's screenshot was made; it needs the run's models, ~10 s more). A plain test run never replaces the
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_inference import ENCODER_NAME, LLM_NAME, build_tiny_run, load_tool, speech_wav
+from speechlm.serving import demo as mod
+from tests.test_inference import ENCODER_NAME, LLM_NAME, build_tiny_run, speech_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -44,7 +45,6 @@ def demo_run(tmp_path_factory):
 
 def serve(pipe, run, **limits):
     """(module, server, base url) of a demo server on a free port, serving from a thread."""
-    mod = load_tool("tools/demo_server.py")
     server = mod.make_server(mod.Demo(pipe, run=str(run), **limits), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
@@ -94,7 +94,6 @@ def test_server_answers_and_checks_uploads_over_http(demo_run, tmp_path):
 
 
 def test_boundary_picture_is_a_png(demo_run):
-    mod = load_tool("tools/demo_server.py")
     speech = demo_run["pipe"].speech(demo_run["wav"])
     png = mod.boundary_png(speech.wave, 16000, speech.tokens)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@ identity at init, gradients, safetensors round trip, config refusals, and a stag
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from training_helpers import ROOT, make_world, run_recipe, stage1_overrides
 
 from speechlm.errors import ConfigError, ModelError
 from speechlm.models.encoder import SpeechEncoder
-from speechlm.models.encoder_adapt import EncoderAdaptConfig, adapt_config_from_dict, expected_parameters
+from speechlm.models.encoder_adapt import (
+    AdapterConfig,
+    EncoderAdaptConfig,
+    EncoderLoRAConfig,
+    PromptTuningConfig,
+    adapt_config_from_dict,
+    expected_parameters,
+)
 
 SR = 16_000
 METHOD_CFGS = {
@@ -63,9 +71,9 @@ def test_each_method_adds_only_its_own_parameters(folders, kind, name):
 
 def test_formula_by_hand():
     # whisper-base-like: 6 layers x 512; adapters on attn + ffn with bottleneck 64: 6 * 2 * (2*512*64 + 64 + 512)
-    assert expected_parameters(EncoderAdaptConfig(method="adapter"), 6, 512) == 6 * 2 * (2 * 512 * 64 + 64 + 512)
-    assert expected_parameters(EncoderAdaptConfig(method="lora", r=8), 6, 512) == 6 * 2 * 8 * (512 + 512)
-    assert expected_parameters(EncoderAdaptConfig(method="prompt", n_prompts=16), 6, 512) == 16 * 512
+    assert expected_parameters(AdapterConfig(), 6, 512) == 6 * 2 * (2 * 512 * 64 + 64 + 512)
+    assert expected_parameters(EncoderLoRAConfig(r=8), 6, 512) == 6 * 2 * 8 * (512 + 512)
+    assert expected_parameters(PromptTuningConfig(n_prompts=16), 6, 512) == 16 * 512
     assert expected_parameters(EncoderAdaptConfig(), 6, 512) == 0
 
 
@@ -197,6 +205,63 @@ def test_config_refusals(tmp_path):
         build.encoder_adapt_config(ModelConfig(init_encoder_adapt=str(tmp_path / "missing")))
 
 
+def test_per_method_configs_and_folders_written_before_them(folders, tmp_path):
+    # one dataclass per method: a key of another method is refused, naming it
+    assert type(adapt_config_from_dict({"method": "adapter", "bottleneck": 8})) is AdapterConfig
+    assert adapt_config_from_dict({"method": "lora", "projections": "q,k"}).projections == ["q", "k"]
+    with pytest.raises(ConfigError, match=r"unknown key.*'bottleneck'.*method lora"):
+        adapt_config_from_dict({"method": "lora", "bottleneck": 8}, "model.encoder_adapt")
+    with pytest.raises(ConfigError, match="EncoderLoRAConfig"):
+        EncoderAdaptConfig(method="lora")
+    # a folder whose config.json holds every method's fields (as written before the per-method configs) loads
+    enc = _encoder(folders, "whisper", {"method": "lora", "r": 2})
+    folder = enc.save_adaptation(tmp_path / "adapt")
+    meta = json.loads((folder / "config.json").read_text())
+    assert set(meta["config"]) == {"method", "train", "r", "alpha", "dropout", "projections"}
+    meta["config"].update(placement="sequential", where="both", bottleneck=64, n_prompts=16)
+    (folder / "config.json").write_text(json.dumps(meta))
+    fresh = SpeechEncoder(folders["whisper"], layers=(0, 1, -1))
+    assert fresh.adapt({"train": False}, folder=folder).cfg == EncoderLoRAConfig(r=2, train=False)
+
+
+def test_typo_under_model_config_is_refused_before_any_model_loads(monkeypatch):
+    """A wrong key or type under model.connector / model.encoder_adapt fails in load_config, naming the key path,
+    before the LLM or the encoder is read (their loaders fail the test if called)."""
+    from speechlm.config import load_config
+    from speechlm.models import encoder as encoder_module
+    from speechlm.training import build
+    from speechlm.training.configs import Stage1Config, Stage2Config
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    for name in ("load_llm", "load_encoder", "load_llm_embeddings"):
+        if hasattr(build, name):
+            monkeypatch.setattr(build, name, must_not_load)
+    monkeypatch.setattr(encoder_module.SpeechEncoder, "__init__", must_not_load)
+    yaml = ROOT / "recipes/configs/stage1_tiny.yaml"
+    cases = {
+        "model.connector.d_modle": ["model.connector.d_modle=64"],
+        "model.connector.hidden": ["model.connector.hidden=64"],  # a stack/conv key, the YAML's connector is ssr
+        "model.connector.n_layers": ["model.connector.n_layers=two"],
+        "model.connector.name": ["model.connector.name=mlp"],
+        "model.encoder_adapt.bottelneck": ["model.encoder_adapt.method=adapter", "model.encoder_adapt.bottelneck=8"],
+        "model.encoder_adapt.r": ["model.encoder_adapt.method=adapter", "model.encoder_adapt.r=8"],
+        "model.encoder_adapt.n_prompts": ["model.encoder_adapt.method=prompt", "model.encoder_adapt.n_prompts=0"],
+        "model.encoder_adapt.method": ["model.encoder_adapt.method=houlsby"],
+    }
+    for key, overrides in cases.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(Stage1Config, yaml, overrides)
+    with pytest.raises(ConfigError, match=r"model\.connector\.slot_redout"):
+        load_config(Stage2Config, ROOT / "recipes/configs/stage2_tiny.yaml", ["model.connector.slot_redout=true"])
+    # the same syntax still sets valid keys, and another connector name starts from that connector's defaults
+    cfg = load_config(Stage1Config, None, ["model.connector.name=stack", "model.connector.stack=4",
+                                           "model.encoder_adapt.method=lora", "model.encoder_adapt.projections=q,k"])
+    assert type(cfg.model.connector).__name__ == "StackConfig" and cfg.model.connector.stack == 4
+    assert cfg.model.encoder_adapt == EncoderLoRAConfig(projections=["q", "k"])
+
+
 def test_stage1_module_encodes_inside_with_adapted_encoder(folders):
     """The stage-1 module runs an adapted encoder itself: the loss reaches the adaptation."""
     from speechlm.data.batching import Batch
@@ -219,8 +284,7 @@ def test_stage1_module_encodes_inside_with_adapted_encoder(folders):
 
 # ------------------------------------------------------------------------------------------------ benchmark
 def _bench():
-    sys.path.insert(0, str(ROOT / "tools" / "benchmarks"))
-    import bench_encoder_adapt
+    from speechlm.perf import bench_encoder_adapt
 
     return bench_encoder_adapt
 
@@ -238,10 +302,11 @@ def test_bench_methods_table_and_refusal():
     lines = text.splitlines()
     assert lines[0].startswith("| method |") and len(lines) == 4
     assert "| 0.410 | 0.120 |" in lines[2] and "73,728" in lines[3] and "| - | - |" in lines[3]
-    with pytest.raises(ConfigError, match="--methods"):
-        bench.main(["--methods", "frozen,houlsby"])
-    with pytest.raises(ConfigError, match="--steps"):
-        bench.main(["--steps", "0"])
+    script = [sys.executable, str(ROOT / "tools" / "benchmarks" / "bench_encoder_adapt.py")]
+    for argv, message in ((["--methods", "frozen,houlsby"], "bench_encoder_adapt --methods: unknown choice(s)"),
+                          (["--steps", "0"], "bench_encoder_adapt: --steps must be >= 1")):
+        proc = subprocess.run([*script, *argv], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode != 0 and f"{ConfigError.__name__}: {message}" in proc.stderr, proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -329,25 +394,20 @@ def test_identity_is_empty_when_off():
     assert Path(ROOT / "speechlm" / "models" / "encoder_adapt.py").is_file()
 
 
-def test_aligner_trains_and_exports_the_adaptation(tmp_path, capsys):
-    import importlib.util
-
+def test_aligner_trains_and_exports_the_adaptation(tmp_path):
     from test_alignment_tools import _corpus
 
+    from alignment.training import load_train_config, train
     from speechlm.models.encoder_adapt import load_state
 
-    spec = importlib.util.spec_from_file_location("train_aligner_adapt", ROOT / "recipes" / "train_aligner.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(recipe)
     encoder = make_whisper(tmp_path / "whisper")
-    train, _valid = _corpus(tmp_path)
+    train_m, _valid = _corpus(tmp_path)
     out = tmp_path / "aligner"
-    args = ["--config", str(ROOT / "recipes/configs/aligner_tiny.yaml"), f"train_manifest={train}",
-            f"valid_manifest={train}", f"encoder={encoder}", "steps=3", "valid_every=3", "batch_size=2",
-            "model.d_model=32", "model.layers=1", "model.heads=2", "threads=1", "lr=1e-2",
+    args = [f"train_manifest={train_m}", f"valid_manifest={train_m}", f"encoder={encoder}", "steps=3", "valid_every=3",
+            "batch_size=2", "model.d_model=32", "model.layers=1", "model.heads=2", "threads=1", "lr=1e-2",
             "encoder_adapt.method=lora", "encoder_adapt.r=2"]
-    assert recipe.main([*args, f"out_dir={out}"]) == 0
+    aligner_yaml = ROOT / "recipes/configs/aligner_tiny.yaml"
+    assert train(load_train_config(aligner_yaml, [*args, f"out_dir={out}"]))["steps"] == 3
     folder = out / "encoder_adapt"
     assert json.loads((folder / "config.json").read_text())["config"]["r"] == 2
     assert (out / "model.safetensors").is_file()  # the aligner itself, beside its adaptation (also after calibration)
@@ -355,15 +415,15 @@ def test_aligner_trains_and_exports_the_adaptation(tmp_path, capsys):
     enc.adapt({}, folder=folder)
     assert any(bool(p.abs().sum() > 0) for n, p in enc.adaptation.named_parameters() if n.endswith("B.weight"))
     load_state(folder, enc.adaptation)
-    # feature caches with the adaptation on: refused, naming the key
-    assert recipe.main([*args, f"out_dir={tmp_path / 'x'}", f"feature_cache_train={tmp_path}"]) == 1
-    assert "feature_cache_train" in capsys.readouterr().err
+    # feature caches with the adaptation on: refused, naming the key (when the config loads, before any model)
+    with pytest.raises(ConfigError, match="feature_cache_train"):
+        load_train_config(aligner_yaml, [*args, f"out_dir={tmp_path / 'x'}", f"feature_cache_train={tmp_path}"])
 
     # Using it: the aligner brings its adaptation, and the tools give it the adapted encoder's frames.
     from alignment_helpers import byte_level_bpe
-    from test_alignment_tools import _load
 
     from alignment.aligner import Aligner
+    from alignment.annotate import align_manifest
     from alignment.features import open_frame_source
     from speechlm.data.audio import load_audio
     from speechlm.data.manifest import read_manifest
@@ -374,7 +434,7 @@ def test_aligner_trains_and_exports_the_adaptation(tmp_path, capsys):
     assert aligner.encoder_adapt == folder
     adapted = aligner.load_encoder()
     assert adapted.adapted and adapted.num_trainable_parameters() == 0      # frozen: it only reads
-    rows = read_manifest(train)
+    rows = read_manifest(train_m)
     waves = [load_audio(r.audio_path) for r in rows]
     with torch.no_grad():
         a, f = adapted(waves[:1]).features, SpeechEncoder(encoder)(waves[:1]).features
@@ -383,12 +443,10 @@ def test_aligner_trains_and_exports_the_adaptation(tmp_path, capsys):
         open_frame_source(aligner, cache_dir=str(tmp_path / "cache"))      # frozen-encoder frames: refused
     with pytest.raises(ModelError, match="adapted encoder"):
         aligner.align_waves(SpeechEncoder(encoder), waves[:1], [rows[0].text])
-    align = _load("tools/align.py")
     aligned = tmp_path / "train.aligned.jsonl"
-    assert align.main(["--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir),
-                       "--out", str(aligned), "--decoder", "forced_align", "--threads", "1"]) == 0
+    align_manifest(str(train_m), str(out), str(tok_dir), str(aligned), decoder="forced_align")
     direct = aligner.align_waves(adapted, waves, [r.text for r in rows])
     assert [r.token_boundaries for r in read_manifest(aligned)] == [d.token_boundaries for d in direct]
-    assert align.main(["--manifest", str(train), "--aligner", str(out), "--tokenizer", str(tok_dir),
-                       "--out", str(tmp_path / "no.jsonl"), "--feature-cache", str(tmp_path / "cache")]) == 1
-    assert "adapted encoder" in capsys.readouterr().err
+    with pytest.raises(ModelError, match="adapted encoder"):
+        align_manifest(str(train_m), str(out), str(tok_dir), str(tmp_path / "no.jsonl"),
+                       feature_cache=str(tmp_path / "cache"))

@@ -23,7 +23,7 @@ from speechlm.eval.asr import (
 from speechlm.eval.scoring import SpeechInput, start_ids, text_ids
 from speechlm.models.speechlm import TextSegment
 from tests.eval_helpers import OracleFrontEnd, bigram_llm, speech_model, tiny_llm, unigram_llm, word_tokenizer
-from tests.test_eval_recipes import recipe
+from tests.test_eval_recipes import run_recipe
 
 TEXTS = ["a cat", "tom was late", "he ran to the bus and the bus had left", "the dog was very happy so he walked home"]
 
@@ -220,12 +220,13 @@ def test_asr_recipe_per_engine_wer_and_librivox_key(tmp_path, monkeypatch):
     write_manifest(tmp_path / "m.jsonl", rows)
     lv = write_librivox(tmp_path / "lv", [("book-1", "a cat"), ("book-2", "tom was late")], n=4000)
     FakeWhisper.heard[4000] = "a cat"
-    mod = recipe("eval_asr")
-    monkeypatch.setattr(mod, "WhisperCascade", FakeWhisper)
+    from speechlm.eval import asr
+
+    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"storycloze": {"text_acc": 1.0}, "asr": {"old_key": 1}}))
-    out = mod.main([f"manifest={tmp_path / 'm.jsonl'}", "whisper_baseline=true", "librivox=true", f"librivox_dir={lv}",
-                    f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
+    out = run_recipe("eval_asr", [f"manifest={tmp_path / 'm.jsonl'}", "whisper_baseline=true", "librivox=true",
+                                  f"librivox_dir={lv}", f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
     (row,) = out["results"]
     assert row["wer"] == pytest.approx(2 / 12)
     s = json.loads(summary.read_text())
@@ -244,7 +245,8 @@ def test_asr_recipe_per_engine_wer_and_librivox_key(tmp_path, monkeypatch):
     assert "| whisper | none | 4 |" in md and "| festival | whisper | none | 2 | 20.0 |" in md
     assert (tmp_path / "out" / "asr_librivox.json").is_file()
     # manifest=librivox: the LibriVox set alone
-    out = mod.main(["manifest=librivox", "whisper_baseline=true", f"librivox_dir={lv}", f"out_dir={tmp_path / 'o2'}"])
+    out = run_recipe("eval_asr", ["manifest=librivox", "whisper_baseline=true", f"librivox_dir={lv}",
+                                  f"out_dir={tmp_path / 'o2'}"])
     assert out["results"][0]["n"] == 2 and list(out["sets"]) == ["asr_librivox"]
 
 
@@ -252,6 +254,6 @@ def test_asr_recipe_needs_something_to_evaluate(tmp_path):
     from speechlm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="librivox=true"):
-        recipe("eval_asr").main([f"out_dir={tmp_path}"])
+        run_recipe("eval_asr", [f"out_dir={tmp_path}"])
     with pytest.raises(ManifestError, match="pocketsphinx-testdata"):
-        recipe("eval_asr").main(["librivox=true", f"librivox_dir={tmp_path / 'none'}", f"out_dir={tmp_path}"])
+        run_recipe("eval_asr", ["librivox=true", f"librivox_dir={tmp_path / 'none'}", f"out_dir={tmp_path}"])

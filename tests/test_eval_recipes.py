@@ -1,24 +1,33 @@
-"""The evaluation recipes end to end (text-only) on a tiny saved LLM: reports and summary keys."""
+"""The evaluation runs (speechlm.eval.run_*, behind recipes/eval_*.py) end to end on a tiny saved LLM: reports
+and summary keys; one recipe run as a script."""
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from speechlm.errors import ManifestError
+from speechlm.config import load_config
+from speechlm.errors import ConfigError, ManifestError
+from speechlm.eval import run_asr, run_speech_mmlu, run_storycloze
 from tests.eval_helpers import unigram_llm, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNS = {"eval_storycloze": (run_storycloze, run_storycloze.StoryClozeEvalConfig),
+        "eval_speech_mmlu": (run_speech_mmlu, run_speech_mmlu.SpeechMMLUEvalConfig),
+        "eval_asr": (run_asr, run_asr.ASREvalConfig)}
 
 
 def recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    """The library module a recipe calls (monkeypatch its loaders here)."""
+    return RUNS[name][0]
+
+
+def run_recipe(name, overrides):
+    """What ``recipes/<name>.py key=value ...`` does, in this process."""
+    mod, cls = RUNS[name]
+    return mod.run(load_config(cls, None, overrides))
 
 
 def saved_llm(tmp_path, prefer):
@@ -38,7 +47,7 @@ def test_storycloze_recipe_text_only(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"asr": {"wer": 0.5}}))
-    out = recipe("eval_storycloze").main([f"llm={llm}", f"data={data}", "text_only=true", "wrong_styles=[adversarial]",
+    out = run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "text_only=true", "wrong_styles=[adversarial]",
                                           f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
     assert out["summary"] == {"text_acc": 1.0}
     assert json.loads(summary.read_text()) == {"asr": {"wer": 0.5}, "storycloze": {"text_acc": 1.0}}
@@ -48,13 +57,49 @@ def test_storycloze_recipe_text_only(tmp_path):
     assert (tmp_path / "out" / "storycloze.md").read_text().count("| storycloze/adversarial |") == 2
 
 
+def test_storycloze_recipe_script_runs_text_only(tmp_path):
+    """The recipe as the shell recipes call it: key=value overrides on the command line, report and summary."""
+    llm = saved_llm(tmp_path, {"sad": 4.0})
+    data = tmp_path / "s.jsonl"
+    ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
+    data.write_text(json.dumps({"id": "a", "context": ctx, "right_ending": "tom was sad .",
+                                "wrong_ending": "tom was happy ."}) + "\n")
+    cmd = [sys.executable, str(ROOT / "recipes" / "eval_storycloze.py"), f"llm={llm}", f"data={data}", "text_only=true",
+           "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}", f"summary={tmp_path / 'summary.json'}",
+           "threads=1"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| storycloze/adversarial | text | llm |" in done.stdout
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"storycloze": {"text_acc": 1.0}}
+    assert (tmp_path / "out" / "storycloze.config.yaml").is_file()
+
+
+def test_eval_configs_share_their_base_and_refuse_bad_values_on_load():
+    from dataclasses import fields
+
+    from speechlm.eval.config import EvalConfig, SpokenEvalConfig
+
+    base = {f.name for f in fields(EvalConfig)}
+    spoken = {f.name for f in fields(SpokenEvalConfig)}
+    assert len(spoken) == 19 and base < spoken
+    for _, cls in RUNS.values():
+        assert base <= {f.name for f in fields(cls)}
+    assert run_storycloze.StoryClozeEvalConfig().name == "storycloze" and run_asr.ASREvalConfig().name == "asr"
+    with pytest.raises(ConfigError, match="boundaries must be one of free, forced"):
+        load_config(run_storycloze.StoryClozeEvalConfig, None, ["boundaries=oracle"])
+    with pytest.raises(ConfigError, match="wrong_styles"):
+        load_config(run_storycloze.StoryClozeEvalConfig, None, ["wrong_styles=[silly]"])
+    with pytest.raises(ConfigError, match="dtype"):
+        load_config(run_asr.ASREvalConfig, None, ["dtype=float64"])
+
+
 def test_speech_mmlu_recipe_text_only(tmp_path):
     llm = saved_llm(tmp_path, {"six": 3.0, "blue": 3.0})
     for split in ("test", "dev"):
         (tmp_path / "mmlu" / split).mkdir(parents=True)
         (tmp_path / "mmlu" / split / f"maths_{split}.csv").write_text(
             "what is two plus four ?,five,six,three,seven,B\nwhat color is the sky ?,red,green,blue,x,C\n")
-    out = recipe("eval_speech_mmlu").main([f"llm={llm}", f"data={tmp_path / 'mmlu'}", "text_only=true", "shots=[0,1]",
+    out = run_recipe("eval_speech_mmlu", [f"llm={llm}", f"data={tmp_path / 'mmlu'}", "text_only=true", "shots=[0,1]",
                                            f"out_dir={tmp_path / 'out'}", f"summary={tmp_path / 's.json'}"])
     assert out["summary"] == {"text_acc": 1.0}
     tasks = {(r["task"], r["condition"], r["scoring"]) for r in out["rows"]}
@@ -115,9 +160,10 @@ def test_asr_recipe_reports_wer_and_cer_per_system(tmp_path, monkeypatch):
         sf.write(tmp_path / f"{uid}.wav", np.zeros(n, dtype=np.float32), 16000)
         rows.append(Utterance(uid, f"{uid}.wav", 16000, n / 16000, text, "test"))
     write_manifest(tmp_path / "m.jsonl", rows)
-    mod = recipe("eval_asr")
-    monkeypatch.setattr(mod, "WhisperCascade", FakeWhisper)
-    out = mod.main([f"manifest={tmp_path / 'm.jsonl'}", "whisper_baseline=true", f"out_dir={tmp_path / 'out'}"])
+    from speechlm.eval import asr
+
+    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    out = run_recipe("eval_asr", [f"manifest={tmp_path / 'm.jsonl'}", "whisper_baseline=true", f"out_dir={tmp_path / 'out'}"])
     (row,) = out["results"]
     assert row["system"] == "whisper" and row["n"] == 2
     assert row["wer"] == 1 / 7  # one word of seven
@@ -144,7 +190,7 @@ def test_storycloze_text_only_in_bf16_picks_the_same_endings(tmp_path):
     ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
     data.write_text(json.dumps({"id": "a", "context": ctx, "right_ending": "tom was sad .",
                                 "wrong_ending": "tom was happy ."}) + "\n")
-    out = recipe("eval_storycloze").main([f"llm={llm}", f"data={data}", "text_only=true", "dtype=bf16",
+    out = run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "text_only=true", "dtype=bf16",
                                           "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}"])
     assert out["summary"] == {"text_acc": 1.0}
 
@@ -197,8 +243,8 @@ def test_storycloze_reports_every_spoken_figure_per_engine(tmp_path, monkeypatch
     summary.write_text(json.dumps({"asr": {"wer": 0.5}}))
     mod = recipe("eval_storycloze")
     fake_front_end(monkeypatch, mod)
-    mod.main([f"llm={llm}", f"data={data}", "connectors=[x/conn]", "wrong_styles=[adversarial]", "cascade=true",
-              "whisper=unused", f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
+    run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "connectors=[x/conn]", "wrong_styles=[adversarial]",
+                                   "cascade=true", "whisper=unused", f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
     s = json.loads(summary.read_text())
     assert s["asr"] == {"wer": 0.5}
     sc_sum = s["storycloze"]
@@ -256,7 +302,7 @@ def test_speech_mmlu_spoken_set_carries_its_own_texts(tmp_path, monkeypatch):
     mod = recipe("eval_speech_mmlu")
     fake_front_end(monkeypatch, mod)
     common = [f"llm={llm}", f"data={tmp_path / 'mmlu'}", f"speech={speech}", "methods=[cloze]"]
-    out = mod.main(common + ["connectors=[x/conn]", "shots=[0]", f"out_dir={tmp_path / 'out'}",
+    out = run_recipe("eval_speech_mmlu", common + ["connectors=[x/conn]", "shots=[0]", f"out_dir={tmp_path / 'out'}",
                              f"summary={tmp_path / 's.json'}"])
     # right, right, wrong: the rigged LLM prefers "six" and "blue" in text and in speech alike
     assert out["summary"]["text_acc"] == pytest.approx(2 / 3) and out["summary"]["speech_acc_0shot"] == pytest.approx(2 / 3)
@@ -268,16 +314,16 @@ def test_speech_mmlu_spoken_set_carries_its_own_texts(tmp_path, monkeypatch):
                               "festival": {"n": 2, "text_acc": 0.5, "speech_acc_0shot": 0.5}}
     assert "n/a" not in (tmp_path / "out" / "speech_mmlu.md").read_text()
     # text only: the spoken set's texts, no audio needed
-    out = mod.main(common + ["text_only=true", "shots=[0]", f"out_dir={tmp_path / 'o2'}"])
+    out = run_recipe("eval_speech_mmlu", common + ["text_only=true", "shots=[0]", f"out_dir={tmp_path / 'o2'}"])
     assert out["summary"] == {"text_acc": pytest.approx(2 / 3)}
     # a listed subject missing from both the spoken set and the CSVs: an error naming it
     with pytest.raises(ManifestError, match="subject\\(s\\) art, geo: in neither"):
-        mod.main(common + ["subjects=[astro,art,geo]", "shots=[0]", "text_only=true", f"out_dir={tmp_path / 'o3'}"])
+        run_recipe("eval_speech_mmlu", common + ["subjects=[astro,art,geo]", "shots=[0]", "text_only=true", f"out_dir={tmp_path / 'o3'}"])
     # k-shot exemplars: none for astro in data/dev: an error naming it; the spoken set's own dev split works
     with pytest.raises(ManifestError, match="1-shot needs 1 exemplars.*astro"):
-        mod.main(common + ["shots=[0,1]", "text_only=true", f"out_dir={tmp_path / 'o4'}"])
+        run_recipe("eval_speech_mmlu", common + ["shots=[0,1]", "text_only=true", f"out_dir={tmp_path / 'o4'}"])
     spoken_mmlu_set(speech, "astro", ASTRO[:1], split="dev")
-    out = mod.main(common + ["connectors=[x/conn]", "shots=[0,1]", f"out_dir={tmp_path / 'o5'}"])
+    out = run_recipe("eval_speech_mmlu", common + ["connectors=[x/conn]", "shots=[0,1]", f"out_dir={tmp_path / 'o5'}"])
     assert out["summary"]["speech_acc_1shot"] == pytest.approx(2 / 3)
 
 
@@ -287,7 +333,7 @@ def test_speech_mmlu_listed_csv_subject_beside_a_spoken_set(tmp_path):
     (tmp_path / "mmlu" / "test").mkdir(parents=True)
     (tmp_path / "mmlu" / "test" / "maths_test.csv").write_text(MATHS_CSV)
     speech = spoken_mmlu_set(tmp_path / "speech", "astro", ASTRO)
-    out = recipe("eval_speech_mmlu").main([f"llm={llm}", f"data={tmp_path / 'mmlu'}", f"speech={speech}", "text_only=true",
+    out = run_recipe("eval_speech_mmlu", [f"llm={llm}", f"data={tmp_path / 'mmlu'}", f"speech={speech}", "text_only=true",
                                            "subjects=[astro,maths]", "shots=[0]", "methods=[cloze]",
                                            f"out_dir={tmp_path / 'out'}"])
     tasks = {(r["task"], r["condition"]): r["accuracy"]["n"] for r in out["rows"]}

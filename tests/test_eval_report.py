@@ -96,6 +96,31 @@ def test_engine_of(voice, engine):
     assert engine_of(voice) == engine
 
 
+def test_one_engine_of_for_reports_corpus_and_token_analysis():
+    """The reports re-export the TTS index's engine_of; label_hard=False gives the plain synthesis engine."""
+    from speechlm.data import tts
+
+    assert engine_of is tts.engine_of
+    assert tts.engine_of("en-gb-scotland+f4", label_hard=False) == "espeak"
+    assert tts.engine_of("flite:kal16", label_hard=False) == "flite"
+    assert all(tts.is_hard(v) for voices in tts.HARD_VOICES.values() for v in voices)
+    assert not tts.is_hard("en-us+m3")
+
+
+def test_engine_summary_names_each_tasks_figures():
+    from speechlm.eval.report import CASCADE, LLM_ALONE, engine_summary
+
+    def row(cond, connector, scoring="summed", correct=1, total=2):
+        return ResultRow("t", cond, connector, "free", scoring, Accuracy(correct, total))
+
+    by_engine = {"piper": [row("text", LLM_ALONE), row("s2t", "conn", correct=2), row("s", CASCADE, correct=0),
+                           row("s2t", "conn", scoring="length_norm", correct=0), row("s2t", "other", correct=0)],
+                 "flite": [row("s2t", "conn", scoring="length_norm")]}
+    out = engine_summary(by_engine, "text", "conn", key=lambda r, cascade: ("cascade_" if cascade else "") + r.condition,
+                         keep=lambda r: r.scoring == "summed")
+    assert out == {"piper": {"n": 2, "text_acc": 0.5, "s2t": 1.0, "cascade_s": 0.0}}  # flite: no summed row
+
+
 def test_engine_rows_split_accuracy_and_text_per_engine(tmp_path):
     engines = ["espeak", "piper", "espeak", "piper", "festival"]
     speech = [True, False, True, True, False]

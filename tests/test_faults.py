@@ -8,8 +8,9 @@
 5. a full disk while checkpointing: both ranks stop with the space needed/free; the previous checkpoint stays
    ``latest`` and the rerun resumes from it exactly.
 
-Faults come from the ``SPEECHLM_FAULT`` hook (speechlm/training/loop.py, parse_faults). The quick tests
-at the top run in-process without DeepSpeed; the launcher runs are marked slow (11 runs, ~3 minutes on 2 idle
+Faults come from the ``SPEECHLM_FAULT`` drill (speechlm/training/faults.py, parse_faults), installed in the loop as
+a hook (speechlm/training/hooks.py); a production run installs none. The quick tests at the top run in-process
+without DeepSpeed (the loop on a fake engine); the launcher runs are marked slow (11 runs, ~3 minutes on 2 idle
 cores).
 """
 
@@ -24,10 +25,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import ROOT, make_world, run_recipe, stage1_overrides
+from training_helpers import ROOT, fake_batches, fake_engine, make_world, run_recipe, stage1_overrides
 
 from speechlm.errors import EXIT_PREEMPTED, AudioError, ConfigError, FeatureCacheError
-from speechlm.training.loop import FAULT_ENV, describe_batch, is_out_of_memory, parse_faults
+from speechlm.training.failures import describe_batch, is_out_of_memory
+from speechlm.training.faults import (
+    FAULT_ENV,
+    CrashAfter,
+    FaultInjector,
+    drill_hooks,
+    failing_writes,
+    parse_faults,
+)
+from speechlm.training.hooks import HookList, TrainHooks
+from speechlm.training.loop import LoopConfig, Trainer, train_loop
 
 STEPS = 6
 
@@ -45,6 +56,129 @@ def test_fault_spec_parses_and_refuses_typos():
     for bad in ("nan_at:3", "nan_at_step", "rm_at_step:3", "nan_at_step:3=/x"):
         with pytest.raises(ConfigError, match=FAULT_ENV):
             parse_faults(bad)
+
+
+def test_production_loop_installs_no_drill(monkeypatch):
+    """Without SPEECHLM_FAULT and loop.crash_after nothing is installed; each asks for its own drill only."""
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert drill_hooks() == [] and drill_hooks(crash_after=0, rank=1) == []
+    monkeypatch.setenv(FAULT_ENV, "nan_at_step:2")
+    [injector] = drill_hooks()
+    assert isinstance(injector, FaultInjector) and [f.kind for f in injector.items] == ["nan_at_step"]
+    monkeypatch.setenv(FAULT_ENV, "")
+    [crash] = drill_hooks(crash_after=3)
+    assert isinstance(crash, CrashAfter) and crash.step == 3
+    with pytest.raises(ConfigError, match=FAULT_ENV):
+        drill_hooks(spec="nan_at:3")
+
+
+def test_fault_injector_strikes_its_rank_and_step_once(tmp_path):
+    oom = FaultInjector("oom_at_step:2@1", rank=1)
+    oom.before_forward(1)
+    with pytest.raises(torch.OutOfMemoryError, match=f"injected by {FAULT_ENV}"):
+        oom.before_forward(2)
+    oom.before_forward(2)  # once per step: the batch taken instead of the skipped one is spared
+    FaultInjector("oom_at_step:2@1", rank=0).before_forward(2)  # another rank: nothing
+    nan = FaultInjector("nan_at_step:3", rank=0)
+    loss, metrics = nan.after_forward(3, torch.tensor(2.0), {"loss": 2.0, "tokens": 5})
+    assert math.isnan(loss.item()) and math.isnan(metrics["loss"]) and metrics["tokens"] == 5
+    assert nan.after_forward(4, torch.tensor(2.0), {"loss": 2.0})[1] == {"loss": 2.0}
+    victim = tmp_path / "a.wav"
+    victim.write_bytes(b"x")
+    FaultInjector(f"rm_at_step:2={victim}", rank=1).start_of_step(2)  # rank 0 deletes by default
+    assert victim.exists()
+    FaultInjector(f"rm_at_step:2={victim}", rank=0).start_of_step(2)
+    assert not victim.exists()
+
+
+def test_full_disk_drill_fails_every_torch_save_inside_its_block_only(tmp_path):
+    real = torch.save
+    with failing_writes(), pytest.raises(OSError, match="No space left on device"):
+        torch.save({"w": torch.ones(1)}, tmp_path / "x.pt")
+    assert torch.save is real and not (tmp_path / "x.pt").exists()
+    injector = FaultInjector("enospc_at_save:4", rank=0)
+    with injector.saving(2):
+        torch.save({"w": torch.ones(1)}, tmp_path / "ok.pt")
+    with injector.saving(4), pytest.raises(OSError):
+        torch.save({"w": torch.ones(1)}, tmp_path / "full.pt")
+    assert (tmp_path / "ok.pt").exists() and not (tmp_path / "full.pt").exists()
+
+
+class _Recorder(TrainHooks):
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def start_of_step(self, step):
+        self.calls.append((self.name, "start_of_step", step))
+
+    def before_forward(self, step):
+        self.calls.append((self.name, "before_forward", step))
+
+    def after_forward(self, step, loss, metrics):
+        self.calls.append((self.name, "after_forward", step))
+        return loss * 2, {**metrics, self.name: 1.0}
+
+    def after_step(self, step, engine):
+        self.calls.append((self.name, "after_step", step))
+
+    @contextmanager
+    def saving(self, step):
+        self.calls.append((self.name, "saving", step))
+        yield
+
+    def end_of_step(self, step):
+        self.calls.append((self.name, "end_of_step", step))
+
+
+def test_hook_list_calls_every_hook_in_order_and_chains_the_loss():
+    calls: list = []
+    hooks = HookList([_Recorder("a", calls), _Recorder("b", calls)])
+    loss, metrics = hooks.after_forward(1, torch.tensor(1.0), {"loss": 1.0})
+    assert loss.item() == 4.0 and metrics == {"loss": 1.0, "a": 1.0, "b": 1.0}
+    with hooks.saving(3):
+        pass
+    assert calls == [("a", "after_forward", 1), ("b", "after_forward", 1), ("a", "saving", 3), ("b", "saving", 3)]
+    assert not HookList() and HookList([TrainHooks()])
+
+
+def _fake_loop(tmp_path: Path, hooks=(), **cfg) -> dict:
+    engine = fake_engine()
+    loop = LoopConfig(**{"max_steps": 3, "eval_every": 0, "save_every": 0, "progress": False, **cfg})
+    return Trainer(engine, fake_batches(), lambda raw, step=None: raw, lambda: {"loss": 1.0}, loop, tmp_path,
+                   {"run": "fake"}, export=lambda folder: None, title="fake", hooks=hooks).run()
+
+
+def test_trainer_calls_installed_hooks_at_the_named_points(tmp_path):
+    calls: list = []
+    result = _fake_loop(tmp_path, [_Recorder("h", calls)], max_steps=2)
+    points = [(point, step) for _, point, step in calls]
+    per_step = ["start_of_step", "before_forward", "after_forward", "after_step"]
+    assert points == ([(p, 1) for p in per_step] + [("end_of_step", 1)]
+                      + [(p, 2) for p in per_step] + [("saving", 2), ("end_of_step", 2)])
+    assert result["steps"] == 2 and result["optimizer_updates"] == 2
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    # the metrics a hook returns are the metrics the loop logs
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [r["h"] for r in history["train"]] == [1.0, 1.0]
+
+
+def test_nan_drill_installed_as_a_hook_skips_the_step_in_process(tmp_path):
+    """The NaN-loss drill on the fake engine: the step makes no update and is counted; the others train."""
+    clean = _fake_loop(tmp_path / "clean")
+    hit = _fake_loop(tmp_path / "nan", [FaultInjector("nan_at_step:2", rank=0)])
+    assert (hit["nonfinite_steps"], hit["optimizer_updates"], clean["optimizer_updates"]) == (1, 2, 3)
+    assert math.isnan(hit["train_losses"][1]) and hit["train_losses"][0] == clean["train_losses"][0]
+    assert all(math.isfinite(x) for x in hit["train_losses"][::2])
+
+
+def test_train_loop_keeps_its_signature_and_reads_the_drill_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "nan_at_step:1")
+    engine = fake_engine()
+    cfg = LoopConfig(max_steps=2, eval_every=0, save_every=0, progress=False)
+    result = train_loop(engine, fake_batches(), lambda raw, step=None: raw, lambda: {"loss": 1.0}, cfg, tmp_path,
+                        {"run": "fake"}, lambda folder: None, start=None, title="fake", frozen_check=None,
+                        batch_limits=None)
+    assert result["nonfinite_steps"] == 1 and result["optimizer_updates"] == 1
 
 
 def test_out_of_memory_is_recognised_and_described():
@@ -110,7 +244,7 @@ def test_unreadable_rows_are_skipped_or_named(tmp_path):
 
 
 def test_precision_fp16_uses_dynamic_loss_scaling_and_bf16_checks_gradients():
-    from speechlm.training.engine import EngineConfig, ds_config, train_dtype
+    from speechlm.training.deepspeed_engine import EngineConfig, ds_config, train_dtype
 
     conf = ds_config(EngineConfig(precision="fp16"))
     assert conf["fp16"]["enabled"] is True and conf["fp16"]["loss_scale"] == 0 and conf["bf16"]["enabled"] is False
@@ -173,7 +307,7 @@ def _latest(out: Path) -> str:
 
 def _intact(ckpt: Path) -> bool:
     """Every file meta.json lists is there with its size and sha256."""
-    from speechlm.training.engine import _sha256
+    from speechlm.training.checkpoint import _sha256
 
     meta = json.loads((ckpt / "meta.json").read_text())
     return all((ckpt / n).stat().st_size == f["size"] and _sha256(ckpt / n) == f["sha256"]

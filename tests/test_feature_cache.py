@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,21 +162,26 @@ def test_bad_audio_raises_or_is_skipped(tmp_path, whisper_dir):
     assert any("missing.wav" in s["error"] for s in cache.skipped)
 
 
+def _cache_features(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "cache_features.py"), *args], check=False,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_cli(tmp_path, whisper_dir):
+    """tools/cache_features.py (as a subprocess) and speechlm.data.cache_jobs.encode_manifest behind it."""
+    from speechlm.data.cache_jobs import encode_manifest
+
     manifest = _corpus(tmp_path, seconds=(0.5, 0.8))
-    spec = importlib.util.spec_from_file_location("cache_features", REPO / "tools" / "cache_features.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    rc = tool.main(["--manifest", str(manifest), "--encoder", whisper_dir, "--out", str(tmp_path / "c"),
-                    "--layers", "0", "-1", "--batch-size", "2"])
-    assert rc == 0
+    done = _cache_features("--manifest", str(manifest), "--encoder", whisper_dir, "--out", str(tmp_path / "c"),
+                           "--layers", "0", "-1", "--batch-size", "2", "--threads", "1")
+    assert done.returncode == 0, done.stderr
     cache = FeatureCache.open(tmp_path / "c", SpeechEncoder.from_pretrained(whisper_dir, layers=(0, -1)).cache_key())
     assert cache["u1"].shape == (2, 40, 32)
-    assert tool.main(["--manifest", str(tmp_path / "none.jsonl"), "--encoder", whisper_dir,
-                      "--out", str(tmp_path / "c2")]) == 1
+    done = _cache_features("--manifest", str(tmp_path / "none.jsonl"), "--encoder", whisper_dir,
+                           "--out", str(tmp_path / "c2"), "--threads", "1")
+    assert done.returncode == 1 and done.stderr.startswith("error: ")
     # a bf16 encoder: its own key (refused as the fp32 one's cache), frames still stored as fp16
-    assert tool.main(["--manifest", str(manifest), "--encoder", whisper_dir, "--out", str(tmp_path / "bf"),
-                      "--layers", "0", "-1", "--dtype", "bf16"]) == 0
+    encode_manifest(manifest, whisper_dir, tmp_path / "bf", layers=(0, -1), dtype="bf16")
     bf16 = SpeechEncoder.from_pretrained(whisper_dir, layers=(0, -1), dtype="bf16")
     half = FeatureCache.open(tmp_path / "bf", bf16.cache_key())
     assert half.encoder_key["dtype"] == "bfloat16" and half["u1"].shape == (2, 40, 32)

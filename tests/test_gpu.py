@@ -17,17 +17,14 @@ import contextlib
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check
+from speechlm.perf import shapes
 
-sys.path.remove(str(ROOT / "tools"))
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_check.sh)")]
@@ -69,8 +66,8 @@ def work(tmp_path_factory) -> Path:
 
 
 def encoder_folder(work: Path, kind: str) -> str:
-    return str(gpu_check.build_encoder_folder(kind, work / "models" / gpu_check.ENCODERS[kind][0], tiny=False,
-                                              device="cuda"))
+    return str(shapes.build_encoder_folder(kind, work / "models" / shapes.ENCODERS[kind][0], tiny=False,
+                                           device="cuda"))
 
 
 def ssr_batch(t: int = 600, n: int = 30, seed: int = 0):
@@ -98,7 +95,7 @@ def build_ssr(mask: str):
 
 # --------------------------------------------------------------------------------------- precision
 def test_bf16_training_is_selected_on_this_gpu():
-    from speechlm.training.engine import EngineConfig, ds_config
+    from speechlm.training.deepspeed_engine import EngineConfig, ds_config
 
     conf = ds_config(EngineConfig(precision="bf16", ds_config=str(ROOT / "recipes" / "ds" / "zero2_gpu.json")))
     assert conf["bf16"]["enabled"] is True
@@ -227,7 +224,7 @@ def test_frozen_llm_unchanged_after_a_step_on_cuda():
     from speechlm.models.speechlm import SpeechLM
     from speechlm.training.stages import Stage2Finetune
 
-    llm = gpu_check.build_llama("1b", "cuda", torch.bfloat16, layers=2)  # Llama-3.2-1B's shape, 2 layers
+    llm = shapes.build_llama("1b", "cuda", torch.bfloat16, layers=2)  # Llama-3.2-1B's shape, 2 layers
     torch.manual_seed(0)
     conn = build_connector({**SSR, "d_llm": llm.config.hidden_size, "mask": "causal"}).cuda().to(torch.bfloat16)
     model = Stage2Finetune(SpeechLM(conn, llm, gradient_checkpointing=True), bos_id=llm.config.bos_token_id,
@@ -236,7 +233,7 @@ def test_frozen_llm_unchanged_after_a_step_on_cuda():
     before = {n: p.detach().clone() for n, p in llm.named_parameters()}
     conn_before = {n: p.detach().clone() for n, p in conn.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = gpu_check.synthetic_batch(4, 600, 40, SSR["d_enc"], llm.config.vocab_size)
+    batch = shapes.synthetic_batch(4, 600, 40, SSR["d_enc"], llm.config.vocab_size)
     batch = batch.to("cuda", torch.bfloat16)
     loss, _metrics = model(batch)
     loss.backward()

@@ -1,5 +1,6 @@
 """tools/gpu_check.sh cannot rot between GPU loans: its CPU dry run (tiny models, every part, DeepSpeed included)
-writes the report with all its keys and prints the table; its install plan and FLOP formulas are checked too."""
+writes the report with all its keys and prints the table; its install plan (speechlm.perf.install_plan), FLOP
+formulas (speechlm.perf.flops) and orchestration (speechlm.perf.gpu_orchestrate) are checked too."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check
+from speechlm.perf import flops, gpu_cli, gpu_orchestrate, gpu_report, install_plan
 
-sys.path.remove(str(ROOT / "tools"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +40,9 @@ def dry_run(tmp_path_factory) -> dict:
 def test_dry_run_report_has_every_part_and_key(dry_run):
     r = dry_run["report"]
     print(f"dry run: {dry_run['wall_s']:.1f} s")
-    assert r["schema"] == gpu_check.SCHEMA and r["mode"] == "cpu" and r["tiny"] is True
+    assert r["schema"] == gpu_orchestrate.SCHEMA and r["mode"] == "cpu" and r["tiny"] is True
     assert r["isolation"] == "group"  # the --tiny default: GROUPS share processes (part on a GPU)
-    assert list(r["parts"]) == gpu_check.PART_NAMES
+    assert list(r["parts"]) == gpu_orchestrate.PART_NAMES
     for name, part in r["parts"].items():
         assert part["status"] == "ok", (name, part.get("error"), part.get("checks"), part.get("log_tail"))
         assert part["wall_s"] > 0 and part["budget_s"] > 0
@@ -84,7 +83,7 @@ def test_dry_run_report_has_every_part_and_key(dry_run):
 def test_dry_run_prints_the_table(dry_run):
     out = dry_run["stdout"]
     assert re.search(r"^part\s+status\s+wall s\s+numbers$", out, re.MULTILINE)
-    for name in gpu_check.PART_NAMES:
+    for name in gpu_orchestrate.PART_NAMES:
         assert re.search(rf"^{name}\s+ok\s+[\d.]+\s", out, re.MULTILINE), name
     assert "report: " in out
     assert dry_run["report"]["table"].splitlines()[0].startswith("part")
@@ -97,7 +96,7 @@ def test_shell_scripts_parse_and_agree_on_the_wheels():
     text = (ROOT / "tools" / "gpu_wheels.sh").read_text()
     binary = re.search(r"BINARY=\(([^)]*)\)", text).group(1).split()
     downloaded = {n.replace("-", "_").lower() for n in binary} | {"deepspeed"}
-    planned = {w for _, _, wheels in gpu_check.INSTALL_PLAN for w in wheels}
+    planned = {w for _, _, wheels in install_plan.INSTALL_PLAN for w in wheels}
     assert planned == downloaded
     assert 'carry=[".gpu_wheels"]' in (ROOT / "tools" / "gpu_check.sh").read_text()
     assert ".gpu_wheels/" in (ROOT / ".gitignore").read_text().splitlines()
@@ -110,7 +109,7 @@ def test_install_plan_takes_missing_and_out_of_range_packages(tmp_path):
     plan = [("pytest", ">=1", ["pytest"]),  # installed and in range: nothing
             ("pytest", "<1", ["transformers"]),  # installed but out of range: its wheels
             ("no-such-distribution-xyz", ">=0", ["deepspeed", "hjson", "pydantic"])]  # missing: its wheels
-    files, notes = gpu_check.plan_install(tmp_path, plan)
+    files, notes = install_plan.plan_install(tmp_path, plan)
     assert [Path(f).name for f in files] == ["transformers-4.57.6-py3-none-any.whl",
                                              "deepspeed-0.19.8-py3-none-any.whl", "hjson-3.1.0-py3-none-any.whl"]
     assert any("no pydantic wheel" in n for n in notes)
@@ -119,10 +118,10 @@ def test_install_plan_takes_missing_and_out_of_range_packages(tmp_path):
 def test_flops_formulas_by_hand():
     conn = {"params_per_frame": 1000, "params_per_token": 100, "layers": 2, "d_model": 8, "stack": 2}
     llm = {"params_flops": 10_000, "params_layers": 8_000, "layers": 3, "hidden": 16}
-    one = gpu_check.step_flops(1, clips=2, frames=10, tokens=4, conn=conn, llm=None)
+    one = flops.step_flops(1, clips=2, frames=10, tokens=4, conn=conn, llm=None)
     per_clip = 6 * (1000 * 5 + 100 * 4) + 12 * 2 * 8 * 5 * 5
     assert one == {"model_flops": 2 * per_clip, "hardware_flops": 2 * per_clip}
-    two = gpu_check.step_flops(2, clips=2, frames=10, tokens=4, conn=conn, llm=llm)
+    two = flops.step_flops(2, clips=2, frames=10, tokens=4, conn=conn, llm=llm)
     s = 5  # tokens + BOS
     frozen = 4 * 10_000 * s + 12 * 3 * 16 * s * s
     assert two["model_flops"] == 2 * (per_clip + frozen)
@@ -130,12 +129,12 @@ def test_flops_formulas_by_hand():
 
 
 def test_report_goes_to_out_when_set(monkeypatch):
-    args = gpu_check.parse_args(["--cpu", "--tiny"])
+    args = gpu_cli.parse_args(["--cpu", "--tiny"])
     monkeypatch.setenv("OUT", "/somewhere")
-    assert gpu_check.report_path(args) == Path("/somewhere/gpu_report.json")
+    assert gpu_report.report_path(args) == Path("/somewhere/gpu_report.json")
     monkeypatch.delenv("OUT")
-    assert gpu_check.report_path(args) == ROOT / "runs" / "gpu_check" / "report.json"
-    assert gpu_check.parse_args([]).budget == 420 and gpu_check.parse_args([]).llm_size == "8b"
+    assert gpu_report.report_path(args) == ROOT / "runs" / "gpu_check" / "report.json"
+    assert gpu_cli.parse_args([]).budget == 420 and gpu_cli.parse_args([]).llm_size == "8b"
 
 
 def _fake_parts(monkeypatch, calls: list):
@@ -146,17 +145,17 @@ def _fake_parts(monkeypatch, calls: list):
             raise RuntimeError("CUDA out of memory (simulated)")
         ctx.check("frozen_unchanged", True)
 
-    monkeypatch.setitem(gpu_check.PART_FUNCS, "stage2_zero2", stage2)
-    monkeypatch.setitem(gpu_check.PART_FUNCS, "stage2_zero3", stage2)
+    monkeypatch.setitem(gpu_orchestrate.PART_FUNCS, "stage2_zero2", stage2)
+    monkeypatch.setitem(gpu_orchestrate.PART_FUNCS, "stage2_zero3", stage2)
 
 
 def test_llm_falls_back_to_1b_after_a_failed_8b_part(monkeypatch, tmp_path, capsys):
     calls: list = []
     _fake_parts(monkeypatch, calls)
     out = tmp_path / "r.json"
-    args = gpu_check.parse_args(["--cpu", "--isolation", "none", "--parts", "stage2_zero2,stage2_zero3",
+    args = gpu_cli.parse_args(["--cpu", "--isolation", "none", "--parts", "stage2_zero2,stage2_zero3",
                                  "--out", str(out), "--work", str(tmp_path / "w")])
-    assert gpu_check.orchestrate(args) == 0
+    assert gpu_orchestrate.orchestrate(args) == 0
     r = json.loads(out.read_text())
     assert calls == ["8b", "1b", "1b"] and r["llm_size"] == "1b" and "out of memory" in r["llm_choice"]
     first = r["parts"]["stage2_zero2"]
@@ -169,9 +168,9 @@ def test_llm_auto_takes_1b_when_time_is_short(monkeypatch, tmp_path):
     calls: list = []
     _fake_parts(monkeypatch, calls)
     out = tmp_path / "r.json"
-    args = gpu_check.parse_args(["--cpu", "--isolation", "none", "--parts", "stage2_zero2,stage2_zero3",
+    args = gpu_cli.parse_args(["--cpu", "--isolation", "none", "--parts", "stage2_zero2,stage2_zero3",
                                  "--budget", "100", "--out", str(out), "--work", str(tmp_path / "w")])
-    assert gpu_check.orchestrate(args) == 0
+    assert gpu_orchestrate.orchestrate(args) == 0
     r = json.loads(out.read_text())
     assert calls == ["1b", "1b"] and r["llm_choice"].startswith("1b:")
 

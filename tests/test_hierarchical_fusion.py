@@ -5,6 +5,7 @@ benchmark's table."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -272,8 +273,7 @@ def test_select_layers_cuts_a_cache_without_the_encoder(all_layers_cache):
 # ---------------------------------------------------------------------------------------------- the benchmark
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "tools" / "benchmarks"))
-    import bench_fusion
+    from speechlm.perf import bench_fusion
 
     return bench_fusion
 
@@ -317,10 +317,13 @@ def test_bench_table_and_params(bench):
 
 
 def test_bench_refuses_unknown_variants_and_missing_runs(bench, tmp_path):
-    with pytest.raises(ConfigError, match=r"--variants: unknown choice"):
-        bench.main(["--variants", "top,attention", "--run", str(tmp_path)])
-    with pytest.raises(ConfigError, match="not found"):
-        bench.main(["--run", str(tmp_path / "nope"), "--llm", str(tmp_path), "--encoder", str(tmp_path)])
+    script = [sys.executable, str(ROOT / "tools" / "benchmarks" / "bench_fusion.py")]
+    for argv, message in ((["--variants", "top,attention", "--run", str(tmp_path)],
+                           "bench_fusion --variants: unknown choice"),
+                          (["--run", str(tmp_path / "nope"), "--llm", str(tmp_path), "--encoder", str(tmp_path)],
+                           "bench_fusion: train not found")):
+        proc = subprocess.run([*script, *argv], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode != 0 and f"{ConfigError.__name__}: {message}" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bench_variant_caches_and_stage1_command(bench, all_layers_cache, tmp_path, monkeypatch):
@@ -349,8 +352,8 @@ def test_bench_variant_caches_and_stage1_command(bench, all_layers_cache, tmp_pa
     assert cmd[:2] == [sys.executable, str(ROOT / "recipes" / "stage1_distill.py")]
     i = cmd.index("--config")
     cfg = load_config(Stage1Config, cmd[i + 1], cmd[i + 2:])  # the overrides are the recipe's own keys
-    assert cfg.model.connector["layer_fusion"] == "hierarchical" and cfg.model.connector["fusion_group"] == 3
-    assert cfg.model.connector["fusion_dim"] == 64 and cfg.model.connector["name"] == "ssr"
+    assert cfg.model.connector.layer_fusion == "hierarchical" and cfg.model.connector.fusion_group == 3
+    assert cfg.model.connector.fusion_dim == 64 and cfg.model.connector.name == "ssr"
     assert cfg.model.encoder_layers == list(range(7)) and cfg.loop.max_steps == 5 and cfg.seed == 1
     assert cfg.data.feature_cache == str(tmp_path / "feats" / "train")
     assert cfg.data.valid_feature_cache == str(tmp_path / "feats" / "valid")

@@ -1,13 +1,13 @@
-"""speechlm.inference and tools/infer.py on a tiny random run: loading, decoding options, streaming, scores,
+"""speechlm.inference and tools/infer.py (speechlm.serving.batch) on a tiny random run: loading, decoding options, streaming, scores,
 chunking of long clips, boundaries in seconds, clear errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from speechlm.inference import (
     prompt_from_instruction,
     resolve_run,
 )
+from speechlm.serving.batch import answer_files, list_inputs, unescape
 from tests.alignment_helpers import byte_level_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,14 +97,6 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(1)
     pipe = SpeechLMPipeline.from_run(run, llm=models / LLM_NAME, encoder=models / ENCODER_NAME)
     return {"run": run, "models": models, "pipe": pipe, "wav": speech_wav(root / "tom.wav")}
-
-
-def load_tool(rel: str):
-    spec = importlib.util.spec_from_file_location(rel.replace("/", "_")[:-3], ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -351,7 +344,12 @@ def test_boundaries_in_seconds_are_ordered_and_inside_the_clip(tiny):
 
 
 # ------------------------------------------------------------------------------------------ the CLI
-def test_infer_cli_reports_a_corrupt_file_and_answers_the_good_one(tiny, tmp_path, capsys):
+def run_infer(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "infer.py"), *args], check=False, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_infer_cli_reports_a_corrupt_file_and_answers_the_good_one(tiny, tmp_path):
     folder = tmp_path / "clips"
     folder.mkdir()
     shutil.copy(tiny["wav"], folder / "good.wav")
@@ -360,8 +358,8 @@ def test_infer_cli_reports_a_corrupt_file_and_answers_the_good_one(tiny, tmp_pat
     out = tmp_path / "answers.jsonl"
     args = ["--run", str(tiny["run"]), "--llm", str(tiny["models"] / LLM_NAME), "--encoder",
             str(tiny["models"] / ENCODER_NAME), "--out", str(out), "--max-new-tokens", "4", "--threads", "1"]
-    infer = load_tool("tools/infer.py")
-    assert infer.main([str(folder), *args]) == 0
+    done = run_infer([str(folder), *args])
+    assert done.returncode == 0, done.stderr
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(rows) == ["bad", "good"]
     assert "cannot read audio" in rows["bad"]["error"] and "answer" not in rows["bad"]
@@ -369,17 +367,20 @@ def test_infer_cli_reports_a_corrupt_file_and_answers_the_good_one(tiny, tmp_pat
     assert "error" not in good and isinstance(good["answer"], str) and good["transcript"]
     assert good["audio"].endswith("good.wav") and good["prompt"] == DEFAULT_PROMPT
     assert good["tokens"] and {"token", "start_s", "end_s"} <= set(good["tokens"][0]) and "total_s" in good["timings"]
-    err = capsys.readouterr().err
-    assert "bad" in err and "cannot read audio" in err and "1 answered, 1 skipped" in err
+    assert "bad" in done.stderr and "cannot read audio" in done.stderr and "1 answered, 1 skipped" in done.stderr
     # a manifest: its rows' audio paths (relative to the manifest), ids, and a malformed row reported
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "u1", "audio": "clips/good.wav", "text": "x"}) + "\n{oops\n")
-    assert infer.main([str(manifest), *args[:-2], "--stop", "\\n"]) == 0
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert unescape("\\n") == "\n"
+    skipped = []
+    rows, failed = answer_files(tiny["pipe"], list_inputs(manifest), DEFAULT_PROMPT, max_new_tokens=4,
+                                stop=[unescape("\\n")], progress=False, on_error=lambda uid, e: skipped.append(uid))
     assert rows[0]["id"] == "u1" and "answer" in rows[0] and "error" in rows[1]
+    assert failed == 1 and skipped == ["m.jsonl:2"]
     # setup errors stop before any output
-    assert infer.main([str(folder), "--run", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]) == 1
-    assert "no trained connector" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+    done = run_infer([str(folder), "--run", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
+    assert done.returncode == 1
+    assert "no trained connector" in done.stderr and not (tmp_path / "x.jsonl").exists()
 
 
 @pytest.mark.slow

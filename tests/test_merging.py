@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,13 +28,13 @@ from speechlm.models.merging import (
     find_attention_layers,
     interpolate,
     layer_map,
-    learn_whisper_merge,
     merge_attention,
     train_merge_factors,
     whisper_asr_loss,
     whisper_collate,
     whisper_label_ids,
 )
+from speechlm.training.whisper_merge import learn_whisper_merge
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = 50  # encoder input: 2 * 50 = 100 mel frames (1 s)
@@ -287,23 +287,20 @@ def test_whisper_objective_and_learn_whisper_merge(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _cli():
-    spec = importlib.util.spec_from_file_location("merge_attention_under_test", ROOT / "tools/merge_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def _merge_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools/merge_attention.py"), *args], check=False,
+                          capture_output=True, text=True, timeout=600)
 
 
-def test_cli_writes_a_folder_speech_encoder_loads(tmp_path, capsys):
+def test_cli_writes_a_folder_speech_encoder_loads(tmp_path):
     src = tmp_path / "whisper"
     tiny_whisper().save_pretrained(src)
     WhisperFeatureExtractor().save_pretrained(src)
     (src / "speechlm_converted.json").write_text("{}")
-    cli = _cli()
     out = tmp_path / "merged"
-    assert cli.main(["--encoder", str(src), "--factors", "0,0.5", "--projections", "q,k,v,o", "--out", str(out),
-                     "--threads", "1"]) == 0
+    done = _merge_cli("--encoder", str(src), "--factors", "0,0.5", "--projections", "q,k,v,o", "--out", str(out),
+                      "--threads", "1")
+    assert done.returncode == 0, done.stderr
     record = json.loads((out / "merge.json").read_text())
     assert record["factors"] == [0.0, 0.5] and record["projections"] == ["q", "k", "v", "o"]
     assert record["source"] == str(src) and record["layer_map"] == [0, 1] and record["learned"] is False
@@ -317,10 +314,10 @@ def test_cli_writes_a_folder_speech_encoder_loads(tmp_path, capsys):
     assert torch.equal(e.out_proj.weight, formula(o.out_proj.weight, d.out_proj.weight, 0.5))
     assert torch.equal(enc.model.layers[0].self_attn.q_proj.weight, orig.model.layers[0].self_attn.q_proj.weight)
     assert enc.weights_fingerprint() != orig.weights_fingerprint()
-    assert "merged 2 attention layers" in capsys.readouterr().out
+    assert "merged 2 attention layers" in done.stdout
     # errors are one line on stderr, and the earlier folder stays as it was
-    assert cli.main(["--encoder", str(src), "--factors", "0.1,0.2,0.3", "--out", str(out)]) == 1
-    assert "3 merge factors for 2" in capsys.readouterr().err
+    done = _merge_cli("--encoder", str(src), "--factors", "0.1,0.2,0.3", "--out", str(out))
+    assert done.returncode == 1 and "3 merge factors for 2" in done.stderr
     assert json.loads((out / "merge.json").read_text()) == record
 
 

@@ -12,6 +12,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from speechlm import paths
 from speechlm.errors import ModelError
+from speechlm.eval import model_checks
 from speechlm.models import convert
 
 
@@ -210,7 +211,7 @@ def test_complete_marker_detects_damage(tmp_path: Path) -> None:
 def test_converted_smollm2_prefers_plain_english() -> None:
     folder, _ = convert.prepare_model(paths.SMOLLM2_135M)
     text = "My grandmother bakes fresh bread for the whole family every Sunday."
-    plain, scrambled = convert.check_smollm2(folder, text)
+    plain, scrambled = model_checks.check_smollm2(folder, text)
     assert plain < 200 and plain * 10 < scrambled, (plain, scrambled)
 
 
@@ -222,7 +223,7 @@ def test_converted_whisper_transcribes_synthesized_speech() -> None:
 
     folder, _ = convert.prepare_model(paths.WHISPER_BASE)
     text = "Please remember to turn off the lights when you leave the office."
-    transcript, wer = convert.check_whisper(folder, text)
+    transcript, wer = model_checks.check_whisper(folder, text)
     assert wer <= 0.2, transcript
 
     # The tokenizers must split text into the very ids the model generates (so they can build

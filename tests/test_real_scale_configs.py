@@ -21,6 +21,7 @@ import pytest
 import torch
 from training_helpers import WORDS, make_tokenizer
 
+from alignment.training import TrainAlignerConfig
 from speechlm.config import load_config
 from speechlm.errors import ConfigError
 from speechlm.training.configs import Stage1Config, Stage2Config
@@ -35,15 +36,6 @@ SCRIPT = ROOT / "recipes" / "run_librispeech_llama3.sh"
 SR = 16_000
 
 
-def _aligner_config_cls():
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        import train_aligner
-    finally:
-        sys.path.remove(str(ROOT / "recipes"))
-    return train_aligner
-
-
 # ------------------------------------------------------------------------------------- configs
 def test_real_configs_hold_the_method_hyperparameters():
     for cls, path in ((Stage1Config, STAGE1), (Stage2Config, STAGE2)):
@@ -52,14 +44,14 @@ def test_real_configs_hold_the_method_hyperparameters():
         assert (e.lr, list(e.betas), e.weight_decay, e.warmup_steps, e.lr_floor) == (1e-4, [0.9, 0.95], 0.1, 2000, 0.2)
         assert e.precision == "bf16" and e.zero_stage == 2
         assert cfg.data.max_tokens == 512
-        assert cfg.model.connector["name"] == "ssr" and cfg.model.connector["n_layers"] == 4
+        assert cfg.model.connector.name == "ssr" and cfg.model.connector.n_layers == 4
         # the DeepSpeed JSON it names exists (relative to the repository root, where the script runs) and agrees
         conf = json.loads((ROOT / e.ds_config).read_text())
         assert conf["zero_optimization"]["stage"] == e.zero_stage
     assert load_config(Stage2Config, STAGE2).model.gradient_checkpointing
     zero3 = json.loads((ROOT / "recipes" / "ds" / "zero3_gpu.json").read_text())
     assert zero3["zero_optimization"]["stage"] == 3
-    acfg = load_config(_aligner_config_cls().TrainAlignerConfig, ALIGNER)
+    acfg = load_config(TrainAlignerConfig, ALIGNER)
     assert acfg.model.kind == "charCTC" and acfg.model.layers == 4
 
 
@@ -153,35 +145,36 @@ def _corpus(root: Path, n_train: int = 16, n_valid: int = 4) -> None:
     write_manifest(root / "raw" / "valid.jsonl", rows[n_train:])
 
 
-def _tool(name: str):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+def _tool(name: str, *args: str | Path) -> subprocess.CompletedProcess:
+    """Run tools/<name>.py as the shell script does (a test of a script's command line runs it)."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / f"{name}.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=str(ROOT), timeout=300, check=False)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module", params=["w2v-bert", "whisper"])
 def world(request, tmp_path_factory) -> dict[str, str]:
     """The script's data flow on a tiny corpus: lower-cased shards, per-shard caches merged into one."""
+    from speechlm.data.cache_jobs import merge_feature_caches
     from speechlm.data.feature_cache import build_feature_cache
+    from speechlm.data.sharding import shard_manifests
     from speechlm.models.encoder import SpeechEncoder
 
     root = tmp_path_factory.mktemp(f"realscale-{request.param}")
     hidden = _tiny_llama3(root / "llm")
     _tiny_encoder(request.param, root / "enc")
     _corpus(root)
-    shard = _tool("shard_manifest")
-    assert shard.main(["--in", str(root / "raw" / "train.jsonl"), "--out-dir", str(root / "shards"),
-                       "--name", "train", "--shards", "2", "--lowercase"]) == 0
-    assert shard.main(["--in", str(root / "raw" / "valid.jsonl"), "--out-dir", str(root / "manifests"),
-                       "--name", "valid", "--lowercase"]) == 0
+    shard_manifests([root / "raw" / "train.jsonl"], root / "shards", "train", shards=2, lowercase=True)
+    shard_manifests([root / "raw" / "valid.jsonl"], root / "manifests", "valid", lowercase=True)
     encoder = SpeechEncoder(str(root / "enc"))
     parts = sorted((root / "shards").glob("train-*.jsonl"))
     for k, part in enumerate(parts):
         build_feature_cache(part, encoder, root / "feats" / f"train-part-{k}")
-    merged = _tool("merge_feature_caches").merge_feature_caches(
-        [root / "feats" / f"train-part-{k}" for k in range(len(parts))], root / "feats" / "train")
+    merged = merge_feature_caches([root / "feats" / f"train-part-{k}" for k in range(len(parts))],
+                                  root / "feats" / "train")
     assert len(merged) == 16
     build_feature_cache(root / "manifests" / "valid.jsonl", encoder, root / "feats" / "valid")
     return {"kind": request.param, "llm": str(root / "llm"), "enc": str(root / "enc"), "root": str(root),
@@ -197,22 +190,21 @@ def test_shards_are_lowercased_round_robin(tmp_path):
             for i in range(7)]
     write_manifest(tmp_path / "a.jsonl", rows[:4])
     write_manifest(tmp_path / "b.jsonl", rows[4:])
-    shard = _tool("shard_manifest")
-    assert shard.main(["--in", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out-dir",
-                       str(tmp_path / "s"), "--name", "train", "--shards", "3", "--lowercase"]) == 0
+    _ok(_tool("shard_manifest", "--in", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--out-dir", tmp_path / "s",
+              "--name", "train", "--shards", "3", "--lowercase"))
     got = [[u.id for u in read_manifest(p)] for p in sorted((tmp_path / "s").glob("train-*-of-00003.jsonl"))]
     assert got == [["u0", "u3", "u6"], ["u1", "u4"], ["u2", "u5"]]
     assert read_manifest(tmp_path / "s" / "train-00000-of-00003.jsonl")[1].text == "word 3"
-    assert shard.main(["--in", str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl"), "--out-dir",
-                       str(tmp_path / "d"), "--name", "x"]) == 1  # the same id twice
+    assert _tool("shard_manifest", "--in", tmp_path / "a.jsonl", tmp_path / "a.jsonl", "--out-dir", tmp_path / "d",
+                 "--name", "x").returncode == 1  # the same id twice
 
 
 def test_merged_cache_refuses_another_encoder_and_duplicates(world, tmp_path):
+    from speechlm.data.cache_jobs import merge_feature_caches as merge
     from speechlm.data.feature_cache import FeatureCache, build_feature_cache
     from speechlm.errors import FeatureCacheError
     from speechlm.models.encoder import SpeechEncoder
 
-    merge = _tool("merge_feature_caches").merge_feature_caches
     root = Path(world["root"])
     merged = FeatureCache.open(world["cache"])
     part = FeatureCache.open(root / "feats" / "train-part-0")
@@ -228,36 +220,38 @@ def test_merged_cache_refuses_another_encoder_and_duplicates(world, tmp_path):
 
 # ------------------------------------------------------------------------------ one step each
 def test_aligner_config_trains_on_the_stand_in(world):
-    train_aligner = _aligner_config_cls()
+    from alignment.training import train
+
     out = Path(world["root"]) / "aligner"
-    cfg = load_config(train_aligner.TrainAlignerConfig, ALIGNER,
+    cfg = load_config(TrainAlignerConfig, ALIGNER,
                       [f"train_manifest={world['root']}/shards/train-00000-of-00002.jsonl",
                        f"valid_manifest={world['valid']}", f"feature_cache_train={world['cache']}",
                        f"feature_cache_valid={world['valid_cache']}",
                        f"out_dir={out}", f"encoder={world['enc']}", "steps=1", "valid_every=1", "device=cpu",
                        "threads=1", "model.d_model=32", "model.heads=2"])
-    assert train_aligner.train(cfg) == 0
+    assert train(cfg)["steps"] == 1
     saved = json.loads((out / "config.json").read_text())
     assert (out / "model.safetensors").is_file() and saved["layers"] == 4
     # tools/align.py as the script calls it: every row gets one boundary per LLM token
     aligned = Path(world["root"]) / "aligned" / "valid.jsonl"
-    assert _tool("align").main(["--manifest", world["valid"], "--aligner", str(out), "--tokenizer", world["llm"],
-                                "--feature-cache", world["valid_cache"], "--out", str(aligned), "--skip-bad"]) == 0
+    _ok(_tool("align", "--manifest", world["valid"], "--aligner", out, "--tokenizer", world["llm"],
+              "--feature-cache", world["valid_cache"], "--out", aligned, "--skip-bad"))
     from speechlm.data.manifest import read_manifest
 
     rows = read_manifest(aligned)
     assert rows and all(len(u.token_boundaries) == len(u.text.split()) for u in rows)
 
 
+# Both stages in one process (torch and DeepSpeed imported once), as the recipes run them.
 DRIVER = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1] + "/recipes")
-import stage1_distill, stage2_finetune
-args = json.loads(sys.argv[2])
-results = {"stage1": stage1_distill.main(args["stage1"])}
-results["stage2"] = stage2_finetune.main(args["stage2"])
-if args.get("stage2_zero3"):
-    results["stage2_zero3"] = stage2_finetune.main(args["stage2_zero3"])
+from speechlm.config import load_config
+from speechlm.training.configs import Stage1Config, Stage2Config
+from speechlm.training.stage_runs import run_stage1, run_stage2
+args = json.loads(sys.argv[1])
+results = {"stage1": run_stage1(load_config(Stage1Config, args["stage1"][0], args["stage1"][1:]))}
+for key in [k for k in args if k.startswith("stage2")]:
+    results[key] = run_stage2(load_config(Stage2Config, args[key][0], args[key][1:]))
 print("RESULTS " + json.dumps(results))
 """
 
@@ -270,16 +264,16 @@ def test_stage1_and_stage2_step_with_the_real_configs(world, tmp_path):
               f"data.valid_manifest={world['valid']}", f"data.feature_cache={world['cache']}",
               f"data.valid_feature_cache={world['valid_cache']}",
               "engine.precision=fp32", "engine.threads=1", "loop.max_steps=1", "loop.progress=false"]
-    s1 = ["--config", str(STAGE1), *common, f"out_dir={out}/stage1"]
-    s2 = ["--config", str(STAGE2), *common, f"out_dir={out}/stage2", f"model.init_connector={out}/stage1/connector"]
+    s1 = [str(STAGE1), *common, f"out_dir={out}/stage1"]  # the config file, then its overrides
+    s2 = [str(STAGE2), *common, f"out_dir={out}/stage2", f"model.init_connector={out}/stage1/connector"]
     args = {"stage1": s1, "stage2": s2}
     if world["kind"] == "w2v-bert":  # the ZeRO-3 alternative of stage 2 (frozen LLM partitioned too)
-        args["stage2_zero3"] = ["--config", str(STAGE2), *common, f"out_dir={out}/stage2_zero3",
+        args["stage2_zero3"] = [str(STAGE2), *common, f"out_dir={out}/stage2_zero3",
                                 f"model.init_connector={out}/stage1/connector", "engine.zero_stage=3",
                                 "engine.ds_config=recipes/ds/zero3_gpu.json"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")}
-    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT), json.dumps(args)], capture_output=True,
+    env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], capture_output=True,
                           text=True, cwd=str(ROOT), env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))

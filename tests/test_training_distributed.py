@@ -18,7 +18,8 @@ from training_helpers import leaked_shm_buffers, make_world, run_recipe, stage1_
 from speechlm.config import load_config
 from speechlm.training import build
 from speechlm.training.configs import Stage1Config
-from speechlm.training.engine import DistInfo, frozen_fingerprint, param_groups, seed_everything
+from speechlm.training.deepspeed_engine import frozen_fingerprint, param_groups
+from speechlm.training.distributed import DistInfo, seed_everything
 from speechlm.training.schedule import warmup_cosine
 from speechlm.training.stages import Stage1Distill, TokenEmbedding
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Ll
 
 from speechlm.models.connectors.base import llm_identity
 from speechlm.training import build
-from speechlm.training.engine import EngineConfig, train_dtype
+from speechlm.training.deepspeed_engine import EngineConfig, train_dtype
 
 VOCAB = 29  # the helpers' word-level tokenizer: 4 specials + 25 words
 

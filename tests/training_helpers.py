@@ -127,3 +127,69 @@ def run_recipe(script: str, config: str, overrides: list[str], ranks: int = 0, t
 def leaked_shm_buffers(port: str) -> list[Path]:
     """DeepSpeed CPU all-reduce buffers still in /dev/shm for a launcher run on ``port`` (there should be none)."""
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if port else []
+
+
+class FakeDeepSpeed:
+    """Just enough of a DeepSpeedEngine for the training loop in-process (no process group): a linear model, SGD,
+    fp32, ZeRO-0; a step whose optimizer reports an overflow is not applied, as DeepSpeed's overflow check does."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.module = torch.nn.Linear(2, 1)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
+        self.device = torch.device("cpu")
+        self.skipped_steps = 0
+        self.applied = True
+
+    def __call__(self, batch):
+        loss = (self.module(batch.x) ** 2).mean()
+        return loss, {"loss": float(loss.detach())}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.applied = not getattr(self.optimizer, "overflow", False)
+        self.skipped_steps += int(not self.applied)
+        self.optimizer.zero_grad()
+
+    def was_step_applied(self) -> bool:
+        return self.applied
+
+    def train(self) -> None:
+        pass
+
+    def eval(self) -> None:
+        pass
+
+    def fp16_enabled(self) -> bool:
+        return False
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def save_checkpoint(self, folder: str, tag: str, **kwargs: object) -> None:
+        torch.save(self.module.state_dict(), Path(folder) / tag / "model.pt")
+
+
+def fake_engine(seed: int = 0):
+    """A :class:`speechlm.training.deepspeed_engine.Engine` around :class:`FakeDeepSpeed` (rank 0 of 1)."""
+    from speechlm.training.deepspeed_engine import Engine, EngineConfig
+    from speechlm.training.distributed import DistInfo
+
+    ds = FakeDeepSpeed(seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(ds.optimizer, lambda step: 1.0)
+    return Engine(ds, scheduler, DistInfo(0, 1, 0, 1), EngineConfig(precision="fp32"), bf16=False)
+
+
+def fake_batches(seed: int = 0):
+    """An endless stream of tiny batches with what the loop reads of a Batch (position, skipped rows, ids)."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(seed)
+    i = 0
+    while True:
+        yield SimpleNamespace(epoch=0, index=i, skipped=[], empty=False, utt_ids=[f"u{i}"],
+                              x=torch.randn(4, 2, generator=gen))
+        i += 1

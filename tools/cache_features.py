@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-from speechlm.data.feature_cache import build_feature_cache
+from speechlm.data.cache_jobs import encode_manifest
 from speechlm.errors import SpeechLMError
-from speechlm.models.encoder import DTYPES, SpeechEncoder
+from speechlm.models.encoder import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,16 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        gpu = torch.cuda.is_available()
-        dtype = args.dtype
-        if dtype == "auto":
-            dtype = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
-        encoder = SpeechEncoder.from_pretrained(args.encoder, layers=args.layers,
-                                                whisper_pad_to_30s=args.whisper_pad_to_30s, dtype=dtype)
-        if gpu:
-            encoder.to("cuda")
-        cache = build_feature_cache(args.manifest, encoder, args.out, batch_size=args.batch_size,
-                                    skip_bad=args.skip_bad, shard_mb=args.shard_mb)
+        cache = encode_manifest(args.manifest, args.encoder, args.out, layers=args.layers, batch_size=args.batch_size,
+                                skip_bad=args.skip_bad, whisper_pad_to_30s=args.whisper_pad_to_30s, dtype=args.dtype,
+                                shard_mb=args.shard_mb)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from speechlm.atomic import atomic_write_text
 from speechlm.errors import SpeechLMError
 from speechlm.eval.speaker import evaluate_probe

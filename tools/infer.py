@@ -18,48 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
 from speechlm.atomic import atomic_write_text
-from speechlm.errors import ManifestError, SpeechLMError
-from speechlm.inference import AUDIO_EXTENSIONS, DEFAULT_PROMPT, DEFAULT_STOP, SpeechLMPipeline
-
-
-def list_inputs(source: str | Path) -> list[tuple[str, Path | None, str | None]]:
-    """(id, audio path, error) per input: one file, a folder's audio files, or a manifest's rows."""
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-        if not files:
-            raise ManifestError(f"{source}: no {'/'.join(AUDIO_EXTENSIONS)} files in this folder")
-        return [(str(p.relative_to(source).with_suffix("")), p, None) for p in files]
-    if not source.is_file():
-        raise ManifestError(f"{source}: no such file or folder")
-    if source.suffix.lower() != ".jsonl":
-        return [(source.stem, source, None)]
-    out: list[tuple[str, Path | None, str | None]] = []
-    for lineno, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            audio = Path(row["audio"])
-        except (ValueError, KeyError, TypeError) as e:
-            out.append((f"{source.name}:{lineno}", None, f"{source}:{lineno}: not a manifest row with 'audio' ({e})"))
-            continue
-        path = audio if audio.is_absolute() else source.parent / audio
-        out.append((str(row.get("id") or path.stem), path, None))
-    return out
-
-
-def unescape(text: str) -> str:
-    """``\\n`` and ``\\t`` typed on a command line as a newline and a tab."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
+from speechlm.errors import SpeechLMError
+from speechlm.inference import DEFAULT_PROMPT, DEFAULT_STOP, SpeechLMPipeline
+from speechlm.serving.batch import answer_files, list_inputs, unescape
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     stop = DEFAULT_STOP if args.stop is None else [unescape(s) for s in args.stop if s]
-    args.prompt = unescape(args.prompt)
+    prompt = unescape(args.prompt)
     try:
         inputs = list_inputs(args.input)
         pipe = SpeechLMPipeline.from_run(args.run, connector=args.connector, aligner=args.aligner, llm=args.llm,
@@ -97,22 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from tqdm import tqdm
 
-    rows, failed = [], 0
-    for uid, path, error in tqdm(inputs, desc="infer", unit="file", file=sys.stderr):
-        row = {"id": uid, "audio": str(path) if path else None, "prompt": args.prompt}
-        if error is None:
-            try:
-                result = pipe.generate(path, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=stop,
-                                       no_repeat_ngram=args.no_repeat_ngram)
-                row.update(result.to_dict())
-            except SpeechLMError as e:
-                error = str(e)
-        if error is not None:
-            failed += 1
-            row["error"] = error
-            tqdm.write(f"skipped {uid}: {error}", file=sys.stderr)
-        rows.append(row)
+    rows, failed = answer_files(pipe, inputs, prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=stop,
+                                no_repeat_ngram=args.no_repeat_ngram,
+                                on_error=lambda uid, err: tqdm.write(f"skipped {uid}: {err}", file=sys.stderr))
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"{len(rows) - failed} answered, {failed} skipped -> {args.out}", file=sys.stderr)
     return 0

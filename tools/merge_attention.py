@@ -21,59 +21,13 @@ everything else frozen, and writes the learned factors.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from speechlm.atomic import atomic_path
-from speechlm.errors import ConfigError, ModelError, SpeechLMError
-from speechlm.models.merging import PROJECTION_NAMES, RULES, learn_whisper_merge, merge_attention
-
-#: Files of the encoder folder not copied to the output: weights (save_pretrained writes its own) and
-#: the offline converter's completeness marker (it lists the original files' sizes).
-SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
-SKIP_NAMES = ("speechlm_converted.json", "merge.json")
-
-
-def load_full_model(path: str | Path) -> torch.nn.Module:
-    """The whole HF model of a folder (its config's architecture, e.g. WhisperForConditionalGeneration), fp32."""
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: not a Hugging Face model folder ({e})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    cls = cls or AutoModel
-    try:
-        model = cls.from_pretrained(str(path), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot load {cls.__name__} ({e})") from None
-    return model.eval()
-
-
-def write_merged(model: torch.nn.Module, encoder_folder: str | Path, out: str | Path, record: dict) -> Path:
-    """save_pretrained(model) + the encoder folder's other files + merge.json, atomically into ``out``."""
-    out = Path(out).expanduser()
-    encoder_folder = Path(encoder_folder).expanduser()
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
-        if encoder_folder.is_dir():
-            for f in sorted(encoder_folder.iterdir()):
-                if (f.is_file() and not (tmp / f.name).exists() and f.name not in SKIP_NAMES
-                        and not f.name.endswith(SKIP_SUFFIXES)):
-                    shutil.copy2(f, tmp / f.name)
-        (tmp / "merge.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-    return out
+from speechlm.errors import ConfigError, SpeechLMError
+from speechlm.models.merging import PROJECTION_NAMES, RULES
+from speechlm.training.merge_export import merge_encoder_folder
 
 
 def _floats(text: str) -> list[float]:
@@ -107,41 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     factors = args.factor if args.factor is not None else args.factors
     projections = tuple(p.strip() for p in args.projections.split(",") if p.strip())
-    source_path = args.source or args.encoder
     try:
-        model = load_full_model(args.encoder)
-        same = Path(source_path).expanduser().resolve() == Path(args.encoder).expanduser().resolve()
-        source = model if same else load_full_model(source_path)
-        record = {"encoder": str(args.encoder), "source": str(source_path), "source_part": args.source_part}
-        if args.learn_manifest:
-            if getattr(model.config, "model_type", "") != "whisper" or not hasattr(model, "get_encoder"):
-                raise ConfigError("--learn-manifest: learnable MAM from the CLI needs a Whisper model "
-                                  "(WhisperForConditionalGeneration); use speechlm.models.merging from Python")
-            from transformers import WhisperProcessor
-
-            from speechlm.data.manifest import read_manifest
-
-            processor = WhisperProcessor.from_pretrained(str(args.encoder))
-            utts = [u for u in read_manifest(args.learn_manifest) if not args.learn_split or u.split == args.learn_split]
-            if args.learn_max_utts:
-                utts = utts[: args.learn_max_utts]
-            if not utts:
-                raise ConfigError(f"{args.learn_manifest}: no rows of split {args.learn_split!r}")
-            report = learn_whisper_merge(model, processor, utts, args.learn_steps, factors, source, projections,
-                                         args.rule, args.source_part, args.learn_batch_size, args.lr, args.seed,
-                                         log=print)
-            report["losses"] = [round(x, 5) for x in report["losses"]]
-            record.update(report, learn_manifest=str(args.learn_manifest), learn_split=args.learn_split,
-                          learn_utterances=len(utts))
-        else:
-            record.update(merge_attention(model, source, factors, projections, args.rule,
-                                          source_part=args.source_part), learned=False)
-        out = write_merged(model, args.encoder, args.out, record)
+        out, record = merge_encoder_folder(
+            args.encoder, args.out, factors, source=args.source, source_part=args.source_part,
+            projections=projections, rule=args.rule, learn_manifest=args.learn_manifest,
+            learn_split=args.learn_split, learn_steps=args.learn_steps, learn_batch_size=args.learn_batch_size,
+            learn_max_utts=args.learn_max_utts, lr=args.lr, seed=args.seed)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"merged {len(record['factors'])} attention layers ({','.join(record['projections'])}; factors "
-          + " ".join(f"{a:.4g}" for a in record["factors"]) + f") from {source_path} -> {out}")
+          + " ".join(f"{a:.4g}" for a in record["factors"]) + f") from {record['source']} -> {out}")
     return 0
 
 

@@ -10,59 +10,10 @@ an interrupted merge leaves no openable cache. The inputs stay valid.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from speechlm.atomic import atomic_write_text
-from speechlm.data.feature_cache import FORMAT, INDEX, FeatureCache, key_mismatch
-from speechlm.errors import FeatureCacheError, SpeechLMError
-
-
-def merge_feature_caches(inputs: list[str | Path], out_dir: str | Path) -> FeatureCache:
-    """Merge complete caches ``inputs`` into ``out_dir`` (hard links); returns the opened result."""
-    caches = [FeatureCache.open(p) for p in inputs]
-    if not caches:
-        raise FeatureCacheError("no input feature caches given")
-    key = caches[0].encoder_key
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX).unlink(missing_ok=True)
-    for old in out.glob("shard-*.safetensors"):
-        old.unlink()
-    shards: dict[str, int] = {}
-    utterances: dict[str, dict] = {}
-    skipped: list[dict] = []
-    manifests: list[str] = []
-    for cache in caches:
-        diff = key_mismatch(cache.encoder_key, key)
-        if diff:
-            raise FeatureCacheError(f"{cache.root}: built with other encoder settings than {caches[0].root} "
-                                    f"({', '.join(diff)})")
-        renamed: dict[str, str] = {}
-        for name, size in cache.index["shards"].items():
-            new = f"shard-{len(shards):05d}.safetensors"
-            try:
-                os.link(cache.root / name, out / new)
-            except OSError as e:
-                raise FeatureCacheError(f"{cache.root / name}: cannot hard-link into {out} ({e}); "
-                                        "inputs and output must be on one filesystem") from None
-            renamed[name] = new
-            shards[new] = size
-        for utt_id, entry in cache.index["utterances"].items():
-            if utt_id in utterances:
-                raise FeatureCacheError(f"{cache.root}: utterance {utt_id!r} is also in another input cache")
-            utterances[utt_id] = {**entry, "shard": renamed[entry["shard"]]}
-        skipped += cache.skipped
-        manifests.append(str(cache.index.get("manifest", "")))
-    index = {"format": FORMAT, "encoder_key": key, "manifest": manifests, "dtype": caches[0].index.get("dtype"),
-             "shards": shards, "utterances": utterances, "skipped": skipped}
-    atomic_write_text(out / INDEX, json.dumps(index, indent=1))
-    return FeatureCache.open(out, key)
+from speechlm.data.cache_jobs import merge_feature_caches
+from speechlm.errors import SpeechLMError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,25 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from speechlm.data.manifest import Utterance, read_manifest, write_manifest
+from speechlm.data.sharding import shard_manifests
 from speechlm.errors import SpeechLMError
-
-
-def shard_paths(out_dir: Path, name: str, shards: int) -> list[Path]:
-    if shards == 1:
-        return [out_dir / f"{name}.jsonl"]
-    return [out_dir / f"{name}-{k:05d}-of-{shards:05d}.jsonl" for k in range(shards)]
-
-
-def shard_rows(rows: list[Utterance], shards: int) -> list[list[Utterance]]:
-    """Row i goes to shard i % shards, so every shard gets a slice of every input corpus."""
-    return [rows[k::shards] for k in range(shards)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,26 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --shards must be at least 1", file=sys.stderr)
         return 2
     try:
-        # Whole corpus in memory: ~1 kB a row (LibriSpeech 960 h: 281k rows; MLS English: ~11M rows, ~10 GB).
-        rows = [u for path in args.inputs for u in read_manifest(path)]
+        rows = shard_manifests(args.inputs, args.out_dir, args.name, args.shards, args.lowercase, args.limit)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.limit:
-        rows = rows[: args.limit]
-    if args.lowercase:
-        rows = [replace(u, text=u.text.lower()) for u in rows]
-    seen: set[str] = set()
-    for u in rows:
-        if u.id in seen:
-            print(f"error: id {u.id!r} occurs in more than one input manifest", file=sys.stderr)
-            return 1
-        seen.add(u.id)
-    out_dir = Path(args.out_dir)
-    for path, part in zip(shard_paths(out_dir, args.name, args.shards), shard_rows(rows, args.shards), strict=True):
-        write_manifest(path, part)
     hours = sum(u.duration_s for u in rows) / 3600
-    print(f"{len(rows)} rows ({hours:.1f} h) -> {args.shards} shard(s) {out_dir}/{args.name}*.jsonl")
+    print(f"{len(rows)} rows ({hours:.1f} h) -> {args.shards} shard(s) {Path(args.out_dir)}/{args.name}*.jsonl")
     return 0
 
 

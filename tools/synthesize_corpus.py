@@ -15,9 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from speechlm.data.corpus import COVERAGE_TOP_WORDS, build_corpus
 from speechlm.errors import SpeechLMError
 

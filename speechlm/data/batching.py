@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from alignment.tokens import convert_boundaries  # the one boundary rate conversion (re-exported here)
 from speechlm.data.audio import load_audio
+from speechlm.data.boundaries import convert_boundaries  # the one boundary rate conversion (re-exported here)
 from speechlm.data.manifest import Utterance, iter_manifest
 from speechlm.errors import AudioError, ConfigError, FeatureCacheError, ManifestError
 

@@ -4,47 +4,25 @@ and per-TTS-engine breakdowns (``by_engine``).
 The evaluation audio is rendered with several voices, possibly of several TTS engines (voice strings
 ``"engine:name"``, e.g. ``"piper:en_US-joe-medium"``, ``"festival:ked_diphone"``; a bare name such as
 ``"en-gb-scotland+f4"`` is an eSpeak voice), or read from a manifest whose ``speaker`` is the voice
-plus rate and pitch (``"festival:ked_diphone/r175/p50"``). :func:`engine_of` names the engine of
-either, and every quality figure is also reported per engine, with its item count.
+plus rate and pitch (``"festival:ked_diphone/r175/p50"``). :func:`engine_of` (``speechlm.data.tts``) names
+the engine of either, and every quality figure is also reported per engine, with its item count.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speechlm.atomic import atomic_write_text
+from speechlm.data.tts import UNKNOWN_ENGINE, engine_of  # noqa: F401 -- re-exported: the reports' engine names
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-#: Engine of an utterance whose voice is not known (no ``speaker``, or a manifest without one).
-UNKNOWN_ENGINE = "unknown"
-
-
-def engine_of(voice_or_speaker: str | None) -> str:
-    """The TTS engine of a voice (``"piper:en_US-joe-medium"`` -> ``"piper"``) or a manifest speaker
-    (``"festival:ked_diphone/r175/p50"`` -> ``"festival"``).
-
-    A bare voice name (``"en-us+m3/r175/p50"``) is eSpeak's: ``"espeak"``, and ``"espeak-hard"`` for the
-    corpus's held-out eSpeak voices (``speechlm.data.corpus.HARD_VOICES``, the labelled hard condition). A bare number is a
-    speaker id of a read-speech corpus (LibriSpeech, MLS): ``"human"``. An empty or missing speaker (and
-    ``"manifest"``, what StoryCloze records for manifest audio without a speaker) is ``"unknown"``.
-    It parses the string and never imports the TTS code.
-    """
-    head = (voice_or_speaker or "").strip().split("/", 1)[0].strip()
-    if ":" in head:
-        return head.split(":", 1)[0].strip().lower() or UNKNOWN_ENGINE
-    if not head or head.lower() in ("manifest", UNKNOWN_ENGINE):
-        return UNKNOWN_ENGINE
-    if head.isdigit():
-        return "human"
-    from speechlm.data.corpus import HARD_VOICES
-
-    return "espeak-hard" if any(head in voices for voices in HARD_VOICES.values()) else "espeak"
+#: The ``connector`` of a row of the LLM alone (text conditions) and of the Whisper cascade.
+LLM_ALONE = "llm"
+CASCADE = "cascade-whisper"
 
 
 def group_by_engine(engines: Sequence[str], values: Sequence) -> dict[str, list]:
@@ -211,3 +189,41 @@ def merge_summary(path: str | Path, key: str, values: dict) -> None:
     data = json.loads(p.read_text()) if p.is_file() else {}
     data[key] = {**data.get(key, {}), **_rounded(dict(values))}
     atomic_write_text(p, json.dumps(data, indent=2) + "\n")
+
+
+def engine_summary(by_engine: Mapping[str, Sequence[ResultRow]], text_condition: str, connector: str | None,
+                   key: Callable[[ResultRow, bool], str], keep: Callable[[ResultRow], bool] = lambda r: True) -> dict:
+    """The summary's per-engine block: ``{engine: {n, text_acc, <key(row, False)>, <key(row, True)>}}``.
+
+    Of the rows ``keep`` accepts: the LLM alone in ``text_condition`` gives ``n`` and ``text_acc``; a row of
+    ``connector`` gives ``key(row, False)``, a cascade row ``key(row, True)`` (each task names its figures,
+    e.g. ``s2t_acc`` / ``cascade_s2t_acc``). Engines without any such row are left out.
+    """
+    out: dict[str, dict] = {}
+    for e, rows in sorted(by_engine.items()):
+        entry: dict[str, float | int | None] = {}
+        for r in rows:
+            if not keep(r):
+                continue
+            if r.connector == LLM_ALONE and r.condition == text_condition:
+                entry["n"], entry["text_acc"] = r.accuracy.total, r.accuracy.value
+            elif r.connector == connector:
+                entry[key(r, False)] = r.accuracy.value
+            elif r.connector == CASCADE:
+                entry[key(r, True)] = r.accuracy.value
+        if entry:
+            out[e] = entry
+    return out
+
+
+def publish(rows: Sequence[ResultRow], by_engine: Mapping[str, Sequence[ResultRow]], meta: dict, summary: dict,
+            out_dir: str | Path, name: str, summary_file: str = "") -> dict:
+    """Write the report (:func:`write_report`), print its markdown, merge ``summary`` into ``summary_file``
+    under ``name`` (when given); returns what an evaluation recipe returns: rows, summary, the report's
+    paths and the per-engine rows."""
+    js, md = write_report(rows, out_dir, name, meta, by_engine)
+    print(md.read_text())
+    if summary_file:
+        merge_summary(summary_file, name, summary)
+    return {"rows": [r.to_json() for r in rows], "summary": summary, "json": str(js), "markdown": str(md),
+            "by_engine": {e: [r.to_json() for r in v] for e, v in sorted(by_engine.items())}}

@@ -306,7 +306,7 @@ def load_sequences(rows: list[Utterance], feature_cache: str | Path, input_kind:
         return [cache[u.id][layer].half() for u in tqdm(rows, desc=desc, disable=not progress, leave=False)]
     if connector is None:
         raise ConfigError("input=connector needs a connector (data.connector=FOLDER)")
-    from alignment.tokens import convert_boundaries
+    from speechlm.data.boundaries import convert_boundaries
 
     if not getattr(connector, "uses_boundaries", False):
         raise ConfigError(f"input=connector: the {connector.cfg.name!r} connector gives no per-token vectors")

@@ -226,15 +226,16 @@ def default_eval_voices(condition: str = "natural") -> list[str]:
     """The training corpus's held-out *test* voices of one condition: ``"natural"`` (Festival's ked and
     Piper's joe: voices no training clip has, those installed here) or ``"hard"`` (held-out eSpeak accents
     and variants). Falls back to the hard voices, with a warning, when no natural engine is installed."""
-    from speechlm.data import corpus
+    from speechlm.data.corpus_voices import VoicePlan
+    from speechlm.data.tts import HARD_VOICES, is_hard
 
     if condition not in ("natural", "hard"):
         raise ValueError(f"unknown voice condition {condition!r} (natural | hard)")
-    hard = list(corpus.HARD_VOICES["test"])
+    hard = list(HARD_VOICES["test"])
     if condition == "hard":
         return hard
-    plan = corpus.VoicePlan.default()
-    natural = list(dict.fromkeys(v for v in plan.held_out["test"] if not corpus.is_hard(v)))
+    plan = VoicePlan.default()
+    natural = list(dict.fromkeys(v for v in plan.held_out["test"] if not is_hard(v)))
     if not natural:
         log.warning("no natural held-out voice is installed (tools/install_tts.sh): evaluating on the hard "
                     "eSpeak voices %s", ", ".join(hard))

@@ -1,14 +1,14 @@
 """Parameter-efficient adaptation of the frozen speech encoder (Cappellazzo et al., 2023): bottleneck adapters,
 LoRA on the self-attention projections, or prompt tuning; the encoder's own weights stay frozen and in eval mode.
 
-Methods (:class:`EncoderAdaptConfig`, config key ``model.encoder_adapt``):
+Methods (one config class each, in speechlm.models.encoder_adapt_config; config key ``model.encoder_adapt``):
 
 * ``adapter``: a bottleneck ``up(act(down(x))) * scale`` per transformer layer, after the self-attention
   and/or the feed-forward sublayer (``where``). ``placement=sequential`` adapts the sublayer's output
   (``z -> z + A(z)``, Houlsby-style); ``parallel`` adds ``A(x)`` of the sublayer's input to its output (He et
   al.). ``up`` starts at zero, so the adapted encoder starts exactly as the frozen one.
 * ``lora``: ``W x + (alpha / r) * B A x`` on the chosen attention projections (q, k, v, o; found by
-  :func:`speechlm.models.merging.find_attention_layers`); ``B`` starts at zero: identity at init too.
+  :func:`speechlm.models.attention.find_attention_layers`); ``B`` starts at zero: identity at init too.
 * ``prompt``: ``n_prompts`` learned vectors put before the hidden sequence at the input of the first
   transformer layer (every layer's attention mask is widened for them) and cut from every layer's output, so
   the frame count is exactly the frozen encoder's. Prompts change every frame from the start: prompt tuning is
@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,96 +38,26 @@ import torch
 from torch import nn
 
 from speechlm.errors import ConfigError, ModelError
+from speechlm.models.attention import find_attention_layers
+from speechlm.models.encoder_adapt_config import (  # noqa: F401 -- re-exported: the configs' historic home
+    ADAPT_CONFIGS,
+    METHODS,
+    PLACEMENTS,
+    PROJECTIONS,
+    RUNTIME_FIELDS,
+    WHERES,
+    AdapterConfig,
+    EncoderAdaptConfig,
+    EncoderLoRAConfig,
+    PromptTuningConfig,
+    adapt_config_from_dict,
+)
 
 FORMAT = "speechlm-encoder-adapt-1"
-METHODS = ("none", "adapter", "lora", "prompt")
-PLACEMENTS = ("sequential", "parallel")
-WHERES = ("attn", "ffn", "both")
-PROJECTIONS = ("q", "k", "v", "o")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": nn.functional.gelu,
                                                                    "relu": nn.functional.relu}
 #: Names of a transformer layer's feed-forward sublayer modules (wav2vec2/HuBERT/WavLM, w2v-BERT's two halves).
 FFN_NAMES = ("feed_forward", "ffn", "mlp", "ffn1", "ffn2")
-#: Config fields that do not change the adaptation's tensors or computation (ignored when comparing folders).
-RUNTIME_FIELDS = ("train",)
-
-
-@dataclass
-class EncoderAdaptConfig:
-    """How the encoder is adapted (``model.encoder_adapt`` of the stage configs, ``encoder_adapt`` of the aligner)."""
-
-    method: str = "none"  # none | adapter | lora | prompt
-    # adapter: sequential (adapt the sublayer's output) | parallel (beside the sublayer, from its input)
-    placement: str = "sequential"
-    where: str = "both"  # adapter: after the self-attention (attn), the feed-forward (ffn), or both
-    bottleneck: int = 64  # adapter: the down projection's width
-    scale: float = 1.0  # adapter: multiplies the adapter's output
-    activation: str = "gelu"  # adapter: gelu | relu between down and up
-    r: int = 8  # lora: rank
-    alpha: float = 16.0  # lora: the update is scaled by alpha / r
-    dropout: float = 0.0  # lora: dropout on the LoRA branch's input (training only)
-    projections: list[str] = field(default_factory=lambda: ["q", "v"])  # lora: which of q, k, v, o
-    n_prompts: int = 16  # prompt: learned vectors before the sequence
-    prompt_init_std: float = 0.02  # prompt: the vectors start as N(0, std^2)
-    train: bool = True  # false: a loaded adaptation (init_encoder_adapt) is used but kept frozen
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
-
-    def check(self, where: str = "encoder_adapt") -> EncoderAdaptConfig:
-        """Raise :class:`ConfigError` naming the ``where.key`` that is out of range; returns self."""
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{where}.{key}: {why}")
-
-        if self.method not in METHODS:
-            raise bad("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
-        if self.placement not in PLACEMENTS:
-            raise bad("placement", f"{self.placement!r} is not one of {', '.join(PLACEMENTS)}")
-        if self.where not in WHERES:
-            raise bad("where", f"{self.where!r} is not one of {', '.join(WHERES)}")
-        if self.activation not in ACTIVATIONS:
-            raise bad("activation", f"{self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        if self.bottleneck < 1:
-            raise bad("bottleneck", f"must be >= 1, not {self.bottleneck}")
-        if self.r < 1:
-            raise bad("r", f"must be >= 1, not {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", f"must be in [0, 1), not {self.dropout}")
-        unknown = [p for p in self.projections if p not in PROJECTIONS]
-        if unknown or not self.projections:
-            raise bad("projections", f"{list(self.projections)}: choose one or more of {', '.join(PROJECTIONS)}")
-        if self.n_prompts < 1:
-            raise bad("n_prompts", f"must be >= 1, not {self.n_prompts}")
-        return self
-
-    def essentials(self) -> dict[str, Any]:
-        """The fields that define the adaptation's tensors and computation (what two folders must share)."""
-        keep = {"method": self.method}
-        if self.method == "adapter":
-            keep.update(placement=self.placement, where=self.where, bottleneck=self.bottleneck, scale=self.scale,
-                        activation=self.activation)
-        elif self.method == "lora":
-            keep.update(r=self.r, alpha=self.alpha, projections=sorted(self.projections))
-        elif self.method == "prompt":
-            keep.update(n_prompts=self.n_prompts)
-        return keep
-
-
-def adapt_config_from_dict(data: dict[str, Any] | EncoderAdaptConfig | None, where: str = "encoder_adapt"
-                           ) -> EncoderAdaptConfig:
-    """An :class:`EncoderAdaptConfig` from a config dict (unknown keys are a :class:`ConfigError` naming them)."""
-    if isinstance(data, EncoderAdaptConfig):
-        return data.check(where)
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(EncoderAdaptConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(names))}")
-    if "projections" in data:
-        data["projections"] = [str(p) for p in (data["projections"] if isinstance(data["projections"], list)
-                                                else str(data["projections"]).split(","))]
-    return EncoderAdaptConfig(**data).check(where)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -189,8 +118,6 @@ def _ffn_sites(layer: nn.Module, i: int) -> list[tuple[str, nn.Module, nn.Module
 
 
 def _attention_module(layer: nn.Module, i: int) -> Any:
-    from speechlm.models.merging import find_attention_layers
-
     found = find_attention_layers(layer, part="all")
     direct = [a for a in found if "." not in a.name] or found
     if not direct:
@@ -445,7 +372,7 @@ def read_adaptation_config(folder: str | Path) -> tuple[EncoderAdaptConfig, dict
     if meta.get("format") != FORMAT:
         raise ModelError(f"{path}: not a {FORMAT} folder (format {meta.get('format')!r})")
     try:
-        cfg = adapt_config_from_dict(meta.get("config"), where=f"{path} config")
+        cfg = adapt_config_from_dict(meta.get("config"), where=f"{path} config", strict=False)
     except ConfigError as e:
         raise ModelError(str(e)) from None
     return cfg, meta

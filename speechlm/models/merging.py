@@ -25,108 +25,40 @@ of 1 copies the source, anything in between is computed in float64 and rounded o
 so that any forward pass through the target, alone or inside a larger model, uses the blended
 weights and gradients reach only the factors. :meth:`LearnableMerge.bake` writes the final weights
 into the plain target. :func:`train_merge_factors` trains the factors on any loss; for Whisper,
-:func:`learn_whisper_merge` uses Whisper's own teacher-forced ASR loss on manifest rows.
+speechlm.training.whisper_merge.learn_whisper_merge uses Whisper's own teacher-forced ASR loss on manifest
+rows (it reads their audio, so it lives above the data layer).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from speechlm.errors import ConfigError, ModelError
+from speechlm.models import attention
+from speechlm.models.attention import ATTENTION_NAMES, PARTS, PROJECTION_NAMES, AttentionLayer  # noqa: F401
+from speechlm.models.encoder import SpeechEncoder
 
-#: What each projection is called, by its short name (first match wins).
-PROJECTION_NAMES: dict[str, tuple[str, ...]] = {
-    "q": ("q_proj", "linear_q", "query"),
-    "k": ("k_proj", "linear_k", "key"),
-    "v": ("v_proj", "linear_v", "value"),
-    "o": ("out_proj", "o_proj", "linear_out"),
-}
-#: Names of self-attention modules (the last component of their dotted name).
-ATTENTION_NAMES = ("self_attn", "attention", "self_attention", "attn", "self")
 RULES = ("same", "spread")
-PARTS = ("auto", "encoder", "decoder", "all")
 #: Learnable factors start inside (EPS, 1 - EPS): a sigmoid never reaches 0 or 1.
 EPS = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- finding layers
-@dataclass
-class AttentionLayer:
-    """One self-attention module and its projections (short name -> (child name, linear module))."""
-
-    name: str
-    module: nn.Module
-    projections: dict[str, tuple[str, nn.Module]] = field(default_factory=dict)
-
-    def projection(self, p: str) -> nn.Module:
-        if p not in self.projections:
-            wanted = "/".join(PROJECTION_NAMES[p])
-            raise ModelError(f"attention module {self.name!r} has no {p!r} projection (looked for {wanted}; "
-                             f"its children: {', '.join(n for n, _ in self.module.named_children())})")
-        return self.projections[p][1]
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """A SpeechEncoder -> the HF model inside it; anything else as is."""
-    from speechlm.models.encoder import SpeechEncoder
-
     return model.model if isinstance(model, SpeechEncoder) else model
 
 
-def _has_weight(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
-
-
 def find_attention_layers(model: nn.Module, part: str = "auto", prefer: str = "encoder") -> list[AttentionLayer]:
-    """The self-attention modules of ``model`` in layer order.
-
-    ``part``: "encoder" / "decoder" keeps the modules under a submodule of that name (or all of them
-    when ``model`` itself is one, e.g. a ``WhisperEncoder``); "all" keeps everything; "auto" takes
-    ``prefer``'s part when the model has both an encoder and a decoder stack (Whisper, T5-style), else all.
-    """
-    if part not in PARTS:
-        raise ConfigError(f"attention part must be one of {PARTS}, not {part!r}")
-    model = _unwrap(model)
-    found: list[AttentionLayer] = []
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in ATTENTION_NAMES:
-            continue
-        children = dict(module.named_children())
-        layer = AttentionLayer(name, module)
-        for short, candidates in PROJECTION_NAMES.items():
-            for c in candidates:
-                if c in children and _has_weight(children[c]):
-                    layer.projections[short] = (c, children[c])
-                    break
-        if all(p in layer.projections for p in ("q", "k", "v")):
-            found.append(layer)
-    if not found:
-        raise ModelError(f"{type(model).__name__}: no self-attention module with q/k/v projections found "
-                         f"(looked for modules named {'/'.join(ATTENTION_NAMES)} with children "
-                         f"{'/'.join(PROJECTION_NAMES['q'])}, ...; fused projections are not supported)")
-
-    def under(layer: AttentionLayer, stack: str) -> bool:
-        return stack in layer.name.split(".")
-
-    if part == "auto":
-        has = {s: any(under(lay, s) for lay in found) for s in ("encoder", "decoder")}
-        part = prefer if has["encoder"] and has["decoder"] else "all"
-    if part == "all":
-        return found
-    picked = [lay for lay in found if under(lay, part)]
-    if not picked and part in type(model).__name__.lower():  # the model is the stack itself
-        picked = found
-    if not picked:
-        raise ModelError(f"{type(model).__name__}: no self-attention under a submodule named {part!r} "
-                         f"(attention modules: {', '.join(lay.name for lay in found[:4])}...)")
-    return picked
+    """:func:`speechlm.models.attention.find_attention_layers` of ``model``, or of the HF model inside a
+    :class:`SpeechEncoder`."""
+    return attention.find_attention_layers(_unwrap(model), part, prefer)
 
 
 def layer_map(n_target: int, n_source: int, rule: str = "same") -> list[int]:
@@ -158,7 +90,7 @@ def _check_projections(projections: Sequence[str]) -> tuple[str, ...]:
     return projections
 
 
-def _factor_list(factors: float | Sequence[float], n: int) -> list[float]:
+def factor_list(factors: float | Sequence[float], n: int) -> list[float]:
     if isinstance(factors, (int, float)):
         out = [float(factors)] * n
     else:
@@ -254,7 +186,7 @@ def merge_attention(target: nn.Module, source: nn.Module, factors: float | Seque
     """
     projections = _check_projections(projections)
     pairs, mapping = _pairs(target, source, projections, rule, target_part, source_part)
-    values = _factor_list(factors, len(pairs))
+    values = factor_list(factors, len(pairs))
     _write(pairs, values, projections)
     if hasattr(target, "_fingerprint"):  # a SpeechEncoder: its weights changed
         target._fingerprint = None
@@ -295,7 +227,7 @@ class LearnableMerge(nn.Module):
         self.projections = _check_projections(projections)
         self.rule = rule
         pairs, self.mapping = _pairs(target, source, self.projections, rule, target_part, source_part)
-        start = [min(max(f, EPS), 1.0 - EPS) for f in _factor_list(init, len(pairs))]
+        start = [min(max(f, EPS), 1.0 - EPS) for f in factor_list(init, len(pairs))]
         self.logits = nn.Parameter(torch.logit(torch.tensor(start, dtype=torch.float64)).float())
         self._target = [_unwrap(target)]  # a list: not registered, so parameters() is the logits alone
         self._outer = [target]  # what was given (a SpeechEncoder's fingerprint is reset on bake)
@@ -414,30 +346,6 @@ def whisper_collate(features: torch.Tensor, sequences: Sequence[Sequence[int]], 
     return {"input_features": features, "decoder_input_ids": inputs, "labels": labels}
 
 
-def whisper_asr_batches(processor, utterances: Sequence, batch_size: int = 4, seed: int = 0,
-                        language: str = "en") -> Iterator[dict[str, torch.Tensor]]:
-    """Endless teacher-forcing batches of manifest utterances (``.audio_path``, ``.text``), reshuffled
-    every pass; audio is read on demand."""
-    from speechlm.data.audio import load_audio
-
-    if not utterances:
-        raise ConfigError("whisper_asr_batches: no utterances")
-    sr = int(processor.feature_extractor.sampling_rate)
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            more = list(range(len(utterances)))
-            rng.shuffle(more)
-            order += more
-        chunk = [utterances[i] for i in order[:batch_size]]
-        del order[:batch_size]
-        waves = [load_audio(u.audio_path, sr, expected_sr=u.sample_rate).numpy() for u in chunk]
-        feats = processor.feature_extractor(waves, sampling_rate=sr, return_tensors="pt").input_features
-        seqs = [whisper_label_ids(processor.tokenizer, u.text, language)[0] for u in chunk]
-        yield whisper_collate(feats, seqs, 4, processor.tokenizer.eos_token_id)
-
-
 def whisper_asr_loss(model: nn.Module) -> Callable[[dict], torch.Tensor]:
     """Teacher-forced cross-entropy of a ``WhisperForConditionalGeneration`` on a :func:`whisper_collate` batch."""
     def loss(batch: dict) -> torch.Tensor:
@@ -448,25 +356,3 @@ def whisper_asr_loss(model: nn.Module) -> Callable[[dict], torch.Tensor]:
                                            ignore_index=-100)
 
     return loss
-
-
-def learn_whisper_merge(model: nn.Module, processor, utterances: Sequence, steps: int,
-                        init: float | Sequence[float] = 0.1, source: nn.Module | None = None,
-                        projections: Sequence[str] = ("q", "k", "v"), rule: str = "same",
-                        source_part: str = "auto", batch_size: int = 4, lr: float = 0.05, seed: int = 0,
-                        log: Callable[[str], None] | None = None) -> dict:
-    """Learnable MAM for a ``WhisperForConditionalGeneration``: train the encoder's per-layer factors on
-    Whisper's own ASR loss over ``utterances``, everything else frozen, then bake them into ``model``'s
-    encoder (in place). ``source`` defaults to ``model`` itself (its decoder's self-attention).
-    Returns the merge report plus ``losses``."""
-    model.requires_grad_(False)
-    model.eval()  # no dropout: the loss sees the merge alone
-    encoder = model.get_encoder()
-    merge = LearnableMerge(encoder, model if source is None else source, init, projections, rule,
-                           target_part="all", source_part=source_part)
-    batches = whisper_asr_batches(processor, utterances, batch_size, seed)
-    trained = train_merge_factors(merge, batches, whisper_asr_loss(model), steps, lr, log)
-    report = merge.report()
-    merge.bake()
-    return {**report, "losses": trained["losses"], "learned": True, "steps": steps, "lr": lr,
-            "batch_size": batch_size, "init": _factor_list(init, len(report["factors"]))}

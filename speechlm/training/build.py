@@ -27,7 +27,6 @@ from speechlm.errors import ConfigError, ModelError
 from speechlm.models.connectors.base import (
     Connector,
     build_connector,
-    connector_config_from_dict,
     llm_identity,
 )
 from speechlm.models.encoder_adapt import EncoderAdaptConfig, adapt_config_from_dict, read_adaptation_config
@@ -249,10 +248,10 @@ def encoder_facts(model: ModelConfig, data: DataConfig, encoder: Any = None) -> 
 def make_connector(model: ModelConfig, enc: EncoderFacts, llm: nn.Module) -> Connector:
     """A fresh connector sized for this encoder and LLM (the config's own sizes are overridden)."""
     name, d_llm, vocab = llm_identity(llm)
-    data = dict(model.connector)
-    data.update(d_enc=enc.hidden_size, n_enc_layers=len(enc.layers), d_llm=d_llm, frame_rate_hz=enc.frame_rate_hz,
-                encoder_name=enc.name, encoder_layers=list(enc.layers), llm_name=name, llm_vocab_size=vocab)
-    connector = build_connector(connector_config_from_dict(data))
+    cfg = dataclasses.replace(model.connector, d_enc=enc.hidden_size, n_enc_layers=len(enc.layers), d_llm=d_llm,
+                              frame_rate_hz=enc.frame_rate_hz, encoder_name=enc.name,
+                              encoder_layers=list(enc.layers), llm_name=name, llm_vocab_size=vocab)
+    connector = build_connector(cfg)
     if model.init_output_mean and hasattr(connector, "init_output_bias"):
         connector.init_output_bias(llm.get_input_embeddings().weight.detach().float().mean(0))
     proj = getattr(connector, "proj", None)

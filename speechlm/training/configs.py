@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from speechlm.config import from_dict
+from speechlm.errors import ConfigError
+from speechlm.models.connectors.base import ConnectorConfig, SSRConfig
+from speechlm.models.encoder_adapt_config import EncoderAdaptConfig
 from speechlm.training.engine import EngineConfig
 from speechlm.training.loop import LoopConfig
 
@@ -17,8 +20,9 @@ class ModelConfig:
     # Precision of the on-the-fly encoder: auto (the training precision: bf16 on a bf16 GPU, else fp32)
     # | fp32 | fp16 | bf16. Cached features were computed in the precision tools/cache_features.py used.
     encoder_dtype: str = "auto"
-    # ConnectorConfig fields (name: ssr | stack | conv | qformer); encoder/LLM sizes are filled in.
-    connector: dict[str, Any] = field(default_factory=lambda: {"name": "ssr"})
+    # The connector's config (speechlm.models.connectors.base): name ssr | stack | conv | qformer picks the
+    # dataclass (SSRConfig, ...), whose fields are checked when the config loads; encoder/LLM sizes are filled in.
+    connector: ConnectorConfig = field(default_factory=SSRConfig)
     init_output_mean: bool = True  # start the SSR output bias at the LLM's mean token embedding
     # Multiply the output projection's initial weights: small = start near that mean embedding instead of
     # at random vectors far larger than the LLM's embeddings (1.0 = the connector's own init). A 60-step
@@ -29,14 +33,29 @@ class ModelConfig:
     # variant=lora|multitask, kept frozen with variant=frozen
     init_lora: str = ""
     gradient_checkpointing: bool = False  # stage 2: activation checkpointing inside the LLM
-    # Parameter-efficient encoder adaptation (fields of speechlm.models.encoder_adapt.EncoderAdaptConfig): method
-    # none (default: the frozen encoder, nothing changes) | adapter | lora | prompt. On, the encoder runs on the fly
-    # inside the trained module (no data.feature_cache), its adaptation trains with the connector, is checkpointed,
-    # and is exported beside the connector as <out_dir>/encoder_adapt (safetensors + config.json).
-    encoder_adapt: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    # Parameter-efficient encoder adaptation (speechlm.models.encoder_adapt_config: one dataclass per method):
+    # method none (default: the frozen encoder, nothing changes) | adapter | lora | prompt. On, the encoder runs on
+    # the fly inside the trained module (no data.feature_cache), its adaptation trains with the connector, is
+    # checkpointed, and is exported beside the connector as <out_dir>/encoder_adapt (safetensors + config.json).
+    encoder_adapt: EncoderAdaptConfig = field(default_factory=EncoderAdaptConfig)
     # An exported encoder_adapt folder (e.g. stage 1's <out_dir>/encoder_adapt) to start from: its config is used
     # (model.encoder_adapt may only repeat it, or set train: false to keep it frozen)
     init_encoder_adapt: str = ""
+
+    def __post_init__(self) -> None:
+        # Plain mappings (ModelConfig(connector={...}) from code) become their typed configs here, and every
+        # value is checked now: a bad key fails before any model is read.
+        if isinstance(self.connector, dict):
+            self.connector = from_dict(ConnectorConfig, self.connector, "model.connector.", default=SSRConfig)
+        if not isinstance(self.connector, ConnectorConfig):
+            raise ConfigError(f"model.connector: expected a mapping with a name (ssr, ...), got {self.connector!r}")
+        if self.encoder_adapt is None:  # "encoder_adapt: null" in a YAML file: the frozen encoder, as before
+            self.encoder_adapt = EncoderAdaptConfig()
+        if isinstance(self.encoder_adapt, dict):
+            self.encoder_adapt = from_dict(EncoderAdaptConfig, self.encoder_adapt, "model.encoder_adapt.")
+        if not isinstance(self.encoder_adapt, EncoderAdaptConfig):
+            raise ConfigError(f"model.encoder_adapt: expected a mapping with a method, got {self.encoder_adapt!r}")
+        self.encoder_adapt.check("model.encoder_adapt")
 
 
 @dataclass

@@ -29,6 +29,10 @@ The CMU ARCTIC speakers slt, rms and awb (``RESERVED_SPEAKERS``: Flite's ``slt``
 ``awb_time``, Festival's ``us-slt-hts``) are reserved for an outside held-out check: never train,
 validate or tune on them. ``is_reserved(voice)`` says whether a voice is one of them; ``synthesize``
 still speaks them (the outside check needs it); the corpus code refuses them.
+
+``engine_of(voice_or_speaker)`` names the engine of a voice or of a manifest ``speaker`` (voice + rate and
+pitch, ``"festival:ked_diphone/r175/p50"``), labelling the held-out eSpeak voices (``HARD_VOICES``) as
+``"espeak-hard"``: the one answer every report, breakdown and corpus plan uses.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from speechlm.data.tts._common import LEAD_S, TAIL_S, Synthesis, SynthesisError,
 from speechlm.data.tts.espeak import list_english_voices
 
 __all__ = [
-    "ENGINES", "LEAD_S", "RESERVED_SPEAKERS", "TAIL_S", "Synthesis", "SynthesisError", "VoiceSpec",
-    "engine_available", "is_reserved", "list_english_voices", "list_voices", "parse_voice", "synthesize",
+    "ENGINES", "HARD_VOICES", "LEAD_S", "RESERVED_SPEAKERS", "TAIL_S", "UNKNOWN_ENGINE", "Synthesis",
+    "SynthesisError", "VoiceSpec", "engine_available", "engine_of", "is_hard", "is_reserved", "list_english_voices",
+    "list_voices", "parse_voice", "synthesize",
 ]
 
 ENGINES = ("espeak", "flite", "festival", "piper")
@@ -59,6 +64,40 @@ _INSTALL = {
 
 #: CMU ARCTIC speakers kept for an outside held-out check (never train, validate or tune on them).
 RESERVED_SPEAKERS = frozenset({"slt", "rms", "awb"})
+
+#: The "hard" condition: eSpeak accents and variants that no training clip uses (held out per split).
+HARD_VOICES = {
+    "valid": ("en-gb-scotland+m5", "en-gb-x-gbcwmd+f5"),
+    "test": ("en-gb-scotland+f4", "en-gb-x-gbcwmd+m6"),
+}
+
+#: Engine of an utterance whose voice is not known (no ``speaker``, or a manifest without one).
+UNKNOWN_ENGINE = "unknown"
+
+
+def is_hard(voice: str) -> bool:
+    """A held-out eSpeak voice (one of ``HARD_VOICES``): the labelled "hard" condition."""
+    return any(voice in v for v in HARD_VOICES.values())
+
+
+def engine_of(voice_or_speaker: str | None, *, label_hard: bool = True) -> str:
+    """The TTS engine of a voice (``"piper:en_US-joe-medium"`` -> ``"piper"``) or of a manifest speaker
+    (``"festival:ked_diphone/r175/p50"`` -> ``"festival"``).
+
+    A bare voice name (``"en-us+m3/r175/p50"``) is eSpeak's: ``"espeak"``, and ``"espeak-hard"`` for a
+    held-out eSpeak voice (``HARD_VOICES``) unless ``label_hard=False`` (the plain engine, what synthesis
+    needs). A bare number is a speaker id of a read-speech corpus (LibriSpeech, MLS): ``"human"``. An empty
+    or missing speaker (and ``"manifest"``, what StoryCloze records for manifest audio without a speaker) is
+    ``"unknown"``. It only parses the string: no engine is looked up or loaded.
+    """
+    head = (voice_or_speaker or "").strip().split("/", 1)[0].strip()
+    if ":" in head:
+        return head.split(":", 1)[0].strip().lower() or UNKNOWN_ENGINE
+    if not head or head.lower() in ("manifest", UNKNOWN_ENGINE):
+        return UNKNOWN_ENGINE
+    if head.isdigit():
+        return "human"
+    return "espeak-hard" if label_hard and is_hard(head) else "espeak"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """What every connector shares: its output type, layer fusion, configs, save/load and the registry.
 
+The registry is filled by the connector modules themselves (``class SSRConnector(Connector, name="ssr")``),
+which the package imports: this module imports none of them.
+
 A connector maps frozen encoder frames to LLM input vectors::
 
     forward(features (B, L, T, D_enc), frame_lengths (B,), boundaries (B, N) | None,
@@ -16,7 +19,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from speechlm.atomic import atomic_path
+from speechlm.config import from_dict
 from speechlm.errors import CheckpointError, ModelError
 
 CONFIG_FILE = "config.json"
@@ -39,7 +43,15 @@ class ConnectorOutput:
 # ----------------------------------------------------------------------------------------- configs
 @dataclass
 class ConnectorConfig:
-    """Fields every connector has: the encoder and LLM it sits between (saved with its weights)."""
+    """Fields every connector has: the encoder and LLM it sits between (saved with its weights).
+
+    The sizes and identities (d_enc .. llm_vocab_size) are filled in from the encoder and LLM when a run
+    builds the connector (speechlm.training.build.make_connector); a config file need not set them.
+    ``name`` picks the dataclass (``config_tag``): a key the named connector lacks is a ConfigError when
+    the config loads (speechlm.config).
+    """
+
+    config_tag = "name"  # not a field (no annotation): which field selects the concrete config class
 
     name: str = ""
     d_enc: int = 512  # encoder hidden size
@@ -63,6 +75,11 @@ class ConnectorConfig:
     layer_fusion: str = "weighted"
     fusion_group: int = 2  # hierarchical: adjacent layers fused per step (the top group keeps the remainder)
     fusion_dim: int = 0  # hierarchical: hidden width of each step's MLP (0 = d_enc)
+
+    @classmethod
+    def config_variants(cls) -> dict[str, type[ConnectorConfig]]:
+        """The config class of each connector name (what ``name`` selects)."""
+        return CONFIGS
 
 
 @dataclass
@@ -128,8 +145,6 @@ CONFIGS: dict[str, type[ConnectorConfig]] = {
 
 def connector_config_from_dict(data: dict[str, Any]) -> ConnectorConfig:
     """The config dataclass named by ``data["name"]``, filled from ``data`` (unknown keys raise)."""
-    from speechlm.config import from_dict
-
     name = data.get("name", "")
     if name not in CONFIGS:
         raise ModelError(f"unknown connector {name!r}; known: {', '.join(CONFIGS)}")
@@ -140,16 +155,10 @@ def build_connector(cfg: ConnectorConfig | dict[str, Any]) -> Connector:
     """The connector module for ``cfg`` (a config dataclass or a mapping with ``name``)."""
     if isinstance(cfg, dict):
         cfg = connector_config_from_dict(cfg)
-    # Imported here: the connector modules import this one.
-    from speechlm.models.connectors.conv import ConvConnector
-    from speechlm.models.connectors.qformer import QFormerConnector
-    from speechlm.models.connectors.ssr import SSRConnector
-    from speechlm.models.connectors.stack import StackConnector
-
-    modules = {"ssr": SSRConnector, "stack": StackConnector, "conv": ConvConnector, "qformer": QFormerConnector}
-    if cfg.name not in modules:
-        raise ModelError(f"unknown connector {cfg.name!r}; known: {', '.join(modules)}")
-    return modules[cfg.name](cfg)
+    module = Connector.registry.get(cfg.name)
+    if module is None:
+        raise ModelError(f"unknown connector {cfg.name!r}; known: {', '.join(sorted(Connector.registry))}")
+    return module(cfg)
 
 
 # ------------------------------------------------------------------------------------ shared parts
@@ -203,9 +212,17 @@ class Connector(nn.Module):
     """Base of the four connectors: holds ``cfg`` and saves itself as a folder."""
 
     cfg: ConnectorConfig
+    #: The connector class of each config name, filled as each connector module defines its class
+    #: (``class SSRConnector(Connector, name="ssr")``); the package imports all four.
+    registry: ClassVar[dict[str, type[Connector]]] = {}
     #: One output vector per transcript token, read at the token boundaries (SSR); the baselines give a fixed
     #: number of vectors per second and are trained with the speech as a prefix of the transcript.
     uses_boundaries: bool = False
+
+    def __init_subclass__(cls, name: str = "", **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if name:
+            Connector.registry[name] = cls
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``folder/config.json`` (type + config + encoder/LLM identity) and ``model.safetensors``."""

@@ -24,7 +24,7 @@ from speechlm.models.connectors.fusion import make_layer_fusion
 from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
-class ConvConnector(Connector):
+class ConvConnector(Connector, name="conv"):
     def __init__(self, cfg: ConvConfig):
         super().__init__()
         self.cfg = cfg

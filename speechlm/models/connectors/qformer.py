@@ -43,7 +43,7 @@ class CrossAttentionBlock(nn.Module):
         return q + self.mlp(self.mlp_norm(q))
 
 
-class QFormerConnector(Connector):
+class QFormerConnector(Connector, name="qformer"):
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.cfg = cfg

@@ -144,7 +144,7 @@ def check_boundaries(boundaries: torch.Tensor, token_mask: torch.Tensor, frame_l
                                  f"{boundaries[row][token_mask[row]].tolist()} for {int(frame_lengths[row])} frames")
 
 
-class SSRConnector(Connector):
+class SSRConnector(Connector, name="ssr"):
     """Segmented Speech Representation: one LLM input vector per transcript token."""
 
     uses_boundaries = True

@@ -22,7 +22,7 @@ from speechlm.models.connectors.fusion import make_layer_fusion
 from speechlm.models.connectors.partition import PartitionFusion, uses_partition
 
 
-class StackConnector(Connector):
+class StackConnector(Connector, name="stack"):
     def __init__(self, cfg: StackConfig):
         super().__init__()
         self.cfg = cfg

@@ -1,9 +1,6 @@
-"""What the benchmarks in this folder share: machine facts, their JSON and PNG written atomically, and running the
-training recipes (launcher command, environment, reading a finished stage's metrics).
+"""What the benchmarks share: machine facts, their JSON and PNG written atomically, peak memory, and running the
+training recipes (launcher command, environment, reading a finished stage's metrics)."""
 
-The benchmark scripts import it as a sibling module (``python tools/benchmarks/<name>.py`` puts this folder first
-on ``sys.path``; the tests add it).
-"""
 
 from __future__ import annotations
 
@@ -16,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from speechlm.atomic import atomic_path, atomic_write_text
+from speechlm.errors import ConfigError
+from speechlm.perf import ROOT
 
 
 def machine() -> dict[str, Any]:
@@ -51,6 +50,18 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux ``VmHWM``; ``ru_maxrss`` elsewhere)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # ------------------------------------------------------------------------------------ training recipes
 def recipe_env() -> dict[str, str]:
     """The environment a recipe runs in from a benchmark: this venv's bin first on PATH (the deepspeed launcher)."""
@@ -62,8 +73,6 @@ def recipe_env() -> dict[str, str]:
 def pick_names(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
     """A comma-separated choice from ``known`` (``--connectors a,b``), in the order given; ConfigError names the
     unknown ones and the choices (``what``: the benchmark and option, for the message)."""
-    from speechlm.errors import ConfigError
-
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -105,12 +114,11 @@ def stage1_inputs(run: str | Path, preset: str, llm: str, encoder: str, what: st
     """What a stage-1 benchmark trains from: a run's aligned train and valid manifests, the stage-1 config of
     ``preset`` (default: the run's folder name), the LLM and the encoder (default: the embedded models).
     ConfigError names the first one missing (``what``: the benchmark, for the message)."""
-    from speechlm.errors import ConfigError
     from speechlm.paths import models_dir
 
     run = Path(run)
     paths = {"train": run / "aligned" / "train.jsonl", "valid": run / "aligned" / "valid.jsonl",
-             "config": Path(__file__).resolve().parents[2] / "recipes" / "configs" / f"stage1_{preset or run.name}.yaml",
+             "config": ROOT / "recipes" / "configs" / f"stage1_{preset or run.name}.yaml",
              "llm": Path(llm) if llm else models_dir() / "smollm2-135m",
              "encoder": Path(encoder) if encoder else models_dir() / "whisper-base"}
     for key, path in paths.items():

@@ -1,0 +1,212 @@
+"""The Speech-MMLU evaluation run (recipes/eval_speech_mmlu.py): text MMLU of the LLM alone and spoken-question
+accuracy per connector and of the Whisper cascade, 0/k-shot, letter and cloze, per subject and per engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speechlm.config import save_config
+from speechlm.errors import ManifestError
+from speechlm.eval import speech_mmlu as mm
+from speechlm.eval.config import SpokenEvalConfig, config_path, load_eval_llm, load_whisper, prepare_run
+from speechlm.eval.report import (
+    CASCADE,
+    LLM_ALONE,
+    Accuracy,
+    ResultRow,
+    add_engine_rows,
+    engine_of,
+    engine_rows,
+    engine_summary,
+    publish,
+)
+from speechlm.eval.scoring import connector_label, load_front_end
+from speechlm.eval.storycloze import resolve_eval_voices
+
+log = logging.getLogger("eval_speech_mmlu")
+TASK = "speech_mmlu"
+
+
+@dataclass
+class SpeechMMLUEvalConfig(SpokenEvalConfig):
+    build_only: bool = False  # render data/<split> to out_dir/speech and stop
+    speech: str = ""  # a built speech folder (its <split>/ subfolder is read, with its own texts); "" = render at run time
+    split: str = "test"
+    subjects: list[str] = field(default_factory=list)  # [] = all
+    methods: list[str] = field(default_factory=lambda: ["cloze", "letter"])
+    shots: list[int] = field(default_factory=lambda: [0, 5])
+    headline_method: str = "cloze"  # which method goes into the summary
+    name: str = "speech_mmlu"  # report file stem and summary key
+
+
+def per_subject_rows(task: str, cond: str, connector: str, bnd: str, method: str, res: dict[str, list[bool]],
+                     text: dict[str, list[bool]] | None) -> tuple[list[ResultRow], Accuracy]:
+    rows, total, text_total = [], Accuracy(0, 0), Accuracy(0, 0)
+    for subject, outcomes in res.items():
+        acc = Accuracy.of(outcomes)
+        ref = Accuracy.of(text[subject]) if text is not None else None
+        rows.append(ResultRow(f"{task}/{subject}", cond, connector, bnd, method, acc, ref))
+        total += acc
+        text_total = text_total + ref if ref is not None else text_total
+    rows.insert(0, ResultRow(f"{task}/all", cond, connector, bnd, method, total, text_total if text is not None else None))
+    return rows, total
+
+
+def _csv_subjects(root: str, split: str, subjects: list[str] | None = None) -> dict[str, list[mm.MCItem]]:
+    """``{subject: items}`` of ``root/<split>/*_<split>.csv``; ``{}`` when that folder holds none."""
+    if not any((Path(root) / split).glob(f"*_{split}.csv")):
+        return {}
+    found = mm.read_mmlu_folder(root, split)
+    return {k: v for k, v in found.items() if subjects is None or k in subjects}
+
+
+def load_sets(cfg: SpeechMMLUEvalConfig, data: str, voices: list[str], want_speech: bool
+              ) -> tuple[dict[str, list[mm.MCItem]], dict[str, list[mm.MCItem]] | None, dict[str, list[mm.SpokenMCItem]]]:
+    """(test texts, dev exemplars or None, spoken items) per subject; spoken is ``{}`` unless ``want_speech``.
+
+    Without ``speech``: the CSVs of ``data``, spoken with TTS. With it: the spoken set's subjects and
+    its own texts (see recipes/eval_speech_mmlu.py); item order is the same in the texts and the speech.
+    """
+    subjects = cfg.subjects or None
+    lim = (lambda v: v[:cfg.limit]) if cfg.limit else (lambda v: v)
+    if not cfg.speech:
+        test = {k: lim(v) for k, v in mm.read_mmlu_folder(data, cfg.split, subjects).items()}
+        dev = mm.read_mmlu_folder(data, "dev", subjects) if any(cfg.shots) else None
+        spoken = {s: mm.speak_items(v, voices, cfg.rate_wpm) for s, v in test.items()} if want_speech else {}
+        return test, dev, spoken
+    split_dir = Path(cfg.speech) / cfg.split
+    own = mm.read_speech_mmlu_items(split_dir)
+    csv = _csv_subjects(data, cfg.split)
+    wanted = list(subjects) if subjects else sorted(own)
+    missing = [s for s in wanted if s not in own and s not in csv]
+    if missing:
+        raise ManifestError(f"subject(s) {', '.join(missing)}: in neither the spoken set {split_dir} "
+                            f"nor the MMLU CSVs of {Path(data) / cfg.split}")
+    rendered = [s for s in wanted if s not in own]
+    if rendered:
+        log.info("subject(s) %s are not in %s: texts from %s, spoken with TTS now", ", ".join(rendered), split_dir, data)
+    test = {s: lim(own[s] if s in own else csv[s]) for s in wanted}
+    dev = None
+    if any(cfg.shots):
+        dev = _csv_subjects(data, "dev", wanted)
+        if (Path(cfg.speech) / "dev").is_dir() and set(wanted) - set(dev):
+            dev |= mm.read_speech_mmlu_items(Path(cfg.speech) / "dev", sorted(set(wanted) - set(dev)))
+        need = max(cfg.shots)
+        short = [s for s in wanted if len(dev.get(s, [])) < need]
+        if short:
+            raise ManifestError(f"{need}-shot needs {need} exemplars per subject; subject(s) {', '.join(short)} have "
+                                f"fewer in {Path(data) / 'dev'} (<subject>_dev.csv) and {Path(cfg.speech) / 'dev'} "
+                                "(<subject>.jsonl): add them, or use shots=[0]")
+    spoken: dict[str, list[mm.SpokenMCItem]] = {}
+    if want_speech:
+        from_set = mm.read_speech_mmlu(split_dir, subjects=[s for s in wanted if s in own])
+        spoken = {s: lim(from_set[s]) if s in own else mm.speak_items(test[s], voices, cfg.rate_wpm) for s in wanted}
+    return test, dev, spoken
+
+
+def engine_split(task: str, cond: str, connector: str, bnd: str, method: str, res: dict[str, list[bool]],
+                 text: dict[str, list[bool]] | None, engines: dict[str, list[str]],
+                 by_engine: dict[str, list[ResultRow]]) -> None:
+    """Accuracy over all subjects per engine (``engines[subject][i]`` is item i's), added to ``by_engine``."""
+    order = [s for s in engines if s in res]
+    outcomes = [x for s in order for x in res[s]]
+    ref = [x for s in order for x in text[s]] if text is not None else None
+    template = ResultRow(f"{task}/all", cond, connector, bnd, method, Accuracy(0, 0))
+    add_engine_rows(by_engine, engine_rows(template, outcomes, [e for s in order for e in engines[s]], ref))
+
+
+def _shots_key(row: ResultRow, cascade: bool) -> str:
+    shots = row.condition.split("_", 1)[-1]  # "0shot"
+    return f"cascade_acc_{shots}" if cascade else f"speech_acc_{shots}"
+
+
+def mmlu_engine_summary(by_engine: dict[str, list[ResultRow]], method: str, text_cond: str,
+                        connector: str | None) -> dict:
+    """``{engine: {n, text_acc, speech_acc_<k>shot, cascade_acc_<k>shot}}`` for the headline method."""
+    return engine_summary(by_engine, text_cond, connector, key=_shots_key, keep=lambda r: r.scoring == method)
+
+
+def run(cfg: SpeechMMLUEvalConfig) -> dict:
+    """The whole evaluation (or, ``build_only``, the rendering of the spoken set); see the recipe's docstring."""
+    prepare_run(cfg)
+    data = cfg.data or str(mm.embedded_set_path())
+    voices = resolve_eval_voices(cfg.voices)
+    if cfg.build_only:
+        out = mm.build_speech_mmlu(data, Path(cfg.out_dir) / "speech", voices, cfg.split, cfg.rate_wpm)
+        print(f"wrote {out}")
+        return {"speech": str(out)}
+    save_config(cfg, config_path(cfg))
+
+    want_speech = not cfg.text_only and bool(cfg.connectors or cfg.cascade)
+    test, dev, spoken = load_sets(cfg, data, voices, want_speech)
+    llm, tok = load_eval_llm(cfg)
+
+    rows: list[ResultRow] = []
+    by_engine: dict[str, list[ResultRow]] = {}
+    engines = {s: [engine_of(x.voice) for x in v] for s, v in spoken.items()}
+    summary: dict = {}
+    text_res: dict[tuple[str, int], dict[str, list[bool]]] = {}
+    for method in cfg.methods:
+        for k in cfg.shots:
+            res = mm.eval_text(llm, tok, test, dev, method, k, cfg.batch_size)
+            text_res[(method, k)] = res
+            r, total = per_subject_rows(TASK, f"text_{k}shot", LLM_ALONE, "none", method, res, None)
+            rows += r
+            if spoken:
+                engine_split(TASK, f"text_{k}shot", LLM_ALONE, "none", method, res, None, engines, by_engine)
+            log.info("text %s %d-shot: %d/%d", method, k, total.correct, total.total)
+            if method == cfg.headline_method and k == cfg.shots[0]:
+                summary["text_acc"] = total.value
+
+    if spoken:
+        if cfg.cascade:
+            rows += cascade_rows(cfg, llm, tok, spoken, dev, text_res, engines, by_engine)
+        for folder in cfg.connectors:
+            model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
+            for method in cfg.methods:
+                for k in cfg.shots:
+                    res = mm.eval_speech(model, front, spoken, dev, method, k, cfg.batch_size)
+                    r, total = per_subject_rows(TASK, f"speech_{k}shot", connector_label(folder), front.label,
+                                                method, res, text_res[(method, k)])
+                    rows += r
+                    engine_split(TASK, f"speech_{k}shot", connector_label(folder), front.label, method, res,
+                                 text_res[(method, k)], engines, by_engine)
+                    log.info("%s %s %d-shot: %d/%d", connector_label(folder), method, k, total.correct, total.total)
+                    if method == cfg.headline_method and folder == cfg.connectors[0]:
+                        summary[f"speech_acc_{k}shot"] = total.value
+
+    meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
+            "split": cfg.split, "headline_method": cfg.headline_method}
+    if cfg.speech:
+        meta["speech"] = cfg.speech
+    if by_engine:
+        summary["by_engine"] = mmlu_engine_summary(by_engine, cfg.headline_method, f"text_{cfg.shots[0]}shot",
+                                                   connector_label(cfg.connectors[0]) if cfg.connectors else None)
+    return publish(rows, by_engine, meta, summary, cfg.out_dir, cfg.name, cfg.summary)
+
+
+def cascade_rows(cfg: SpeechMMLUEvalConfig, llm, tok, spoken: dict[str, list[mm.SpokenMCItem]],
+                 dev: dict[str, list[mm.MCItem]] | None, text_res: dict, engines: dict[str, list[str]] | None = None,
+                 by_engine: dict[str, list[ResultRow]] | None = None) -> list[ResultRow]:
+    """Whisper transcribes the spoken question and options; the LLM answers the transcripts as text
+    (``by_engine``, if given, gets the accuracy per engine of ``engines``)."""
+    whisper = load_whisper(cfg)
+    transcribed: dict[str, list[mm.MCItem]] = {}
+    for subject, items in spoken.items():
+        waves = [w.wave for s in items for w in [s.question] + s.options]
+        hyp = whisper.transcribe(waves, cfg.batch_size)
+        transcribed[subject] = [mm.MCItem(s.item.id, subject, hyp[5 * j] or ".", [h or "." for h in hyp[5 * j + 1:5 * j + 5]],
+                                          s.item.answer) for j, s in enumerate(items)]
+    rows = []
+    for method in cfg.methods:
+        for k in cfg.shots:
+            res = mm.eval_text(llm, tok, transcribed, dev, method, k, cfg.batch_size)
+            rows += per_subject_rows(TASK, f"speech_{k}shot", CASCADE, "none", method, res,
+                                     text_res[(method, k)])[0]
+            if by_engine is not None and engines is not None:
+                engine_split(TASK, f"speech_{k}shot", CASCADE, "none", method, res,
+                             text_res[(method, k)], engines, by_engine)
+    return rows
