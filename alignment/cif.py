@@ -11,39 +11,24 @@ them; forced mode scales alpha to the known transcript's token count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from alignment.ctc_model import FrameTransformer, load_model_folder, save_model_folder
+from alignment.ctc_model import FrameAligner, FrameAlignerConfig, load_model_folder
 from alignment.decoders import LabelSpans
 from speechlm.errors import AlignmentError, ModelError
 
 
 @dataclass
-class CIFAlignerConfig:
+class CIFAlignerConfig(FrameAlignerConfig):
     kind: str = "CIF"
-    input_dim: int = 512
-    num_input_layers: int = 1
-    d_model: int = 256
     layers: int = 3
-    heads: int = 4
-    ff_mult: int = 4
-    dropout: float = 0.1
-    vocab_size: int = 0                # the tokenizer's size (no blank)
-    encoder_name: str = ""
-    encoder_layers: list[int] = field(default_factory=lambda: [-1])
-    frame_rate_hz: float = 50.0
-    tokenizer: str = ""
     tail_threshold: float = 0.5        # free mode: a leftover weight >= this fires one more token
     start_share: float = 0.05          # a token "starts" once it has integrated this share of its weight
-    #: Calibration: whole frames added to every character's start / end (estimated on held-out data
-    #: with reference timings by recipes/train_aligner.py, to undo the model's constant timing bias).
-    start_offset_frames: int = 0
-    end_offset_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.kind != "CIF":
@@ -54,23 +39,16 @@ def cif_config(tokenizer, **kw) -> CIFAlignerConfig:
     return CIFAlignerConfig(vocab_size=len(tokenizer), tokenizer=str(getattr(tokenizer, "name_or_path", "")), **kw)
 
 
-class CIFAligner(nn.Module):
+class CIFAligner(FrameAligner):
     """Frames ``(B, L, T, D)`` -> firing weights ``(B, T)`` and hidden states ``(B, T, d_model)``."""
 
     def __init__(self, config: CIFAlignerConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         c = config
-        self.body = FrameTransformer(c.input_dim, c.num_input_layers, c.d_model, c.layers, c.heads, c.ff_mult,
-                                     c.dropout)
         # weights from a little local context: conv over time, then one sigmoid unit per frame
         self.weight_conv = nn.Conv1d(c.d_model, c.d_model, kernel_size=3, padding=1)
         self.weight_head = nn.Linear(c.d_model, 1)
         self.token_head = nn.Linear(c.d_model, c.vocab_size)
-
-    @property
-    def frame_rate_hz(self) -> float:
-        return self.config.frame_rate_hz
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +64,6 @@ class CIFAligner(nn.Module):
         """``(B, T, 1 + d_model)``: firing weight then hidden state per frame (what the Aligner keeps)."""
         alpha, h = self(features, lengths)
         return torch.cat([alpha.unsqueeze(-1), h], dim=-1)
-
-    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
-        save_model_folder(self, folder, tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> CIFAligner:

@@ -24,8 +24,11 @@ BLANK_TOKEN = "<blank>"
 
 
 @dataclass
-class CTCAlignerConfig:
-    kind: str = "charCTC"              # "charCTC" | "subCTC"
+class FrameAlignerConfig:
+    """What every aligner model's config.json holds: the frame Transformer's shape, the classifier's size, what
+    produced the frames and the calibration (:class:`CTCAlignerConfig` and ``alignment.cif.CIFAlignerConfig``)."""
+
+    kind: str = ""                     # charCTC | subCTC | CIF
     input_dim: int = 512               # encoder hidden size D
     num_input_layers: int = 1          # L encoder layers fed in (mixed by learned softmax weights)
     d_model: int = 256
@@ -33,17 +36,22 @@ class CTCAlignerConfig:
     heads: int = 4
     ff_mult: int = 4
     dropout: float = 0.1
-    #: charCTC: the labels 1..V-1 as strings (label 0 is the blank). subCTC: empty (tokenizer ids + 1).
-    vocab: list[str] = field(default_factory=list)
-    vocab_size: int = 0                # V including the blank
+    vocab_size: int = 0                # CTC: V including the blank; CIF: the tokenizer's size (no blank)
     encoder_name: str = ""             # what produced the frames (SpeechEncoder name_or_path)
     encoder_layers: list[int] = field(default_factory=lambda: [-1])
     frame_rate_hz: float = 50.0        # encoder frame rate = the aligner's frame rate
-    tokenizer: str = ""                # subCTC: the tokenizer the subword labels come from
+    tokenizer: str = ""                # subCTC, CIF: the tokenizer the subword labels come from
     #: Calibration: whole frames added to every character's start / end (estimated on held-out data
     #: with reference timings by recipes/train_aligner.py, to undo the model's constant timing bias).
     start_offset_frames: int = 0
     end_offset_frames: int = 0
+
+
+@dataclass
+class CTCAlignerConfig(FrameAlignerConfig):
+    kind: str = "charCTC"              # "charCTC" | "subCTC"
+    #: charCTC: the labels 1..V-1 as strings (label 0 is the blank). subCTC: empty (tokenizer ids + 1).
+    vocab: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -97,20 +105,32 @@ class FrameTransformer(nn.Module):
         return self.out_norm(self.transformer(x, src_key_padding_mask=pad))
 
 
-class CTCAligner(nn.Module):
-    """Encoder frames ``(B, L, T, D)`` or ``(B, T, D)`` -> CTC log-posteriors ``(B, T, V)``."""
+class FrameAligner(nn.Module):
+    """An aligner model: its config and the :class:`FrameTransformer` ``body`` over the frames (the CTC and CIF
+    aligners add their heads), saved as a folder by :func:`save_model_folder`."""
 
-    def __init__(self, config: CTCAlignerConfig):
+    def __init__(self, config: FrameAlignerConfig):
         super().__init__()
         self.config = config
         c = config
         self.body = FrameTransformer(c.input_dim, c.num_input_layers, c.d_model, c.layers, c.heads, c.ff_mult,
                                      c.dropout)
-        self.ctc_head = nn.Linear(c.d_model, c.vocab_size)
 
     @property
     def frame_rate_hz(self) -> float:
         return self.config.frame_rate_hz
+
+    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
+        """Write ``folder`` atomically: config.json, model.safetensors (+ tokenizer/ for the subword kinds)."""
+        save_model_folder(self, folder, tokenizer)
+
+
+class CTCAligner(FrameAligner):
+    """Encoder frames ``(B, L, T, D)`` or ``(B, T, D)`` -> CTC log-posteriors ``(B, T, V)``."""
+
+    def __init__(self, config: CTCAlignerConfig):
+        super().__init__(config)
+        self.ctc_head = nn.Linear(config.d_model, config.vocab_size)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return self.ctc_head(self.body(features, lengths)).log_softmax(-1)     # (B, T, V)
@@ -127,11 +147,7 @@ class CTCAligner(nn.Module):
         """charCTC: label ids -> text."""
         return "".join(self.config.vocab[i - 1] for i in labels if 0 < i <= len(self.config.vocab))
 
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
-        """Write ``folder`` atomically: config.json, model.safetensors (+ tokenizer/ for subCTC)."""
-        save_model_folder(self, folder, tokenizer)
-
+    # ------------------------------------------------------------------ load
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str = "cpu") -> CTCAligner:
         return load_model_folder(cls, CTCAlignerConfig, folder, map_location)

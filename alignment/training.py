@@ -3,7 +3,6 @@ best-model saving and calibration behind ``recipes/train_aligner.py`` (whose doc
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -11,7 +10,6 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,8 +27,10 @@ from speechlm.atomic import atomic_write_text
 from speechlm.config import load_config, to_dict
 from speechlm.data.manifest import Utterance, read_manifest
 from speechlm.errors import ConfigError, ModelError
-from speechlm.models.encoder_adapt import EncoderAdaptConfig, adapt_config_from_dict, read_adaptation_config
+from speechlm.models.encoder_adapt import EncoderAdaptConfig, resolve_adaptation
+from speechlm.models.encoder_adapt_config import adapt_config_field
 from speechlm.paths import SMOLLM2_135M, WHISPER_BASE, default_model
+from speechlm.schedule import lr_factor
 
 
 @dataclass
@@ -71,10 +71,15 @@ class TrainAlignerConfig:
     threads: int = 0                        # torch CPU threads (0: torch default)
     encode_batch_size: int = 8
     device: str = "cpu"
-    # Parameter-efficient encoder adaptation (speechlm.models.encoder_adapt.EncoderAdaptConfig fields): method none
-    # (default: frozen frames, computed once) | adapter | lora | prompt (the encoder runs on every batch)
-    encoder_adapt: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    # Parameter-efficient encoder adaptation (speechlm.models.encoder_adapt_config: one dataclass per method, picked
+    # by method, its keys checked when the config loads): method none (default: frozen frames, computed once)
+    # | adapter | lora | prompt (the encoder runs on every batch)
+    encoder_adapt: EncoderAdaptConfig = field(default_factory=EncoderAdaptConfig)
     init_encoder_adapt: str = ""            # an exported encoder_adapt folder to start from (its config is used)
+
+    def __post_init__(self) -> None:
+        # a plain mapping (from code) becomes its method's config; a key that method lacks fails now
+        self.encoder_adapt = adapt_config_field(self.encoder_adapt, "encoder_adapt")
 
     def check(self) -> TrainAlignerConfig:
         """Raise :class:`ConfigError` for a value no run can use (before any model or data is read); returns self."""
@@ -99,14 +104,7 @@ def adapt_config(cfg: TrainAlignerConfig) -> EncoderAdaptConfig | None:
     """The encoder adaptation of this run (``encoder_adapt``, or the one ``init_encoder_adapt`` holds) or None (the
     frozen encoder, the default); ConfigError when feature caches are set with it (cached frames come from the
     frozen encoder) or when ``encoder_adapt`` contradicts the folder it starts from."""
-    adapt = adapt_config_from_dict(cfg.encoder_adapt, "encoder_adapt")
-    if cfg.init_encoder_adapt:
-        saved, _ = read_adaptation_config(cfg.init_encoder_adapt)
-        if adapt.enabled and adapt.essentials() != saved.essentials():
-            raise ConfigError(f"init_encoder_adapt={cfg.init_encoder_adapt}: its adaptation {saved.essentials()} "
-                              f"differs from encoder_adapt {adapt.essentials()}; drop encoder_adapt (the folder's "
-                              "config is used) or use a matching folder")
-        adapt = dataclasses.replace(saved, train=adapt.train)
+    adapt = resolve_adaptation(cfg.encoder_adapt, cfg.init_encoder_adapt)
     if not adapt.enabled:
         return None
     for key in ("feature_cache_train", "feature_cache_valid"):
@@ -209,15 +207,10 @@ def build_model(cfg: TrainAlignerConfig, kind: AlignerKind, tokenizer, enc_name:
 
 def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, floor: float
                 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to ``floor`` x the peak lr (the trainer's schedule rule; written here
-    because ``speechlm.training`` sits above this package)."""
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Linear warm-up, then cosine decay to ``floor`` x the peak lr: the trainer's rule,
+    :func:`speechlm.schedule.lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, floor))
 
 
 def save_best(model, out_dir: Path, tokenizer, encoder=None) -> None:

@@ -21,21 +21,12 @@ The run: speechlm/eval/run_storycloze.py (config fields shared by all three: spe
 
 from __future__ import annotations
 
-import argparse
-import logging
-
-from speechlm.config import load_config
+from speechlm.eval.recipe_main import run_recipe
 from speechlm.eval.run_storycloze import StoryClozeEvalConfig, run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(StoryClozeEvalConfig, args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return run(cfg)
+    return run_recipe(StoryClozeEvalConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":

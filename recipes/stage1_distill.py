@@ -12,17 +12,14 @@ the fly inside the trained module and its adaptation trains too, exported as enc
 
 from __future__ import annotations
 
-from speechlm.config import load_config
 from speechlm.training.configs import Stage1Config
 from speechlm.training.engine import run_main
-from speechlm.training.loop import install_stop_handlers
-from speechlm.training.stage_runs import run_stage1, stage_arguments
+from speechlm.training.recipe_main import stage_main
+from speechlm.training.stage_runs import run_stage1
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = stage_arguments(argv, __doc__)
-    install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (before any worker forks)
-    return run_stage1(load_config(Stage1Config, args.config, args.overrides))
+    return stage_main(Stage1Config, run_stage1, argv, __doc__)
 
 
 if __name__ == "__main__":

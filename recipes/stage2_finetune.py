@@ -20,17 +20,14 @@ The supervised mid-training stage (recipes/stage_mid_supervised.py) is this reci
 
 from __future__ import annotations
 
-from speechlm.config import load_config
 from speechlm.training.configs import Stage2Config
 from speechlm.training.engine import run_main
-from speechlm.training.loop import install_stop_handlers
-from speechlm.training.stage_runs import run_stage2, stage_arguments
+from speechlm.training.recipe_main import stage_main
+from speechlm.training.stage_runs import run_stage2
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = stage_arguments(argv, __doc__)
-    install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (before any worker forks)
-    return run_stage2(load_config(Stage2Config, args.config, args.overrides))
+    return stage_main(Stage2Config, run_stage2, argv, __doc__)
 
 
 if __name__ == "__main__":

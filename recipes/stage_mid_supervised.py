@@ -16,17 +16,14 @@ exact resume, stage-1 loss mixing); it writes the same outputs. Stage 2 then con
 
 from __future__ import annotations
 
-from speechlm.config import load_config
 from speechlm.training.configs import StageMidConfig
 from speechlm.training.engine import run_main
-from speechlm.training.loop import install_stop_handlers
-from speechlm.training.stage_runs import run_stage2, stage_arguments
+from speechlm.training.recipe_main import stage_main
+from speechlm.training.stage_runs import run_stage2
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = stage_arguments(argv, __doc__)
-    install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, exit 75 (before any worker forks)
-    return run_stage2(load_config(StageMidConfig, args.config, args.overrides), stage="mid")
+    return stage_main(StageMidConfig, run_stage2, argv, __doc__, stage="mid")
 
 
 if __name__ == "__main__":

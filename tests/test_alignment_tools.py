@@ -188,6 +188,39 @@ def test_train_config_is_checked_before_anything_loads(tmp_path):
     assert load_train_config(TINY).missing_required() == ["train_manifest", "valid_manifest", "out_dir"]
 
 
+def test_aligner_encoder_adapt_is_typed_and_checked_when_it_loads(tmp_path, monkeypatch):
+    """encoder_adapt is the per-method EncoderAdaptConfig (as model.encoder_adapt of the stages): a key the method
+    lacks is refused by load_config, naming it, before any model is read."""
+    import yaml
+
+    import speechlm.models.encoder as encoder_module
+    from alignment.training import TrainAlignerConfig
+    from speechlm.config import to_dict
+    from speechlm.models.encoder_adapt_config import EncoderAdaptConfig, EncoderLoRAConfig
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(encoder_module.SpeechEncoder, "__init__", no_model)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({**yaml.safe_load(TINY.read_text()), "encoder_adapt": {"method": "lora", "rr": 2}}))
+    with pytest.raises(ConfigError, match=r"encoder_adapt\.rr"):
+        load_train_config(typo)
+    with pytest.raises(ConfigError, match=r"encoder_adapt\.bottleneck"):
+        load_train_config(TINY, ["encoder_adapt.method=lora", "encoder_adapt.bottleneck=4"])
+    cfg = load_train_config(TINY, ["encoder_adapt.method=lora", "encoder_adapt.r=2"])
+    assert isinstance(cfg.encoder_adapt, EncoderLoRAConfig) and cfg.encoder_adapt.r == 2
+    assert type(load_train_config(TINY).encoder_adapt) is EncoderAdaptConfig  # default: the frozen encoder
+    # configs written before the field was typed (a plain mapping, from code or a saved train_state.json) still load
+    assert TrainAlignerConfig(encoder_adapt={"method": "lora", "r": 2}).encoder_adapt == cfg.encoder_adapt
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({**to_dict(load_train_config(TINY)), "encoder_adapt": {"method": "none"}}))
+    assert not load_train_config(old).encoder_adapt.enabled
+    null = tmp_path / "null.yaml"
+    null.write_text("encoder_adapt: null\n")
+    assert not load_train_config(null).encoder_adapt.enabled
+
+
 def test_the_aligner_schedule_is_the_trainers():
     """alignment sits below speechlm.training, so it writes the warm-up + cosine rule itself: the same numbers."""
     from alignment.training import lr_schedule

@@ -17,7 +17,7 @@ from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForCondi
 from speechlm.data.audio import save_audio
 from speechlm.data.manifest import Utterance, read_manifest, write_manifest
 from speechlm.data.tts import synthesize
-from speechlm.perf import bench_aligners
+from speechlm.perf.benchmarks import aligners as bench_aligners
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["The cat sat on the mat.", "A dog ran far away.", "We sing a zorblax song.", "It is here, eighty-three times."]

@@ -1,4 +1,4 @@
-"""The ZeRO benchmark (tools/benchmarks/bench_zero.py -> speechlm.perf.zero_*): the projection's arithmetic by hand,
+"""The ZeRO benchmark (tools/benchmarks/bench_zero.py -> speechlm.perf.zero): the projection's arithmetic by hand,
 the /proc parser and rank discovery on a real process tree, the report writer, and (slow) the 2-rank launcher runs
 on the tiny random world."""
 
@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from speechlm.perf import procmem, zero_cli, zero_memory, zero_report, zero_runs
-from speechlm.perf.zero_memory import MIB
+from speechlm.perf import procmem
+from speechlm.perf.zero import cli as zero_cli
+from speechlm.perf.zero import memory as zero_memory
+from speechlm.perf.zero import report as zero_report
+from speechlm.perf.zero import runs as zero_runs
+from speechlm.perf.zero.memory import MIB
 
 ROOT = Path(__file__).resolve().parents[1]
 

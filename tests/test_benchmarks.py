@@ -13,7 +13,8 @@ import pytest
 from training_helpers import ROOT, make_world, run_recipe, stage1_overrides
 
 from speechlm.eval.report import Accuracy, ResultRow, write_report
-from speechlm.perf import bench_compression, bench_quality
+from speechlm.perf.benchmarks import compression as bench_compression
+from speechlm.perf.benchmarks import quality as bench_quality
 
 
 @pytest.fixture(scope="module")

@@ -284,7 +284,7 @@ def test_stage1_module_encodes_inside_with_adapted_encoder(folders):
 
 # ------------------------------------------------------------------------------------------------ benchmark
 def _bench():
-    from speechlm.perf import bench_encoder_adapt
+    from speechlm.perf.benchmarks import encoder_adapt as bench_encoder_adapt
 
     return bench_encoder_adapt
 

@@ -38,12 +38,23 @@ def saved_llm(tmp_path, prefer):
     return folder
 
 
+CONTEXT = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
+
+
+def one_story(tmp_path) -> tuple[Path, Path]:
+    """A saved LLM that prefers "sad" and a StoryCloze file of one story whose right ending is the sad one."""
+    llm = saved_llm(tmp_path, {"sad": 4.0})
+    data = tmp_path / "s.jsonl"
+    data.write_text(json.dumps({"id": "a", "context": CONTEXT, "right_ending": "tom was sad .",
+                                "wrong_ending": "tom was happy ."}) + "\n")
+    return llm, data
+
+
 def test_storycloze_recipe_text_only(tmp_path):
     llm = saved_llm(tmp_path, {"sad": 4.0})
     data = tmp_path / "s.jsonl"
-    ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
-    rows = [{"id": "a", "context": ctx, "right_ending": "tom was sad .", "wrong_ending": "tom was happy ."},
-            {"id": "b", "context": ctx, "right_ending": "he was sad .", "wrong_ending": "he was very happy ."}]
+    rows = [{"id": "a", "context": CONTEXT, "right_ending": "tom was sad .", "wrong_ending": "tom was happy ."},
+            {"id": "b", "context": CONTEXT, "right_ending": "he was sad .", "wrong_ending": "he was very happy ."}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"asr": {"wer": 0.5}}))
@@ -59,11 +70,7 @@ def test_storycloze_recipe_text_only(tmp_path):
 
 def test_storycloze_recipe_script_runs_text_only(tmp_path):
     """The recipe as the shell recipes call it: key=value overrides on the command line, report and summary."""
-    llm = saved_llm(tmp_path, {"sad": 4.0})
-    data = tmp_path / "s.jsonl"
-    ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
-    data.write_text(json.dumps({"id": "a", "context": ctx, "right_ending": "tom was sad .",
-                                "wrong_ending": "tom was happy ."}) + "\n")
+    llm, data = one_story(tmp_path)
     cmd = [sys.executable, str(ROOT / "recipes" / "eval_storycloze.py"), f"llm={llm}", f"data={data}", "text_only=true",
            "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}", f"summary={tmp_path / 'summary.json'}",
            "threads=1"]
@@ -185,11 +192,7 @@ def test_eval_dtype_choice():
 
 
 def test_storycloze_text_only_in_bf16_picks_the_same_endings(tmp_path):
-    llm = saved_llm(tmp_path, {"sad": 4.0})
-    data = tmp_path / "s.jsonl"
-    ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
-    data.write_text(json.dumps({"id": "a", "context": ctx, "right_ending": "tom was sad .",
-                                "wrong_ending": "tom was happy ."}) + "\n")
+    llm, data = one_story(tmp_path)
     out = run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "text_only=true", "dtype=bf16",
                                           "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}"])
     assert out["summary"] == {"text_acc": 1.0}
@@ -228,7 +231,6 @@ def test_storycloze_reports_every_spoken_figure_per_engine(tmp_path, monkeypatch
 
     monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
     llm = saved_llm(tmp_path, {"sad": 4.0})
-    ctx = ["tom was late .", "he ran to the bus .", "the bus had left .", "tom walked home ."]
     endings = [("tom was sad .", "tom was happy ."), ("he was sad .", "he was very happy ."),
                ("tom was happy .", "tom was sad .")]  # the third: the rigged LLM picks the wrong ending
     speakers = ["festival:ked_diphone/r175/p50", "en-us+m3/r175/p50", "festival:ked_diphone/r160/p40"]
@@ -236,7 +238,7 @@ def test_storycloze_reports_every_spoken_figure_per_engine(tmp_path, monkeypatch
     for k, ((right, wrong), spk) in enumerate(zip(endings, speakers)):
         audio = {f"{part}_audio": silent_wav(tmp_path / f"s{k}-{part}.wav", 1600 + 160 * j)
                  for j, part in enumerate(("context", "right", "wrong"))}
-        rows.append({"id": f"s{k}", "context": ctx, "right_ending": right, "wrong_ending": wrong, "speaker": spk, **audio})
+        rows.append({"id": f"s{k}", "context": CONTEXT, "right_ending": right, "wrong_ending": wrong, "speaker": spk, **audio})
     data = tmp_path / "spoken.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = tmp_path / "summary.json"

@@ -286,6 +286,12 @@ def _ok(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def _failed(proc) -> str:
+    """The stderr of a run that must have failed."""
+    assert proc.returncode != 0
+    return proc.stderr
+
+
 def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
@@ -391,9 +397,7 @@ def test_nan_loss_skip_under_zero0_and_zero3(world, tmp_path):
 @pytest.mark.slow
 def test_nan_losses_in_a_row_stop_the_run_naming_step_and_rows(world, tmp_path):
     out = tmp_path / "nans"
-    proc = _run(world, out, "nan_at_step:3-9@1", **{"loop.max_bad_steps": 2})
-    assert proc.returncode != 0
-    err = proc.stderr
+    err = _failed(_run(world, out, "nan_at_step:3-9@1", **{"loop.max_bad_steps": 2}))
     assert err.count("NonFiniteError") >= 2, err[-4000:]
     assert "2 steps in a row without an update (loop.max_bad_steps=2): steps 3, 4 had a non-finite loss" in err
     assert "the last, step 4, trained on rank 0: u" in err and "rank 1: u" in err
@@ -403,9 +407,8 @@ def test_nan_losses_in_a_row_stop_the_run_naming_step_and_rows(world, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_weights_are_never_saved(world, tmp_path):
     out = tmp_path / "nanw"
-    proc = _run(world, out, "nan_weights_at_step:4")
-    assert proc.returncode != 0
-    assert proc.stderr.count("NonFiniteError: refusing to write checkpoint") >= 2, proc.stderr[-4000:]
+    err = _failed(_run(world, out, "nan_weights_at_step:4"))
+    assert err.count("NonFiniteError: refusing to write checkpoint") >= 2, err[-4000:]
     assert _latest(out) == "step-00000002" and _intact(out / "checkpoints" / "step-00000002")
     assert not (out / "checkpoints" / "step-00000004").exists()
 
@@ -413,9 +416,7 @@ def test_nonfinite_weights_are_never_saved(world, tmp_path):
 @pytest.mark.slow
 def test_out_of_memory_names_the_batch_and_its_budget(world, tmp_path):
     out = tmp_path / "oom"
-    proc = _run(world, out, "oom_at_step:2@1", **{"loop.max_steps": 3})
-    assert proc.returncode != 0
-    err = proc.stderr
+    err = _failed(_run(world, out, "oom_at_step:2@1", **{"loop.max_steps": 3}))
     assert err.count("BatchMemoryError: out of memory in the forward pass of step 2 on rank 1:") >= 2, err[-4000:]
     assert "padded encoder frames" in err and "padded tokens" in err and "ids: u" in err
     assert "data.max_frames=400, data.max_tokens=40" in err and "loop.skip_oom_batches=true" in err
@@ -428,9 +429,7 @@ def test_missing_audio_stops_every_rank_naming_the_file(world, tmp_path):
     out = tmp_path / "gone"
     step2 = _planned_batches(victim_world, _overrides(victim_world, out, cache=False), rank=1, n=2)[1]
     spec = ",".join(f"rm_at_step:2={victim_world['audio']}/{u}.wav" for u in step2)
-    proc = _run(victim_world, out, spec, cache=False, **{"loop.max_steps": 3})
-    assert proc.returncode != 0
-    err = proc.stderr
+    err = _failed(_run(victim_world, out, spec, cache=False, **{"loop.max_steps": 3}))
     assert f"{step2[0]}.wav: audio file not found (row '{step2[0]}'; data.skip_bad=true" in err, err[-4000:]
     assert ("RankError: rank 1 stopped the run at step 2 (loading a batch): AudioError: "
             f"{victim_world['audio']}/{step2[0]}.wav: audio file not found") in err

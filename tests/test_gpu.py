@@ -93,6 +93,14 @@ def build_ssr(mask: str):
     return build_connector({**SSR, "mask": mask}).eval()
 
 
+def cuda_bf16_ssr(mask: str, seed: int):
+    """``build_ssr(mask)`` in bf16 on CUDA and ``ssr_batch(seed=seed)`` for it: (connector, features in bf16 on
+    CUDA, lengths, boundaries, token mask (these three on the CPU), the connector's other arguments on CUDA)."""
+    conn = build_ssr(mask).cuda().to(torch.bfloat16)
+    feats, lengths, bnd, tmask = ssr_batch(seed=seed)
+    return conn, feats.cuda().bfloat16(), lengths, bnd, tmask, (lengths.cuda(), bnd.cuda(), tmask.cuda())
+
+
 # --------------------------------------------------------------------------------------- precision
 def test_bf16_training_is_selected_on_this_gpu():
     from speechlm.training.deepspeed_engine import EngineConfig, ds_config
@@ -164,10 +172,7 @@ def test_ssr_masks_under_cuda_sdpa_kernels_match_math(mask):
     """Default CUDA kernel choice and memory-efficient attention vs the math backend: outputs and gradients."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    conn = build_ssr(mask).cuda().to(torch.bfloat16)
-    feats, lengths, bnd, tmask = ssr_batch(seed=3)
-    feats = feats.cuda().bfloat16()
-    args = (lengths.cuda(), bnd.cuda(), tmask.cuda())
+    conn, feats, _, _, tmask, args = cuda_bf16_ssr(mask, seed=3)
 
     def run(backends):
         conn.zero_grad(set_to_none=True)
@@ -193,10 +198,7 @@ def test_ssr_masks_under_cuda_sdpa_kernels_match_math(mask):
 @pytest.mark.parametrize("mask", ["causal", "blockwise"])
 def test_ssr_masked_frames_do_not_leak_on_cuda(mask):
     """Changing frames a token's mask hides leaves its vector unchanged under the CUDA kernels (bf16)."""
-    conn = build_ssr(mask).cuda().to(torch.bfloat16)
-    feats, lengths, bnd, tmask = ssr_batch(seed=4)
-    feats = feats.cuda().bfloat16()
-    args = (lengths.cuda(), bnd.cuda(), tmask.cuda())
+    conn, feats, lengths, bnd, tmask, args = cuda_bf16_ssr(mask, seed=4)
     row, n = 0, int(tmask[0].sum())
     if mask == "causal":  # frames after token k's boundary are its future
         k = n // 2

@@ -1,6 +1,6 @@
 """tools/gpu_check.sh cannot rot between GPU loans: its CPU dry run (tiny models, every part, DeepSpeed included)
-writes the report with all its keys and prints the table; its install plan (speechlm.perf.install_plan), FLOP
-formulas (speechlm.perf.flops) and orchestration (speechlm.perf.gpu_orchestrate) are checked too."""
+writes the report with all its keys and prints the table; its install plan (speechlm.perf.gpu_check.install_plan),
+FLOP formulas (speechlm.perf.flops) and orchestration (speechlm.perf.gpu_check.orchestrate) are checked too."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from speechlm.perf import flops, gpu_cli, gpu_orchestrate, gpu_report, install_plan
+from speechlm.perf import flops
+from speechlm.perf.gpu_check import cli as gpu_cli
+from speechlm.perf.gpu_check import install_plan
+from speechlm.perf.gpu_check import orchestrate as gpu_orchestrate
+from speechlm.perf.gpu_check import report as gpu_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

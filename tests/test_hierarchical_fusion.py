@@ -273,7 +273,7 @@ def test_select_layers_cuts_a_cache_without_the_encoder(all_layers_cache):
 # ---------------------------------------------------------------------------------------------- the benchmark
 @pytest.fixture(scope="module")
 def bench():
-    from speechlm.perf import bench_fusion
+    from speechlm.perf.benchmarks import fusion as bench_fusion
 
     return bench_fusion
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_helpers import WORDS, make_tokenizer
+from training_helpers import WORDS, make_tokenizer, make_whisper
 
 from alignment.training import TrainAlignerConfig
 from speechlm.config import load_config
@@ -111,15 +111,7 @@ def _tiny_encoder(kind: str, folder: Path) -> None:
         Wav2Vec2BertModel(cfg).save_pretrained(folder)
         SeamlessM4TFeatureExtractor().save_pretrained(folder)
     else:  # openai/whisper-large-v3: 128 mel bins
-        from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-        cfg = WhisperConfig(d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=128,
-                            max_source_positions=1500, vocab_size=100, max_target_positions=32, pad_token_id=1,
-                            bos_token_id=2, eos_token_id=3, decoder_start_token_id=2, suppress_tokens=None,
-                            begin_suppress_tokens=None)
-        WhisperForConditionalGeneration(cfg).save_pretrained(folder)
-        WhisperFeatureExtractor(feature_size=128).save_pretrained(folder)
+        make_whisper(folder, encoder_layers=2, mel_bins=128)
 
 
 def _corpus(root: Path, n_train: int = 16, n_valid: int = 4) -> None:

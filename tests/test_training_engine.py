@@ -342,3 +342,31 @@ def test_unsafe_checkpoint_error_names_where_the_allow_list_lives(tmp_path):
         "Weights only load failed.\nUnsupported global: GLOBAL os.system. Please use something"))
     assert isinstance(err, CheckpointError) and "Unsupported global: GLOBAL os.system" in str(err)
     assert "SAFE_CHECKPOINT_GLOBALS in speechlm/training/safe_load.py" in str(err)
+
+
+@pytest.mark.parametrize("distributed", [True, False])
+def test_run_main_flushes_and_skips_the_teardown_after_a_distributed_run(distributed, tmp_path):
+    """A finished distributed recipe leaves through os._exit after the orderly shutdown (a rank could abort in the
+    interpreter's teardown); its printed output and logs still arrive. Without a process group: a normal exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import atexit, logging, os, sys
+        import torch.distributed as dist
+        from speechlm.training.distributed import run_main
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        atexit.register(lambda: print("interpreter teardown", flush=True))
+        def main():
+            if {distributed}:
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+                dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+            print("result line")  # block-buffered (stdout is a pipe): only a flush brings it out
+            logging.getLogger("speechlm").info("log line")
+        run_main(main)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "result line" in proc.stdout and "log line" in proc.stderr
+    assert ("interpreter teardown" in proc.stdout) is (not distributed)

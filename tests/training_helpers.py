@@ -18,18 +18,10 @@ SR = 16_000
 
 
 def make_tokenizer(folder: Path):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
+    """The word-level tokenizer of :data:`WORDS` (``<pad> <s> </s> <unk>`` first), saved into ``folder``."""
+    from speechlm.perf.shapes import word_tokenizer
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(folder)
-    return fast
+    return word_tokenizer(WORDS, folder)
 
 
 def make_llm(folder: Path, vocab: int, hidden: int = 32) -> None:
@@ -42,17 +34,18 @@ def make_llm(folder: Path, vocab: int, hidden: int = 32) -> None:
     LlamaForCausalLM(cfg).save_pretrained(folder)
 
 
-def make_whisper(folder: Path) -> None:
+def make_whisper(folder: Path, encoder_layers: int = 1, mel_bins: int = 80) -> None:
+    """A tiny random Whisper (seed 0) and its feature extractor; ``mel_bins=128``: whisper-large-v3's front end."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+    cfg = WhisperConfig(d_model=16, encoder_layers=encoder_layers, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=mel_bins,
                         max_source_positions=1500, vocab_size=100, max_target_positions=32, pad_token_id=1,
                         bos_token_id=2, eos_token_id=3, decoder_start_token_id=2, suppress_tokens=None,
                         begin_suppress_tokens=None)
     WhisperForConditionalGeneration(cfg).save_pretrained(folder)
-    WhisperFeatureExtractor().save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=mel_bins).save_pretrained(folder)
 
 
 def make_world(root: Path, n_train: int = 24, n_valid: int = 6, cache: bool = True) -> dict[str, str]:

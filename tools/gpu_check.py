@@ -27,14 +27,14 @@ crash, a hang or an out-of-memory in one still leaves a report with the others' 
 
 The report (JSON) goes to $OUT/gpu_report.json when $OUT is set, else runs/gpu_check/report.json
 (``--out`` overrides); the log of every part to gpu_check.log beside it. Formulas: speechlm/perf/flops.py
-(FORMULAS) and docs/PERFORMANCE.md ("GPU check"). The parts live in speechlm/perf/ (gpu_*.py).
+(FORMULAS) and docs/PERFORMANCE.md ("GPU check"). The parts live in speechlm/perf/gpu_check/.
 """
 
 from __future__ import annotations
 
 import sys
 
-from speechlm.perf.gpu_cli import main
+from speechlm.perf.gpu_check.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(description=__doc__))

@@ -159,25 +159,18 @@ class Augmentation:
         Keys: ``speed, tempo, pitch, snr[:noise], noise, rt60, drr, gain, seed``; floats are written
         with ``repr`` so that :meth:`from_str` gives back an equal object.
         """
-        parts = []
-        if self.speed != 1.0:
-            parts.append(f"speed={float(self.speed)!r}")
-        if self.tempo != 1.0:
-            parts.append(f"tempo={float(self.tempo)!r}")
-        if self.pitch_semitones != 0.0:
-            parts.append(f"pitch={float(self.pitch_semitones):+}")
-        if self.snr_db is not None:
-            parts.append(f"snr={float(self.snr_db)!r}:{self.noise}")
-        elif self.noise != "white":
-            parts.append(f"noise={self.noise}")
-        if self.rt60_s is not None:
-            parts.append(f"rt60={float(self.rt60_s)!r}")
-        if self.drr_db != 3.0:
-            parts.append(f"drr={float(self.drr_db)!r}")
-        if self.gain_db != 0.0:
-            parts.append(f"gain={float(self.gain_db):+}")
-        if self.seed != 0:
-            parts.append(f"seed={self.seed}")
+        entries = (  # (key, its text, or a false value when the field is at its default)
+            ("speed", self.speed != 1.0 and repr(float(self.speed))),
+            ("tempo", self.tempo != 1.0 and repr(float(self.tempo))),
+            ("pitch", self.pitch_semitones != 0.0 and f"{float(self.pitch_semitones):+}"),
+            ("snr", self.snr_db is not None and f"{float(self.snr_db)!r}:{self.noise}"),
+            ("noise", self.snr_db is None and self.noise != "white" and self.noise),
+            ("rt60", self.rt60_s is not None and repr(float(self.rt60_s))),
+            ("drr", self.drr_db != 3.0 and repr(float(self.drr_db))),
+            ("gain", self.gain_db != 0.0 and f"{float(self.gain_db):+}"),
+            ("seed", self.seed != 0 and str(self.seed)),
+        )
+        parts = [f"{key}={text}" for key, text in entries if text]
         return ",".join(parts) if parts else "none"
 
     @classmethod
@@ -440,18 +433,11 @@ class AugmentationPolicy:
                 raise AugmentationError(f"augmentation policy: {name}={rng} is not a (low, high) pair")
             setattr(self, name, rng)
         # every extreme must make a valid Augmentation
-        for s in self.speeds:
-            Augmentation(speed=s)
-        for v in self.tempo_range:
-            Augmentation(tempo=v)
-        for v in self.pitch_range_semitones:
-            Augmentation(pitch_semitones=v)
-        for v in self.rt60_range_s:
-            Augmentation(rt60_s=v)
-        for v in self.gain_db_range:
-            Augmentation(gain_db=v)
-        for n in self.noises:
-            Augmentation(noise=n)
+        for field_name, values in (("speed", self.speeds), ("tempo", self.tempo_range),
+                                   ("pitch_semitones", self.pitch_range_semitones), ("rt60_s", self.rt60_range_s),
+                                   ("gain_db", self.gain_db_range), ("noise", self.noises)):
+            for v in values:
+                Augmentation(**{field_name: v})
 
     def sample(self, rng: random.Random) -> Augmentation:
         """Draw one augmentation; deterministic given ``rng``'s state (always 13 draws).

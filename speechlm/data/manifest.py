@@ -140,6 +140,22 @@ def _parse_row(row: object, where: str, root: Path | None) -> Utterance:
     )
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """``(where, line)`` of every non-blank line of a JSONL file, ``where`` being ``file:line`` (for errors)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{lineno}", line
+
+
+def json_row(line: str, where: str):
+    """One JSONL line parsed; :class:`ManifestError` naming ``where`` when it is not valid JSON."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
+
+
 def iter_manifest(path: str | Path, skip_bad: bool = False, bad_rows: list[str] | None = None
                   ) -> Iterator[Utterance]:
     """Stream the rows of a manifest without loading it whole.
@@ -151,28 +167,20 @@ def iter_manifest(path: str | Path, skip_bad: bool = False, bad_rows: list[str] 
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
-                utt = _parse_row(row, where, path.parent)
-                if utt.id in seen:
-                    raise ManifestError(f"{where}: duplicate id {utt.id!r}")
-                seen.add(utt.id)
-            except ManifestError as e:
-                if not skip_bad:
-                    raise
-                log.warning("skipping bad row: %s", e)
-                if bad_rows is not None:
-                    bad_rows.append(str(e))
-                continue
-            yield utt
+    for where, line in jsonl_lines(path):
+        try:
+            utt = _parse_row(json_row(line, where), where, path.parent)
+            if utt.id in seen:
+                raise ManifestError(f"{where}: duplicate id {utt.id!r}")
+            seen.add(utt.id)
+        except ManifestError as e:
+            if not skip_bad:
+                raise
+            log.warning("skipping bad row: %s", e)
+            if bad_rows is not None:
+                bad_rows.append(str(e))
+            continue
+        yield utt
 
 
 def read_manifest(path: str | Path, skip_bad: bool = False, bad_rows: list[str] | None = None

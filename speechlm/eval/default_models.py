@@ -22,26 +22,34 @@ MAX_WER = 0.2
 Log = Callable[[str], None]
 
 
+def _report(folder: Path, log: Log, t0: float, lines: list[str], verdict: str, failure: str | None) -> None:
+    """Log a check's ``lines``, then its ``verdict`` with the seconds since ``t0``; SpeechLMError naming ``folder``
+    with ``failure`` when it failed."""
+    for line in lines:
+        log(f"  {line}")
+    log(f"  {verdict}; {time.perf_counter() - t0:.1f} s")
+    if failure is not None:
+        raise SpeechLMError(f"{folder}: {failure}")
+
+
 def verify_lm(folder: Path, log: Log = print) -> None:
     """The LM's perplexity on a plain sentence is far below that of the same words scrambled (else SpeechLMError)."""
     t0 = time.perf_counter()
     plain, scrambled = check_smollm2(folder, LM_TEXT)
-    log(f"  plain     ppl {plain:9.1f}  {LM_TEXT!r}")
-    log(f"  scrambled ppl {scrambled:9.1f}  {scramble_words(LM_TEXT)!r}")
-    log(f"  ratio {plain / scrambled:.4f} (limit {MAX_PPL_RATIO}); {time.perf_counter() - t0:.1f} s")
-    if not (plain < MAX_LM_PPL and plain < MAX_PPL_RATIO * scrambled):
-        raise SpeechLMError(f"{folder}: LM check failed: perplexity {plain:.1f} plain vs {scrambled:.1f} scrambled")
+    ok = plain < MAX_LM_PPL and plain < MAX_PPL_RATIO * scrambled
+    _report(folder, log, t0, [f"plain     ppl {plain:9.1f}  {LM_TEXT!r}",
+                              f"scrambled ppl {scrambled:9.1f}  {scramble_words(LM_TEXT)!r}"],
+            f"ratio {plain / scrambled:.4f} (limit {MAX_PPL_RATIO})",
+            None if ok else f"LM check failed: perplexity {plain:.1f} plain vs {scrambled:.1f} scrambled")
 
 
 def verify_whisper(folder: Path, log: Log = print) -> None:
     """Whisper transcribes a synthesized sentence with a low word error rate (else SpeechLMError)."""
     t0 = time.perf_counter()
     transcript, wer = check_whisper(folder, ASR_TEXT)
-    log(f"  reference  {ASR_TEXT!r}")
-    log(f"  transcript {transcript!r}")
-    log(f"  WER {wer:.3f} (limit {MAX_WER}); {time.perf_counter() - t0:.1f} s")
-    if wer > MAX_WER:
-        raise SpeechLMError(f"{folder}: Whisper check failed: WER {wer:.3f} > {MAX_WER} ({transcript!r})")
+    _report(folder, log, t0, [f"reference  {ASR_TEXT!r}", f"transcript {transcript!r}"],
+            f"WER {wer:.3f} (limit {MAX_WER})",
+            f"Whisper check failed: WER {wer:.3f} > {MAX_WER} ({transcript!r})" if wer > MAX_WER else None)
 
 
 def prepare_default_models(out: str | Path | None = None, force: bool = False, verify: bool = True,

@@ -13,7 +13,6 @@ ending spoken together, no transcripts), so only the whole-story ``s`` condition
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from speechlm.data.manifest import json_row, jsonl_lines
 from speechlm.errors import ManifestError
 from speechlm.eval.scoring import (
     SCORINGS,
@@ -116,40 +116,33 @@ def read_story_items(path: str | Path, wrong_style: str = "adversarial", seed: i
         raise ManifestError(f"{path}: StoryCloze file not found")
     items: list[StoryItem] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            sid = _text(row, "id", where)
-            if sid in seen:
-                raise ManifestError(f"{where}: duplicate id {sid!r}")
-            seen.add(sid)
-            ctx = row.get("context")
-            if not (isinstance(ctx, list) and len(ctx) == 4 and all(isinstance(s, str) and s.strip() for s in ctx)):
-                raise ManifestError(f"{where}: 'context' must be a list of 4 non-empty sentences (id {sid!r})")
-            right, wrong = _text(row, "right_ending", where), _text(row, "wrong_ending", where)
-            if right == wrong:
-                raise ManifestError(f"{where}: right and wrong ending are identical (id {sid!r})")
-            audio: dict[str, Path | None] = {}
-            keys = ("context_audio", "right_audio", "wrong_audio")
-            present = [k for k in keys if row.get(k) is not None]
-            if present and len(present) != 3:
-                raise ManifestError(f"{where}: spoken rows need all of {', '.join(keys)} (id {sid!r})")
-            for k in keys:
-                if row.get(k) is not None:
-                    p = Path(_text(row, k, where))
-                    audio[k] = p if p.is_absolute() else path.parent / p
-            voice = row.get("speaker", row.get("voice"))
-            items.append(StoryItem(sid, [s.strip() for s in ctx], right, wrong,
-                                   str(row.get("wrong_style", "adversarial")), **audio,
-                                   voice=str(voice) if voice is not None else ""))
+    for where, line in jsonl_lines(path):
+        row = json_row(line, where)
+        if not isinstance(row, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        sid = _text(row, "id", where)
+        if sid in seen:
+            raise ManifestError(f"{where}: duplicate id {sid!r}")
+        seen.add(sid)
+        ctx = row.get("context")
+        if not (isinstance(ctx, list) and len(ctx) == 4 and all(isinstance(s, str) and s.strip() for s in ctx)):
+            raise ManifestError(f"{where}: 'context' must be a list of 4 non-empty sentences (id {sid!r})")
+        right, wrong = _text(row, "right_ending", where), _text(row, "wrong_ending", where)
+        if right == wrong:
+            raise ManifestError(f"{where}: right and wrong ending are identical (id {sid!r})")
+        audio: dict[str, Path | None] = {}
+        keys = ("context_audio", "right_audio", "wrong_audio")
+        present = [k for k in keys if row.get(k) is not None]
+        if present and len(present) != 3:
+            raise ManifestError(f"{where}: spoken rows need all of {', '.join(keys)} (id {sid!r})")
+        for k in keys:
+            if row.get(k) is not None:
+                p = Path(_text(row, k, where))
+                audio[k] = p if p.is_absolute() else path.parent / p
+        voice = row.get("speaker", row.get("voice"))
+        items.append(StoryItem(sid, [s.strip() for s in ctx], right, wrong,
+                               str(row.get("wrong_style", "adversarial")), **audio,
+                               voice=str(voice) if voice is not None else ""))
     if not items:
         raise ManifestError(f"{path}: no stories")
     if wrong_style == "random":

@@ -157,6 +157,11 @@ def whisper_key_map(encoder_layers: int, decoder_layers: int) -> dict[str, tuple
         linear(f"{hf}.k_proj", ct2, 1, 3, bias=False)
         linear(f"{hf}.v_proj", ct2, 2, 3)
 
+    def self_attention(hf: str, ct2: str) -> None:  # a layer's (encoder and decoder alike)
+        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
+        fused_qkv(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0")
+        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+
     def ffn(hf: str, ct2: str) -> None:
         norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
         linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
@@ -168,9 +173,7 @@ def whisper_key_map(encoder_layers: int, decoder_layers: int) -> dict[str, tuple
     norm("model.encoder.layer_norm", "encoder/layer_norm")
     for i in range(encoder_layers):
         hf, ct2 = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        fused_qkv(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0")
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+        self_attention(hf, ct2)
         ffn(hf, ct2)
 
     m["model.decoder.embed_tokens.weight"] = ("decoder/embeddings/weight", 0, 1)
@@ -178,9 +181,7 @@ def whisper_key_map(encoder_layers: int, decoder_layers: int) -> dict[str, tuple
     norm("model.decoder.layer_norm", "decoder/layer_norm")
     for i in range(decoder_layers):
         hf, ct2 = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        fused_qkv(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0")
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+        self_attention(hf, ct2)
         norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm")
         linear(f"{hf}.encoder_attn.q_proj", f"{ct2}/attention/linear_0")
         linear(f"{hf}.encoder_attn.k_proj", f"{ct2}/attention/linear_1", 0, 2, bias=False)

@@ -378,6 +378,22 @@ def read_adaptation_config(folder: str | Path) -> tuple[EncoderAdaptConfig, dict
     return cfg, meta
 
 
+def resolve_adaptation(adapt: dict[str, Any] | EncoderAdaptConfig | None, init_folder: str | Path,
+                       prefix: str = "") -> EncoderAdaptConfig:
+    """The adaptation a run uses: ``adapt`` (its config's ``<prefix>encoder_adapt``), or, with ``init_folder``
+    (``<prefix>init_encoder_adapt``), the one that exported folder holds, keeping ``adapt``'s ``train``;
+    :class:`ConfigError` when ``adapt`` sets another adaptation than the folder's."""
+    cfg = adapt_config_from_dict(adapt, prefix + "encoder_adapt")
+    if init_folder:
+        saved, _ = read_adaptation_config(init_folder)
+        if cfg.enabled and cfg.essentials() != saved.essentials():
+            raise ConfigError(f"{prefix}init_encoder_adapt={init_folder}: its adaptation {saved.essentials()} "
+                              f"differs from {prefix}encoder_adapt {cfg.essentials()}; drop {prefix}encoder_adapt "
+                              "(the folder's config is used) or use a matching folder")
+        cfg = dataclasses.replace(saved, train=cfg.train)
+    return cfg
+
+
 def check_folder_matches(folder: str | Path, meta: dict[str, Any], encoder: Any) -> None:
     """Raise :class:`ModelError` naming ``folder`` unless it was trained on an encoder like ``encoder``."""
     saved = meta.get("encoder", {})

@@ -169,3 +169,16 @@ def adapt_config_from_dict(data: dict[str, Any] | EncoderAdaptConfig | None, whe
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown} for method {method}; known: {', '.join(sorted(names))}")
     return from_dict(cls, data, prefix=where + ".").check(where)
+
+
+def adapt_config_field(value: dict[str, Any] | EncoderAdaptConfig | None, where: str) -> EncoderAdaptConfig:
+    """A config's ``encoder_adapt`` field as its typed, checked config (what the stage configs' and the aligner
+    config's ``__post_init__`` store): None (``encoder_adapt: null`` in a YAML file) is the frozen encoder, a
+    mapping (from code) is filled as the class its ``method`` names, so a key that method lacks is refused here."""
+    if value is None:
+        value = EncoderAdaptConfig()
+    if isinstance(value, dict):
+        value = from_dict(EncoderAdaptConfig, value, where + ".")
+    if not isinstance(value, EncoderAdaptConfig):
+        raise ConfigError(f"{where}: expected a mapping with a method, got {value!r}")
+    return value.check(where)

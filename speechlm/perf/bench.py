@@ -1,14 +1,19 @@
-"""What the benchmarks share: machine facts, their JSON and PNG written atomically, peak memory, and running the
-training recipes (launcher command, environment, reading a finished stage's metrics)."""
+"""What the benchmarks share: machine facts, their JSON and PNG written atomically, peak memory, the options of
+their command lines, and running the training recipes (launcher command, environment, reading a finished stage's
+metrics)."""
 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +67,121 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def write_outputs(result: Any, json_path: str | Path, png_path: str | Path, plot: Any) -> None:
+    """A benchmark's result as JSON at ``json_path`` and ``plot(Path(png_path))`` (said on stdout), each only when
+    its path is set (``--json ''`` / ``--png ''`` skip them)."""
+    if json_path:
+        write_json(json_path, result)
+    if png_path:
+        plot(Path(png_path))
+        print(f"wrote {png_path}")
+
+
+# ------------------------------------------------------------------------------------ command lines
+def bench_parser(description: str | None) -> argparse.ArgumentParser:
+    """A benchmark script's parser: its docstring (``description``) printed as written."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_run_args(ap: argparse.ArgumentParser, run_help: str = "a run with aligned/{train,valid}.jsonl",
+                 preset_help: str = "config recipes/configs/stage1_<preset>.yaml (default: the run's name)",
+                 cache: tuple[str, ...] = ()) -> None:
+    """What a benchmark trains from: ``--run`` (a finished run folder, default runs/small), ``--preset``, the cache
+    options named in ``cache`` (``hours``: the corpus size in the cache folder names; ``corpus``, ``features``: the
+    folders themselves, default from preset and hours), ``--llm`` and ``--encoder`` (default: the embedded models).
+    The defaults of ``run_help`` and ``preset_help`` are the stage-1 benchmarks' (``stage1_inputs``)."""
+    ap.add_argument("--run", default="runs/small", help=run_help)
+    ap.add_argument("--preset", default="", help=preset_help)
+    if "hours" in cache:
+        ap.add_argument("--hours", default="5.0", help="corpus size in the cache folder names (<preset>-<hours>h)")
+    for name in ("corpus", "features"):
+        if name in cache:
+            ap.add_argument(f"--{name}", default="")
+    ap.add_argument("--llm", default="")
+    ap.add_argument("--encoder", default="", help="the run's encoder (default: the embedded Whisper base)")
+
+
+def add_launch_args(ap: argparse.ArgumentParser, ranks: int, master_port: int, port_help: str | None = None) -> None:
+    """``--ranks`` (CPU ranks of each training run: ``recipe_command``) and the launcher's ``--master-port``."""
+    ap.add_argument("--ranks", type=int, default=ranks)
+    ap.add_argument("--master-port", type=int, default=master_port, help=port_help)
+
+
+def add_stage1_training_args(ap: argparse.ArgumentParser, name: str, ranks: int, master_port: int) -> None:
+    """The options of a benchmark that trains stage-1 variants (``stage1_overrides``): ``--steps``, ``--seed``, the
+    launcher's, the runs' folder ``--work`` (default runs/NAME), the JSON ``--out`` (default runs/bench/NAME.json)
+    and ``--retrain`` (else a finished run is reused: ``run_finished``)."""
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    add_launch_args(ap, ranks, master_port)
+    ap.add_argument("--work", default=f"runs/{name}")
+    ap.add_argument("--out", default=f"runs/bench/{name}.json")
+    ap.add_argument("--retrain", action="store_true")
+
+
+def add_timing_args(ap: argparse.ArgumentParser, threads: int, repeats: int | None = None) -> None:
+    """``--threads`` (torch CPU threads) and, when ``repeats`` is given, ``--repeats`` (timed repeats)."""
+    ap.add_argument("--threads", type=int, default=threads)
+    if repeats is not None:
+        ap.add_argument("--repeats", type=int, default=repeats)
+
+
+def add_output_args(ap: argparse.ArgumentParser, name: str) -> None:
+    """``--json`` and ``--png`` (default runs/bench/NAME.json and .png; '' skips one: ``write_outputs``)."""
+    ap.add_argument("--json", default=f"runs/bench/{name}.json")
+    ap.add_argument("--png", default=f"runs/bench/{name}.png")
+
+
 # ------------------------------------------------------------------------------------ training recipes
 def recipe_env() -> dict[str, str]:
     """The environment a recipe runs in from a benchmark: this venv's bin first on PATH (the deepspeed launcher)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
+
+
+def launch_recipe(name: str, script: str, config: str | Path, keys: list[str], args: argparse.Namespace, log: Path,
+                  what: str, peak_rss: bool = False) -> tuple[float, float | None]:
+    """recipes/``script`` with ``--config config`` and the overrides ``keys`` under the launcher of ``args.ranks``
+    and ``args.master_port`` (``recipe_command``), said on stdout as ``[name] training: ...``, its output appended
+    to ``log``; (wall seconds, with ``peak_rss`` the peak resident set in MB of it and its waited children, else
+    None). RuntimeError ``<what> failed (exit N); see <log>`` when it fails."""
+    cmd = [*recipe_command(ROOT / "recipes" / script, args.ranks, args.master_port), "--config", str(config), *keys]
+    print(f"[{name}] training: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    rss = None
+    with open(log, "a") as f:
+        if peak_rss:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
+            _, status, usage = os.wait4(proc.pid, 0)
+            rc = proc.returncode = os.waitstatus_to_exitcode(status)
+            rss = usage.ru_maxrss / 1024.0  # Linux: KiB
+        else:
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
+    if rc != 0:
+        raise RuntimeError(f"{what} failed (exit {rc}); see {log}")
+    return time.perf_counter() - t0, rss
+
+
+def reuse_finished(name: str, out: Path, steps: int, retrain: bool) -> bool:
+    """``--retrain`` removes the run in ``out``; True (said on stdout) when a finished run of ``steps`` is there to
+    reuse (``run_finished``)."""
+    if retrain and out.exists():
+        shutil.rmtree(out)
+    if run_finished(out, steps):
+        print(f"[{name}] reusing {out}", flush=True)
+        return True
+    return False
+
+
+def write_stage1_report(result: dict[str, Any], args: argparse.Namespace, table: str, note: str = "") -> None:
+    """A stage-1 benchmark's JSON report (``args.out``) and its ``table`` on stdout, under a line of the setting:
+    steps, ranks, ``note`` and the machine (``result["machine"]``)."""
+    write_json(args.out, result)
+    m = result["machine"]
+    print(f"\nstage 1, {args.steps} steps, {args.ranks} rank(s), {note}{m['cpu']}, load {m['load_1min']}\n")
+    print(table)
+    print(f"\nwrote {args.out}")
 
 
 def pick_names(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:

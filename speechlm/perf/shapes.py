@@ -148,3 +148,20 @@ def random_clips(n: int, seconds: float, seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     return [0.1 * torch.randn(int(seconds * 16000), generator=g) for _ in range(n)]
+
+
+def word_tokenizer(words: list[str], folder: str | Path):
+    """A word-level fast tokenizer: <pad> <s> </s> <unk> (ids 0..3), then ``words`` in their order (distinct);
+    saved into ``folder`` and returned."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return fast

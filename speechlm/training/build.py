@@ -29,7 +29,7 @@ from speechlm.models.connectors.base import (
     build_connector,
     llm_identity,
 )
-from speechlm.models.encoder_adapt import EncoderAdaptConfig, adapt_config_from_dict, read_adaptation_config
+from speechlm.models.encoder_adapt import EncoderAdaptConfig, adapt_config_from_dict, resolve_adaptation
 from speechlm.paths import SMOLLM2_135M, WHISPER_BASE, default_model
 from speechlm.training.configs import DataConfig, ModelConfig
 from speechlm.training.engine import DistInfo, Engine, all_sum
@@ -185,14 +185,7 @@ def encoder_adapt_config(model: ModelConfig, data: DataConfig | None = None, eng
     With ``data``/``engine``: a :class:`ConfigError` when the run cannot adapt the encoder: cached features
     (the adapted encoder must run on the fly) or ZeRO-3 (its partitioned weights are read outside their modules).
     """
-    cfg = adapt_config_from_dict(model.encoder_adapt, "model.encoder_adapt")
-    if model.init_encoder_adapt:
-        saved, _ = read_adaptation_config(model.init_encoder_adapt)
-        if cfg.enabled and cfg.essentials() != saved.essentials():
-            raise ConfigError(f"model.init_encoder_adapt={model.init_encoder_adapt}: its adaptation "
-                              f"{saved.essentials()} differs from model.encoder_adapt {cfg.essentials()}; drop "
-                              "model.encoder_adapt (the folder's config is used) or use a matching folder")
-        cfg = dataclasses.replace(saved, train=cfg.train)
+    cfg = resolve_adaptation(model.encoder_adapt, model.init_encoder_adapt, prefix="model.")
     if not cfg.enabled:
         return None
     if data is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from speechlm.config import from_dict
 from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import ConnectorConfig, SSRConfig
-from speechlm.models.encoder_adapt_config import EncoderAdaptConfig
+from speechlm.models.encoder_adapt_config import EncoderAdaptConfig, adapt_config_field
 from speechlm.training.engine import EngineConfig
 from speechlm.training.loop import LoopConfig
 
@@ -49,13 +49,7 @@ class ModelConfig:
             self.connector = from_dict(ConnectorConfig, self.connector, "model.connector.", default=SSRConfig)
         if not isinstance(self.connector, ConnectorConfig):
             raise ConfigError(f"model.connector: expected a mapping with a name (ssr, ...), got {self.connector!r}")
-        if self.encoder_adapt is None:  # "encoder_adapt: null" in a YAML file: the frozen encoder, as before
-            self.encoder_adapt = EncoderAdaptConfig()
-        if isinstance(self.encoder_adapt, dict):
-            self.encoder_adapt = from_dict(EncoderAdaptConfig, self.encoder_adapt, "model.encoder_adapt.")
-        if not isinstance(self.encoder_adapt, EncoderAdaptConfig):
-            raise ConfigError(f"model.encoder_adapt: expected a mapping with a method, got {self.encoder_adapt!r}")
-        self.encoder_adapt.check("model.encoder_adapt")
+        self.encoder_adapt = adapt_config_field(self.encoder_adapt, "model.encoder_adapt")
 
 
 @dataclass

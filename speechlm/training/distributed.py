@@ -82,7 +82,27 @@ def run_main(main: Callable[[], Any]) -> None:
         shutdown_distributed()
         sys.exit(EXIT_PREEMPTED)
     # an error leaves the group as it is: the other ranks may never reach a barrier, and the launcher stops them
+    was_distributed = dist.is_initialized()
     shutdown_distributed()
+    if was_distributed:
+        # Even after an orderly teardown, a rank still aborted now and then while the interpreter exited (a C++
+        # thread of the process group destroyed while joinable: "terminate called without an active exception"),
+        # and the launcher failed the finished run. Everything is written and closed by now: flush and leave
+        # without the interpreter's teardown.
+        _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Flush the logs and standard streams, then end the process at once (no atexit handlers, no destructors)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing left to save
+            pass
+    os._exit(code)
 
 
 def release_shm_buffers(shm: Path = Path("/dev/shm")) -> list[Path]:

@@ -4,6 +4,8 @@ rank."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -14,26 +16,38 @@ from speechlm.training.deepspeed_engine import Engine, check_finite_weights, gat
 from speechlm.training.distributed import agree_failures
 
 
+def _write_on_main(engine: Engine, folder: str | Path, what: str, write: Callable[[], None],
+                   params: list[nn.Parameter] | None = None) -> None:
+    """``write()`` on rank 0 (all ranks call it), inside ``gathered(params)`` when ``params`` is given; a failed
+    write is raised on every rank as :class:`CheckpointWriteError` naming ``folder``, ``what`` and the free space."""
+    err = None
+    with gathered(params, engine) if params is not None else contextlib.nullcontext():
+        if engine.info.is_main:
+            try:
+                write()
+            except Exception as e:  # noqa: BLE001 -- any failed write must reach the other ranks
+                err = e
+    failures = agree_failures(engine.info.rank, err)
+    if failures:
+        raise CheckpointWriteError(f"{folder}: {what} failed ({'; '.join(failures)}); "
+                                   f"{space_text(Path(folder).parent)}") from err
+
+
 def export_module(engine: Engine, module: nn.Module, folder: str | Path) -> None:
     """``module.save_pretrained(folder)`` on rank 0, gathering ZeRO-3 partitions first (all ranks call it).
 
     Non-finite weights are refused on every rank; a failed write on rank 0 is raised on every rank."""
     check_finite_weights(engine, f"the export {folder}", module, trainable_only=False)
-    err = None
-    with gathered(list(module.parameters()), engine):
-        if engine.info.is_main:
-            try:
-                if engine.bf16 or engine.fp16:  # the export is fp32, whatever the training precision
-                    import copy
 
-                    module = copy.deepcopy(module).float()
-                module.save_pretrained(folder)
-            except Exception as e:  # noqa: BLE001 -- any failed write must reach the other ranks
-                err = e
-    failures = agree_failures(engine.info.rank, err)
-    if failures:
-        raise CheckpointWriteError(f"{folder}: export failed ({'; '.join(failures)}); "
-                                   f"{space_text(Path(folder).parent)}") from err
+    def write() -> None:
+        out = module
+        if engine.bf16 or engine.fp16:  # the export is fp32, whatever the training precision
+            import copy
+
+            out = copy.deepcopy(module).float()
+        out.save_pretrained(folder)
+
+    _write_on_main(engine, folder, "export", write, list(module.parameters()))
 
 
 def export_lora(engine: Engine, peft_model: nn.Module, folder: str | Path) -> None:
@@ -41,31 +55,16 @@ def export_lora(engine: Engine, peft_model: nn.Module, folder: str | Path) -> No
     from speechlm.atomic import atomic_path
 
     check_finite_weights(engine, f"the LoRA export {folder}", peft_model)
-    err = None
-    with gathered([p for p in peft_model.parameters() if p.requires_grad], engine):
-        if engine.info.is_main:
-            try:
-                with atomic_path(folder) as tmp:
-                    peft_model.save_pretrained(str(tmp))
-            except Exception as e:  # noqa: BLE001
-                err = e
-    failures = agree_failures(engine.info.rank, err)
-    if failures:
-        raise CheckpointWriteError(f"{folder}: LoRA export failed ({'; '.join(failures)}); "
-                                   f"{space_text(Path(folder).parent)}") from err
+
+    def write() -> None:
+        with atomic_path(folder) as tmp:
+            peft_model.save_pretrained(str(tmp))
+
+    _write_on_main(engine, folder, "LoRA export", write, [p for p in peft_model.parameters() if p.requires_grad])
 
 
 def export_encoder_adapt(engine: Engine, encoder: nn.Module, folder: str | Path) -> None:
     """Save an adapted SpeechEncoder's adaptation (config.json + model.safetensors, fp32) atomically on rank 0
     (all ranks call it); non-finite weights are refused and a failed write is raised on every rank."""
     check_finite_weights(engine, f"the encoder adaptation export {folder}", encoder.adaptation, trainable_only=False)
-    err = None
-    if engine.info.is_main:
-        try:
-            encoder.save_adaptation(folder)
-        except Exception as e:  # noqa: BLE001 -- any failed write must reach the other ranks
-            err = e
-    failures = agree_failures(engine.info.rank, err)
-    if failures:
-        raise CheckpointWriteError(f"{folder}: encoder adaptation export failed ({'; '.join(failures)}); "
-                                   f"{space_text(Path(folder).parent)}") from err
+    _write_on_main(engine, folder, "encoder adaptation export", lambda: encoder.save_adaptation(folder))

@@ -1,23 +1,11 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to a floor (a fraction of the peak)."""
+"""Learning-rate schedule: linear warm-up, then cosine decay to a floor (a fraction of the peak); the rule itself
+is :func:`speechlm.schedule.lr_factor` (re-exported here)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.2) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based).
-
-    Warm-up reaches 1.0 at step ``warmup_steps - 1``; cosine decay then ends at ``floor`` at
-    ``total_steps`` and stays there.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from speechlm.schedule import lr_factor
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, floor: float = 0.2
@@ -25,3 +13,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     """A LambdaLR applying :func:`lr_factor`; its state (last_epoch) is saved with checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, floor))
+
+
+__all__ = ["lr_factor", "warmup_cosine"]

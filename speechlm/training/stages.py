@@ -14,14 +14,7 @@ from torch import nn
 from speechlm.data.batching import Batch, encode_batch
 from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import Connector
-from speechlm.training.losses import (
-    distill_loss,
-    nearest_token_accuracy,
-    next_token_loss,
-    prefix_ntp_loss,
-    speech_ntp_loss,
-    text_ntp_loss,
-)
+from speechlm.training import losses
 
 
 class TokenEmbedding(nn.Module):
@@ -37,7 +30,7 @@ class TokenEmbedding(nn.Module):
         rows = nn.functional.embedding(ids, self.weight)
         acc = None
         if query is not None:
-            acc = nearest_token_accuracy(query, self.weight, ids, query_mask)
+            acc = losses.nearest_token_accuracy(query, self.weight, ids, query_mask)
         return rows, acc
 
 
@@ -71,7 +64,8 @@ class Stage1Distill(nn.Module):
         mask = out.mask & batch.token_mask
         want_acc = not self.training
         target, acc = self.embedding(batch.token_ids, out.embeds.detach() if want_acc else None, mask)
-        loss, parts = distill_loss(out.embeds, target.to(out.embeds.dtype), mask, self.mse_weight, self.cosine_weight)
+        loss, parts = losses.distill_loss(out.embeds, target.to(out.embeds.dtype), mask, self.mse_weight,
+                                          self.cosine_weight)
         metrics = {"loss": float(loss.detach()), "mse": float(parts["mse"]), "cosine": float(parts["cosine"]),
                    "tokens": int(mask.sum())}
         if acc is not None:
@@ -118,10 +112,10 @@ class Stage2Finetune(nn.Module):
         return self.speechlm.llm_embed(torch.tensor([self.bos_id], device=device))
 
     def speech_loss(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return speech_ntp_loss(self._logits, embeds, ids, mask, self.prefix(ids.device))
+        return losses.speech_ntp_loss(self._logits, embeds, ids, mask, self.prefix(ids.device))
 
     def text_loss(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return text_ntp_loss(self._logits, self.speechlm.llm_embed, ids, mask, self.prefix(ids.device))
+        return losses.text_ntp_loss(self._logits, self.speechlm.llm_embed, ids, mask, self.prefix(ids.device))
 
     def task_loss(self, embeds: torch.Tensor, mask: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         """The supervised objective: mean loss over the answers' tokens (EOS included) and their count."""
@@ -135,7 +129,7 @@ class Stage2Finetune(nn.Module):
                  TextSegment(t.target, target=True)] for b, t in enumerate(batch.tasks)]
         inputs = self.speechlm.build_inputs(rows, padding_side="right")
         logits = self.speechlm.lm_logits(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
-        return next_token_loss(logits, inputs.labels)
+        return losses.next_token_loss(logits, inputs.labels)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         batch = encode_in_module(batch, self.speechlm.encoder, next(self.speechlm.connector.parameters()).dtype)
@@ -148,8 +142,9 @@ class Stage2Finetune(nn.Module):
             loss, n = self.speech_loss(embeds, batch.token_ids, batch.token_mask)
             metrics = {"loss_speech": float(loss.detach()), "targets": n}
         else:  # a baseline: the whole clip as a prefix, then the transcript
-            loss, _n_all, rest = prefix_ntp_loss(self._logits, embeds, out.mask, batch.token_ids, batch.token_mask,
-                                                self.prefix(batch.token_ids.device), self.speechlm.llm_embed)
+            loss, _n_all, rest = losses.prefix_ntp_loss(self._logits, embeds, out.mask, batch.token_ids,
+                                                        batch.token_mask, self.prefix(batch.token_ids.device),
+                                                        self.speechlm.llm_embed)
             # loss_speech: the targets the text loss scores (tokens 1..N-1); unlike SSR's, each is predicted having
             # heard the whole clip, so it can fall below the text loss. loss_prefix: what trains, token 0 included.
             n = int((batch.token_mask.sum(1) - 1).clamp(min=0).sum())
@@ -157,7 +152,8 @@ class Stage2Finetune(nn.Module):
         if self.distill_weight > 0:
             target = self.speechlm.llm_embed(batch.token_ids).detach()
             mask = out.mask & batch.token_mask
-            d_loss, parts = distill_loss(embeds, target.to(embeds.dtype), mask, self.mse_weight, self.cosine_weight)
+            d_loss, parts = losses.distill_loss(embeds, target.to(embeds.dtype), mask, self.mse_weight,
+                                                self.cosine_weight)
             loss = loss + self.distill_weight * d_loss
             metrics.update(distill=float(d_loss.detach()), cosine=float(parts["cosine"]), mse=float(parts["mse"]))
         if batch.text_ids is not None:

@@ -37,7 +37,7 @@ import sys
 from speechlm.errors import SpeechLMError
 from speechlm.paths import SMOLLM2_135M, default_model
 from speechlm.perf import ROOT
-from speechlm.perf.bench_aligners import ALL_DECODERS, KINDS, run, write_outputs
+from speechlm.perf.benchmarks.aligners import ALL_DECODERS, KINDS, run, write_outputs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,23 +19,21 @@ JSON (``--json``) and a bar plot (``--png``).
 
 from __future__ import annotations
 
-import argparse
-
-from speechlm.perf.bench_compression import run
+from speechlm.perf.bench import add_output_args, add_timing_args, bench_parser
+from speechlm.perf.benchmarks.compression import run
 
 
 def main(argv: list[str] | None = None) -> dict:
     from speechlm.paths import cache_dir, models_dir
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--manifest", default=str(cache_dir() / "corpus" / "small-5.0h" / "test.jsonl"))
     ap.add_argument("--feature-cache", default=str(cache_dir() / "features" / "small-5.0h" / "test"))
     ap.add_argument("--tokenizer", default=str(models_dir() / "smollm2-135m"), help="the LLM's tokenizer folder")
     ap.add_argument("--aligner", default="runs/small/aligner", help="'' = no free-mode count")
     ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default="runs/bench/compression.json")
-    ap.add_argument("--png", default="runs/bench/compression.png")
+    add_timing_args(ap, threads=2)
+    add_output_args(ap, "compression")
     args = ap.parse_args(argv)
     return run(args)
 

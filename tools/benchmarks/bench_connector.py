@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from speechlm.perf.bench_connector import run
+from speechlm.perf.bench import add_timing_args
+from speechlm.perf.benchmarks.connector import run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,8 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d-enc", type=int, default=512)
     ap.add_argument("--d-llm", type=int, default=576)
     ap.add_argument("--tokens-per-s", type=float, default=3.5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    add_timing_args(ap, threads=1, repeats=5)
     run(ap.parse_args(argv))
 
 

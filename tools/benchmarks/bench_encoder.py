@@ -9,18 +9,16 @@ eSpeak NG reading real English sentences (gensim's test corpus), cut/joined into
 
 from __future__ import annotations
 
-import argparse
-
-from speechlm.perf.bench_encoder import run
+from speechlm.perf.bench import add_timing_args, bench_parser
+from speechlm.perf.benchmarks.encoder import run
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = bench_parser(__doc__)
+    add_timing_args(ap, threads=2, repeats=3)
     ap.add_argument("--clip-s", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--clips", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     run(args)
 

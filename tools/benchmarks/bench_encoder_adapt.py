@@ -22,30 +22,20 @@ cosine and token accuracy (the final validation, metrics.json). Runs that alread
 
 from __future__ import annotations
 
-import argparse
-
-from speechlm.perf.bench_encoder_adapt import METHODS, run
+from speechlm.perf.bench import add_run_args, add_stage1_training_args, bench_parser
+from speechlm.perf.benchmarks.encoder_adapt import METHODS, run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/small", help="a run with aligned/{train,valid}.jsonl")
-    ap.add_argument("--preset", default="", help="config recipes/configs/stage1_<preset>.yaml (default: the run's name)")
-    ap.add_argument("--llm", default="")
-    ap.add_argument("--encoder", default="", help="the run's encoder (default: the embedded Whisper base)")
+    ap = bench_parser(__doc__)
+    add_run_args(ap)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--bottleneck", type=int, default=64, help="adapters: bottleneck width")
     ap.add_argument("--r", type=int, default=8, help="lora: rank (alpha = 2r)")
     ap.add_argument("--n-prompts", type=int, default=16, help="prompt: learned vectors")
-    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--valid-utts", type=int, default=200, help="validate on the first n valid rows (on the fly)")
     ap.add_argument("--max-frames", type=int, default=0, help="data.max_frames per batch (0: the config's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ranks", type=int, default=1)
-    ap.add_argument("--master-port", type=int, default=29563)
-    ap.add_argument("--work", default="runs/encoder_adapt")
-    ap.add_argument("--out", default="runs/bench/encoder_adapt.json")
-    ap.add_argument("--retrain", action="store_true")
+    add_stage1_training_args(ap, "encoder_adapt", ranks=1, master_port=29563)
     args = ap.parse_args(argv)
     return run(args)
 

@@ -35,30 +35,20 @@ Writes JSON (``--out``).
 
 from __future__ import annotations
 
-import argparse
-
-from speechlm.perf.bench_fusion import VARIANTS, run
+from speechlm.perf.bench import add_run_args, add_stage1_training_args, bench_parser
+from speechlm.perf.benchmarks.fusion import VARIANTS, run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/small", help="a run with aligned/{train,valid}.jsonl")
-    ap.add_argument("--preset", default="", help="config recipes/configs/stage1_<preset>.yaml (default: the run's name)")
-    ap.add_argument("--llm", default="")
-    ap.add_argument("--encoder", default="", help="the run's encoder (default: the embedded Whisper base)")
+    ap = bench_parser(__doc__)
+    add_run_args(ap)
     ap.add_argument("--all-features", default="", help="an existing cache of every hidden state (<dir>/train, "
                     "<dir>/valid); default: build one in <work>/features/all")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--middle", type=int, default=-1, help="the middle variant's layer (default: depth // 2)")
     ap.add_argument("--group", type=int, default=2, help="hierarchical: fusion_group")
     ap.add_argument("--fusion-dim", type=int, default=0, help="hierarchical: fusion_dim (0 = d_enc)")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--master-port", type=int, default=29561)
-    ap.add_argument("--work", default="runs/fusion")
-    ap.add_argument("--out", default="runs/bench/fusion.json")
-    ap.add_argument("--retrain", action="store_true")
+    add_stage1_training_args(ap, "fusion", ranks=2, master_port=29561)
     args = ap.parse_args(argv)
     return run(args)
 

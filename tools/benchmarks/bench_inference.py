@@ -12,17 +12,15 @@ timed once and not part of the figures.
 
 from __future__ import annotations
 
-import argparse
-
-from speechlm.perf.bench_inference import run
+from speechlm.perf.bench import add_timing_args, bench_parser
+from speechlm.perf.benchmarks.inference import run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--run", default="runs/tiny")
-    ap.add_argument("--threads", type=int, default=1)
+    add_timing_args(ap, threads=1, repeats=5)
     ap.add_argument("--clip-s", type=float, default=5.0)
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default="", help="also write the JSON here")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from speechlm.perf.bench_mam import parse_factors, run_benchmark
+from speechlm.perf.benchmarks.mam import parse_factors, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> dict:

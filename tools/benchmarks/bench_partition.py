@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from speechlm.perf.bench_partition import run
+from speechlm.perf.bench import add_timing_args
+from speechlm.perf.benchmarks.partition import run
 
 HOME = Path.home() / ".cache" / "speechlm"
 
@@ -33,8 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--connector", default="runs/tiny/stage1/connector")
     ap.add_argument("--aligned", default="runs/tiny/aligned")
     ap.add_argument("--stage1", nargs="*", default=[], help="stage-1 run folders to tabulate (metrics.json)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    add_timing_args(ap, threads=1, repeats=5)
     ap.add_argument("--work", default="runs/pf/bench")
     ap.add_argument("--out", default="runs/bench/partition.json")
     ap.add_argument("--skip-probe", action="store_true")

@@ -25,27 +25,21 @@ already reached ``--steps`` (``--retrain`` trains them again); the evaluations a
 
 from __future__ import annotations
 
-import argparse
-
-from speechlm.perf.bench_quality import CONNECTORS, run
+from speechlm.perf.bench import add_launch_args, add_run_args, add_timing_args, bench_parser
+from speechlm.perf.benchmarks.quality import CONNECTORS, run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/small", help="a finished run: aligned manifests, aligner, stage-1 connector")
-    ap.add_argument("--preset", default="", help="configs recipes/configs/stage2_<preset>.yaml (default: the run's name)")
-    ap.add_argument("--hours", default="5.0", help="corpus size in the cache folder names (<preset>-<hours>h)")
-    ap.add_argument("--corpus", default="")
-    ap.add_argument("--features", default="")
-    ap.add_argument("--llm", default="")
-    ap.add_argument("--encoder", default="")
+    ap = bench_parser(__doc__)
+    add_run_args(ap, "a finished run: aligned manifests, aligner, stage-1 connector",
+                 "configs recipes/configs/stage2_<preset>.yaml (default: the run's name)",
+                 cache=("hours", "corpus", "features"))
     ap.add_argument("--out", default="runs/bench_quality")
     ap.add_argument("--connectors", default=",".join(CONNECTORS))
     ap.add_argument("--steps", type=int, default=100, help="training steps per connector (ssr-mid: mid + stage 2)")
     ap.add_argument("--mid-steps", type=int, default=50, help="ssr-mid: of --steps, the mid-training stage's")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--master-port", type=int, default=29541)
-    ap.add_argument("--threads", type=int, default=2)
+    add_launch_args(ap, ranks=2, master_port=29541)
+    add_timing_args(ap, threads=2)
     ap.add_argument("--stories", type=int, default=80)
     ap.add_argument("--questions", type=int, default=8, help="Speech-MMLU questions per subject")
     ap.add_argument("--asr-utts", type=int, default=60)

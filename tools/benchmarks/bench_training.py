@@ -21,24 +21,17 @@ at least 3x faster. Writes JSON (``--json``) and a plot (``--png``).
 
 from __future__ import annotations
 
-import argparse
-
-from speechlm.perf.bench_training import STAGE1, STAGE2, run
+from speechlm.perf.bench import add_output_args, add_run_args, add_timing_args, bench_parser
+from speechlm.perf.benchmarks.training import STAGE1, STAGE2, run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/small", help="a run with aligned/train.jsonl and stage1/connector")
-    ap.add_argument("--preset", default="")
-    ap.add_argument("--hours", default="5.0")
-    ap.add_argument("--features", default="")
-    ap.add_argument("--llm", default="")
-    ap.add_argument("--encoder", default="")
+    ap = bench_parser(__doc__)
+    add_run_args(ap, "a run with aligned/train.jsonl and stage1/connector",
+                 "configs recipes/configs/stage{1,2}_<preset>.yaml (default: the run's name)", cache=("hours", "features"))
     ap.add_argument("--only", default=",".join(STAGE2 + STAGE1))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", default="runs/bench/training.json")
-    ap.add_argument("--png", default="runs/bench/training.png")
+    add_timing_args(ap, threads=1, repeats=5)
+    add_output_args(ap, "training")
     args = ap.parse_args(argv)
     return run(args)
 

@@ -12,7 +12,7 @@ ranks are watched from outside (the launcher's children's children, found with p
 ``/proc/<pid>/status`` is read every ``--poll-s`` seconds for ``VmHWM`` (the kernel's peak resident set of
 the whole process: model load, DeepSpeed init, steps, final validation) and ``VmRSS`` / ``RssAnon`` /
 ``RssShmem``, whose maxima are kept for the window between the ranks' "step 1" and "step N" log lines
-(steps 2..N only). To get those lines the ranks run ``speechlm.perf.zero_rank`` (``deepspeed --module``: it
+(steps 2..N only). To get those lines the ranks run ``speechlm.perf.zero.rank`` (``deepspeed --module``: it
 turns the ``speechlm`` logger on and runs the recipe unchanged with ``loop.log_every=1``). Step time is the run's
 ``metrics.json`` ``step_time_s_median``; the train losses of the stages are compared step by step.
 Trainable / frozen parameters are counted from the safetensors headers of the connector and the LLM
@@ -25,7 +25,7 @@ on ``--gpus`` GPUs under ZeRO-2 and ZeRO-3 for the frozen Meta-Llama-3-8B (bf16;
 ``speechlm.perf.shapes.llama_config("8b")``, built on the meta device), w2v-BERT 2.0 (built the same way;
 loaded on every rank only when the config needs it: no feature cache, or ``leakage_utts`` > 0) and the SSR
 connector built by ``speechlm.training.build.make_connector`` from that config; the DeepSpeed settings are
-``engine.ds_config`` as ``speechlm.training.engine.ds_config`` builds it. Formulas: ``speechlm/perf/zero_memory.py``
+``engine.ds_config`` as ``speechlm.training.engine.ds_config`` builds it. Formulas: ``speechlm/perf/zero/memory.py``
 (``model_states``, ``llm_activations``, ``connector_activations``, ``zero_buffers``); every assumption is printed and
 written to the JSON (``projection.assumptions``).
 
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import sys
 
-from speechlm.perf.zero_cli import main
+from speechlm.perf.zero.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(description=__doc__.splitlines()[0]))

@@ -188,6 +188,14 @@ def finish(samples: np.ndarray, hz: int, text: str, times: list[tuple[float, flo
     return Synthesis(wave=wave, sample_rate=sample_rate, words=words, engine=engine, voice=voice)
 
 
+def finish_tokens(samples: np.ndarray, hz: int, text: str,
+                  tokens: list[tuple[str, list[tuple[float, float] | None]]], sample_rate: int, engine: str,
+                  name: str) -> Synthesis:
+    """:func:`finish` with the word times of an engine's Token relation (:func:`word_times`: the Flite and
+    Festival engines); the voice is ``"<engine>:<name>"``."""
+    return finish(samples, hz, text, word_times(text, tokens), sample_rate, engine, f"{engine}:{name}")
+
+
 def align_tokens(full: Sequence[str], alone: Sequence[Sequence[str]]) -> list[int]:
     """Owner word of each token of ``full`` (the whole text as the engine spoke it) given each word's
     tokens spoken alone, by edit-distance alignment of ``full`` with the words' tokens in a row.

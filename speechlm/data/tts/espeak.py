@@ -152,6 +152,10 @@ class _Engine:
         # Noise sources (fricatives, aspiration) draw from libc's rand(), whose state other
         # utterances advance; reseed so each utterance's noise depends on nothing else.
         self.lib.espeak_ng_SetRandSeed(_RAND_SEED)
+        # The Klatt voices (variants such as +caleb) draw their noise from libc's rand() itself: reseed it too,
+        # else the same utterance came out different depending on what the process had spoken before (and so
+        # on which worker of the corpus builder it landed on).
+        _LIBC.srand(_RAND_SEED)
         data = text.encode("utf-8")
         err = self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, _CHARS_UTF8, None, None)
         if err != _EE_OK:
@@ -159,6 +163,11 @@ class _Engine:
         samples = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
         return samples, self._phonemes, self._word_positions
 
+
+#: The C library of this process (its rand() is the one the Klatt voices draw from).
+_LIBC = ctypes.CDLL(None)
+_LIBC.srand.restype = None
+_LIBC.srand.argtypes = [ctypes.c_uint]
 
 # One library instance at a time per process: the C library is global state.
 _LOCK = threading.Lock()

@@ -53,9 +53,8 @@ from speechlm.data.tts._common import (
     Synthesis,
     SynthesisError,
     duration_factor,
-    finish,
+    finish_tokens,
     pitch_factor,
-    word_times,
 )
 
 INSTALL_HINT = "install Festival and a voice: apt-get install festival festvox-kallpc16k"
@@ -421,5 +420,4 @@ def synthesize(text: str, name: str, rate_wpm: int, pitch: int, sample_rate: int
         samples = samples.reshape(-1, channels).mean(axis=1)
     if len(samples) == 0:
         raise SynthesisError(f"Festival ({name}) produced no audio for {text[:80]!r}")
-    times = word_times(text, parse_tokens(stdout))
-    return finish(samples, hz, text, times, sample_rate, "festival", f"festival:{name}")
+    return finish_tokens(samples, hz, text, parse_tokens(stdout), sample_rate, "festival", name)

@@ -32,9 +32,8 @@ from speechlm.data.tts._common import (
     Synthesis,
     SynthesisError,
     duration_factor,
-    finish,
+    finish_tokens,
     pitch_factor,
-    word_times,
 )
 
 INSTALL_HINT = "install Flite: apt-get install flite"
@@ -190,5 +189,4 @@ def synthesize(text: str, name: str, rate_wpm: int, pitch: int, sample_rate: int
         samples, hz, tokens = _run(text, name, rate_wpm, pitch)
     if len(samples) == 0:
         raise SynthesisError(f"Flite ({name}) produced no audio for {text[:80]!r}")
-    times = word_times(text, tokens)
-    return finish(samples.astype(np.float32) / 32768.0, hz, text, times, sample_rate, "flite", f"flite:{name}")
+    return finish_tokens(samples.astype(np.float32) / 32768.0, hz, text, tokens, sample_rate, "flite", name)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
-from pathlib import Path
 
-from speechlm.perf.gpu_context import STAGE_CONFIGS, Ctx, ds_json
-from speechlm.perf.gpu_dist import no_cpu_shm_jit
-from speechlm.perf.shapes import ENCODERS, build_encoder_folder, build_llama, random_clips
+from speechlm.perf.gpu_check.context import STAGE_CONFIGS, Ctx, ds_json
+from speechlm.perf.gpu_check.dist import no_cpu_shm_jit
+from speechlm.perf.shapes import ENCODERS, build_encoder_folder, build_llama, random_clips, word_tokenizer
 
 SENTENCES = [
     "the cat sat on the warm mat", "a dog ran across the green field", "she reads a book every night",
@@ -33,22 +32,6 @@ SENTENCES = [
     "the horse jumped over the wooden fence", "a gentle voice called from the hall", "the fish swam under the bridge",
     "the kettle whistled in the kitchen",
 ]
-
-
-def word_tokenizer(words: list[str], folder: Path):
-    """A word-level fast tokenizer over ``words`` (with <pad> <s> </s> <unk>), saved into ``folder``."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *sorted(set(words))])}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(folder)
-    return fast
 
 
 def speech(ctx: Ctx, sentences: list[str]) -> list:
@@ -106,7 +89,7 @@ def part_stage1_run(ctx: Ctx) -> None:
                                                                           + ("-tiny" if ctx.tiny else "")),
                                       ctx.tiny, ctx.device)
     llm_folder = root / "llm"
-    tok = word_tokenizer([w for s in sentences for w in s.split()], llm_folder)
+    tok = word_tokenizer(sorted({w for s in sentences for w in s.split()}), llm_folder)
     llm = build_llama("tiny" if ctx.tiny else "8b", ctx.device, ctx.dtype(), vocab=len(tok), layers=1)
     llm.config.bos_token_id, llm.config.eos_token_id, llm.config.pad_token_id = 1, 2, 0
     llm.save_pretrained(llm_folder)

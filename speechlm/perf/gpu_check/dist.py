@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from speechlm.perf.gpu_context import Ctx
+from speechlm.perf.gpu_check.context import Ctx
 
 
 def no_cpu_shm_jit(ctx: Ctx) -> None:

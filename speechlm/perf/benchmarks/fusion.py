@@ -4,7 +4,6 @@ all-layers feature cache and its one-layer cuts, and the table (tools/benchmarks
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,15 @@ from typing import Any
 from speechlm.errors import ConfigError
 from speechlm.perf import ROOT
 from speechlm.perf.bench import (
+    launch_recipe,
     machine,
     pick_names,
-    recipe_command,
     recipe_env,
-    run_finished,
+    reuse_finished,
     stage1_inputs,
     stage1_overrides,
     stage_metrics,
-    write_json,
+    write_stage1_report,
 )
 
 VARIANTS = ("top", "middle", "weighted", "hierarchical")
@@ -122,24 +121,15 @@ def variant_features(all_root: Path, work: Path, layers: list[int]) -> Path:
 def train(name: str, variant: dict[str, Any], args: argparse.Namespace, paths: dict[str, Path], features: Path,
           out: Path) -> None:
     """Stage 1 for one variant (the recipe, under the launcher), unless a run of ``--steps`` is already there."""
-    if args.retrain and out.exists():
-        shutil.rmtree(out)
-    if run_finished(out, args.steps):
-        print(f"[{name}] reusing {out}", flush=True)
+    if reuse_finished(name, out, args.steps, args.retrain):
         return
     keys = [*stage1_overrides(paths, out, args.seed, args.steps),
             f"data.feature_cache={features / 'train'}", f"data.valid_feature_cache={features / 'valid'}",
             f"model.encoder_layers=[{','.join(map(str, variant['layers']))}]",
             *[f"model.connector.{k}={v}" for k, v in variant["connector"].items()]]
-    cmd = [*recipe_command(ROOT / "recipes" / "stage1_distill.py", args.ranks, args.master_port),
-           "--config", str(paths["config"]), *keys]
     out.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{name}.log"
-    print(f"[{name}] training: {' '.join(cmd)}", flush=True)
-    with open(log, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
-    if rc != 0:
-        raise RuntimeError(f"bench_fusion: stage 1 of {name} failed (exit {rc}); see {log}")
+    launch_recipe(name, "stage1_distill.py", paths["config"], keys, args, out.parent / f"{name}.log",
+                  f"bench_fusion: stage 1 of {name}")
 
 
 def row(name: str, variant: dict[str, Any], out: Path, features: Path) -> dict[str, Any]:
@@ -172,9 +162,5 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row(name, plans[name], work / name, features))
     result = {"benchmark": "layer fusion (stage 1)", "machine": machine(), "run": args.run, "steps": args.steps,
               "seed": args.seed, "ranks": args.ranks, "encoder_depth": depth, "rows": rows}
-    write_json(args.out, result)
-    print(f"\nstage 1, {args.steps} steps, {args.ranks} rank(s), {result['machine']['cpu']}, "
-          f"load {result['machine']['load_1min']}\n")
-    print(table(rows))
-    print(f"\nwrote {args.out}")
+    write_stage1_report(result, args, table(rows))
     return result

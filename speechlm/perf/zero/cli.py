@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from speechlm.perf import ROOT
+from speechlm.perf.bench import add_launch_args, bench_parser
 from speechlm.perf.procmem import mem_available
-from speechlm.perf.zero_memory import ASSUMPTIONS, GIB, BenchError, cpu_check, project, real_scale_inputs
-from speechlm.perf.zero_rank import rank_main
-from speechlm.perf.zero_report import mib_text, plot, render, write_report
-from speechlm.perf.zero_runs import BenchPaths, loss_agreement, measured_params, run_stage
+from speechlm.perf.zero.memory import ASSUMPTIONS, GIB, BenchError, cpu_check, project, real_scale_inputs
+from speechlm.perf.zero.rank import rank_main
+from speechlm.perf.zero.report import mib_text, plot, render, write_report
+from speechlm.perf.zero.runs import BenchPaths, loss_agreement, measured_params, run_stage
 
 SCHEMA = "speechlm-bench-zero-1"
 
@@ -28,12 +29,10 @@ def _expand(p: str) -> Path:
 
 
 def parse_args(argv: list[str] | None, description: str | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(description)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3], choices=[0, 1, 2, 3])
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--master-port", type=int, default=29561, help="stage i uses this + i (29541 is taken)")
+    add_launch_args(ap, ranks=2, master_port=29561, port_help="stage i uses this + i (29541 is taken)")
     ap.add_argument("--work-dir", default="runs/bench_zero")
     ap.add_argument("--out", default="", help="JSON report (default WORK_DIR/report.json)")
     ap.add_argument("--plot", default="", help="PNG (default WORK_DIR/bench_zero.png)")
@@ -62,7 +61,7 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, description: str | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
-    if "--rank-of" in raw:  # the rank program of earlier launcher runs: now speechlm.perf.zero_rank
+    if "--rank-of" in raw:  # the rank program of earlier launcher runs: now speechlm.perf.zero.rank
         rank_main(raw)
         return 0
     args = parse_args(argv, description)

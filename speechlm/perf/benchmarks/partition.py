@@ -22,7 +22,7 @@ from speechlm.eval.speaker import (
 from speechlm.models.connectors import build_connector
 from speechlm.perf import ROOT
 from speechlm.perf.bench import machine, pyplot, save_figure, stage_metrics, write_json
-from speechlm.perf.bench_connector import make_batch, time_fwd_bwd
+from speechlm.perf.benchmarks.connector import make_batch, time_fwd_bwd
 
 
 def fwd_bwd_flops(conn: torch.nn.Module, batch) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from speechlm.errors import ConfigError
 from speechlm.perf import ROOT
-from speechlm.perf.bench import machine, peak_rss_mib, pick_names, pyplot, save_figure, write_json
+from speechlm.perf.bench import machine, peak_rss_mib, pick_names, pyplot, save_figure, write_outputs
 
 STAGE2 = ("ssr", "stack", "conv", "qformer")
 STAGE1 = ("stage1-cache", "stage1-onthefly")
@@ -162,13 +162,9 @@ def run(args: argparse.Namespace) -> dict:
     print(table(rows))
     for key, c in checks.items():
         print(f"target {key}: {c['ratio']:.2f}x (>= {c['target']}x) -> {'met' if c['met'] else 'MISSED'}")
-    if args.json:
-        write_json(args.json, result)
-    if args.png:
-        plot(rows, Path(args.png))
-        print(f"wrote {args.png}")
+    write_outputs(result, args.json, args.png, lambda png: plot(rows, png))
     return result
 
 
-if __name__ == "__main__":  # a child of ``run``: ``python -m speechlm.perf.bench_training NAME '<args as JSON>'``
+if __name__ == "__main__":  # a child of ``run``: ``python -m speechlm.perf.benchmarks.training NAME '<args as JSON>'``
     print(json.dumps(child(sys.argv[1], argparse.Namespace(**json.loads(sys.argv[2])))))

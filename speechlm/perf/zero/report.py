@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from speechlm.perf.bench import pyplot, save_figure, write_json
-from speechlm.perf.zero_memory import GIB, MIB
+from speechlm.perf.zero.memory import GIB, MIB
 
 ZERO3_CPU_NOTE = (
     "ZeRO-3 here: recipes/ds/zero3.json leaves stage3_max_live_parameters and stage3_max_reuse_distance at "

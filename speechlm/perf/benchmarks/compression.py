@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from speechlm.errors import ConfigError
-from speechlm.perf.bench import machine, pyplot, save_figure, write_json
+from speechlm.perf.bench import machine, pyplot, save_figure, write_outputs
 
 TARGET_SSR_RATE = 4.5  # issue 15: SSR uses at most 4.5 LLM inputs per audio second
 BASELINES = (("stack k=8 (Ultravox)", {"name": "stack"}), ("conv k=5 (SLAM-LLM)", {"name": "conv"}),
@@ -141,9 +141,5 @@ def run(args: argparse.Namespace) -> dict:
               f"tokens {free} / {ref} ({free / ref - 1:+.0%})")
     t = result["target"]
     print(f"target: SSR <= {TARGET_SSR_RATE} inputs/s: {t['ssr_per_s']:.2f} -> {'met' if t['met'] else 'MISSED'}")
-    if args.json:
-        write_json(args.json, result)
-    if args.png:
-        plot(result, Path(args.png))
-        print(f"wrote {args.png}")
+    write_outputs(result, args.json, args.png, lambda png: plot(result, png))
     return result

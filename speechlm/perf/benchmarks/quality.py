@@ -15,10 +15,10 @@ from speechlm.atomic import atomic_write_text
 from speechlm.errors import ConfigError
 from speechlm.perf import ROOT
 from speechlm.perf.bench import (
+    launch_recipe,
     machine,
     pick_names,
     pyplot,
-    recipe_command,
     recipe_env,
     run_finished,
     save_figure,
@@ -72,14 +72,7 @@ def _data_keys(paths: dict[str, Path], out: Path, steps: int) -> list[str]:
 
 def _launch(name: str, script: str, config: Path, keys: list[str], args: argparse.Namespace, log: Path) -> float:
     """One training recipe under the launcher (output appended to ``log``); its wall seconds."""
-    cmd = [*recipe_command(ROOT / "recipes" / script, args.ranks, args.master_port), "--config", str(config), *keys]
-    print(f"[{name}] training: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
-    if rc != 0:
-        raise RuntimeError(f"bench_quality: {script} for {name} failed (exit {rc}); see {log}")
-    return time.perf_counter() - t0
+    return launch_recipe(name, script, config, keys, args, log, f"bench_quality: {script} for {name}")[0]
 
 
 def train_mid(args: argparse.Namespace, paths: dict[str, Path], out: Path) -> tuple[Path, dict]:

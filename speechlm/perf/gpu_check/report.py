@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from speechlm.perf import ROOT
-from speechlm.perf.gpu_context import dump_json
+from speechlm.perf.gpu_check.context import dump_json
 
 
 def report_path(args: argparse.Namespace) -> Path:

@@ -15,8 +15,8 @@ from typing import Any
 
 from speechlm.perf import ROOT
 from speechlm.perf.flops import H200_BF16_PEAK, connector_counts, llm_counts, step_flops
-from speechlm.perf.gpu_context import STAGE_CONFIGS, Ctx, ds_json
-from speechlm.perf.gpu_dist import init_dist
+from speechlm.perf.gpu_check.context import STAGE_CONFIGS, Ctx, ds_json
+from speechlm.perf.gpu_check.dist import init_dist
 from speechlm.perf.shapes import (
     ENCODERS,
     build_encoder_folder,

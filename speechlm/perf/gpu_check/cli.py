@@ -10,9 +10,9 @@ import sys
 # Only the standard library at import time below these (torch and the rest load inside the parts): --plan-install
 # runs before the GPU machine has its wheels.
 from speechlm.perf import ROOT
-from speechlm.perf.gpu_orchestrate import PART_NAMES, orchestrate, part_out, run_part_here
-from speechlm.perf.gpu_stage1_run import SENTENCES
-from speechlm.perf.install_plan import plan_install
+from speechlm.perf.gpu_check.install_plan import plan_install
+from speechlm.perf.gpu_check.orchestrate import PART_NAMES, orchestrate, part_out, run_part_here
+from speechlm.perf.gpu_check.stage1_run import SENTENCES
 from speechlm.perf.shapes import ENCODERS
 
 
@@ -98,5 +98,5 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     return orchestrate(args)
 
 
-if __name__ == "__main__":  # a part process: python -m speechlm.perf.gpu_cli --part NAME ...
+if __name__ == "__main__":  # a part process: python -m speechlm.perf.gpu_check.cli --part NAME ...
     sys.exit(main())

@@ -17,14 +17,14 @@ from typing import Any
 
 from speechlm.perf import ROOT
 from speechlm.perf.flops import FORMULAS, H200_BF16_PEAK
-from speechlm.perf.gpu_context import Ctx
-from speechlm.perf.gpu_parts import part_encoders, part_env, part_stage, part_tests
-from speechlm.perf.gpu_report import print_table, report_path, write_report
-from speechlm.perf.gpu_stage1_run import part_stage1_run
+from speechlm.perf.gpu_check.context import Ctx
+from speechlm.perf.gpu_check.parts import part_encoders, part_env, part_stage, part_tests
+from speechlm.perf.gpu_check.report import print_table, report_path, write_report
+from speechlm.perf.gpu_check.stage1_run import part_stage1_run
 
 SCHEMA = "speechlm-gpu-check-1"
 #: the module a part process runs (``python -m``): the command line of tools/gpu_check.py
-CLI_MODULE = "speechlm.perf.gpu_cli"
+CLI_MODULE = "speechlm.perf.gpu_check.cli"
 
 # (name, budget on a GPU s, budget in the tiny CPU dry run s, least time worth starting it with s)
 PARTS: list[tuple[str, float, float, float]] = [

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from speechlm.perf import ROOT
 from speechlm.perf.procmem import RankMonitor, mem_available, shm_buffers
-from speechlm.perf.zero_memory import GIB, BenchError
+from speechlm.perf.zero.memory import GIB, BenchError
 
 STEP_LINE = re.compile(r"\bstep (\d+) loss ")
 #: what each rank runs (``deepspeed --module``): the recipe, with the step lines logged
-RANK_MODULE = "speechlm.perf.zero_rank"
+RANK_MODULE = "speechlm.perf.zero.rank"
 
 
 @dataclass
@@ -76,7 +76,7 @@ def run_stage(stage: int, paths: BenchPaths, args: argparse.Namespace, work: Pat
         raise BenchError(f"{deepspeed}: the deepspeed launcher is not installed in this environment")
     over = stage_overrides(paths, stage, args.steps, out_dir, args.valid_max_utts, args.override)
     cmd = [str(deepspeed), "--num_gpus", str(args.ranks), "--master_port", str(port), "--module", RANK_MODULE,
-           "--rank-of", str(ROOT / "recipes" / "stage2_finetune.py"), "--config", str(paths.config), *over]
+           "--config", str(paths.config), *over]
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     t_start = time.time()

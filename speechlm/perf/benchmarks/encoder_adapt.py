@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from speechlm.errors import ConfigError
-from speechlm.perf import ROOT
 from speechlm.perf.bench import (
+    launch_recipe,
     machine,
     pick_names,
-    recipe_command,
-    recipe_env,
-    run_finished,
+    reuse_finished,
     stage1_inputs,
     stage1_overrides,
     stage_metrics,
     write_json,
+    write_stage1_report,
 )
 
 METHODS = ("frozen", "adapter-seq", "adapter-par", "lora", "prompt")
@@ -61,35 +57,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _run(cmd: list[str], log: Path) -> tuple[int, float]:
-    """Run ``cmd`` with output to ``log``; (exit status, peak resident set in MB of it and its waited children)."""
-    with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024.0  # Linux: KiB
-
-
 def train(name: str, args: argparse.Namespace, paths: dict[str, Path], out: Path) -> float | None:
     """Stage 1 for one method, unless a run of ``--steps`` is already there; returns its peak RSS (MB) or None."""
-    if args.retrain and out.exists():
-        shutil.rmtree(out)
-    if run_finished(out, args.steps):
-        print(f"[{name}] reusing {out}", flush=True)
+    if reuse_finished(name, out, args.steps, args.retrain):
         saved = out / "peak_rss_mb.json"
         return json.loads(saved.read_text())["peak_rss_mb"] if saved.is_file() else None
     keys = [*stage1_overrides(paths, out, args.seed, args.steps),
             "data.feature_cache=", "data.valid_feature_cache=", f"data.valid_max_utts={args.valid_utts}",
             "loop.resume=false", *([f"data.max_frames={args.max_frames}"] if args.max_frames else []),
             *method_overrides(name, args.bottleneck, args.r, args.n_prompts)]
-    cmd = [*recipe_command(ROOT / "recipes" / "stage1_distill.py", args.ranks, args.master_port),
-           "--config", str(paths["config"]), *keys]
     out.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{name}.log"
-    print(f"[{name}] training: {' '.join(cmd)}", flush=True)
-    rc, rss = _run(cmd, log)
-    if rc != 0:
-        raise RuntimeError(f"bench_encoder_adapt: stage 1 of {name} failed (exit {rc}); see {log}")
+    _, rss = launch_recipe(name, "stage1_distill.py", paths["config"], keys, args, out.parent / f"{name}.log",
+                           f"bench_encoder_adapt: stage 1 of {name}", peak_rss=True)
     write_json(out / "peak_rss_mb.json", {"peak_rss_mb": rss})
     return rss
 
@@ -121,9 +100,5 @@ def run(args: argparse.Namespace) -> dict:
     result = {"benchmark": "encoder adaptation (stage 1)", "machine": machine(), "run": args.run,
               "steps": args.steps, "seed": args.seed, "ranks": args.ranks, "bottleneck": args.bottleneck,
               "r": args.r, "n_prompts": args.n_prompts, "rows": rows}
-    write_json(args.out, result)
-    print(f"\nstage 1, {args.steps} steps, {args.ranks} rank(s), encoder on the fly, {result['machine']['cpu']}, "
-          f"load {result['machine']['load_1min']}\n")
-    print(table(rows))
-    print(f"\nwrote {args.out}")
+    write_stage1_report(result, args, table(rows), note="encoder on the fly, ")
     return result
