@@ -5,9 +5,9 @@
 #   bash tools/gpu_wheels.sh            # -> .gpu_wheels/ (git-ignored; travels with carry=[".gpu_wheels"])
 #   GPU_WHEELS=dir bash tools/gpu_wheels.sh
 #
-# What the GPU machine's image lacks or has in a version this project does not support (its package
-# list: /work/.library/device/KINDS.md), by what tools/gpu_check.py (speechlm/perf/gpu_check/) and
-# tests/test_gpu.py import:
+# What the GPU machine's image lacks or has in a version this project does not support (as its install plan
+# found it on 2026-12-04: Python 3.12, torch 2.11 + CUDA, transformers 5, no DeepSpeed; see docs/PERFORMANCE.md,
+# "GPU check"), by what tools/gpu_check.py (speechlm/perf/gpu_check/) and tests/test_gpu.py import:
 #   deepspeed 0.19.8 (only an sdist on PyPI: built here into a pure-Python wheel) + hjson, pydantic,
 #     pydantic-core, annotated-types, typing-inspection, typing-extensions (its missing requirements);
 #   transformers 4.57.6 + tokenizers 0.22.2 + huggingface-hub 0.36.2 (the image has transformers 5,
