@@ -20,12 +20,7 @@ import torch
 from alignment.cif import CIFAligner
 from alignment.ctc_model import CTCAligner
 from alignment.decoders import DECODERS, LabelSpans
-from alignment.kinds import (
-    AlignerKind,
-    folder_kind,
-    model_kind,
-    subword_char_frames,  # noqa: F401  (re-exported: it lived here)
-)
+from alignment.kinds import AlignerKind, folder_kind, model_kind
 from alignment.tokens import (
     normalize_for_alignment,
     token_boundaries,
@@ -114,10 +109,6 @@ class Aligner:
     @property
     def frame_rate_hz(self) -> float:
         return self.model.frame_rate_hz
-
-    @property
-    def is_cif(self) -> bool:
-        return isinstance(self.model, CIFAligner)
 
     @torch.no_grad()
     def frame_outputs(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

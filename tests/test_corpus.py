@@ -101,25 +101,14 @@ def test_voice_plans_refuse_reserved_and_overlapping_voices(monkeypatch):
 
 def test_engine_conditions_of_corpus_voices():
     """The corpus labels voices with the one shared "which TTS engine" answer (speechlm.data.tts.engine_of)."""
-    from speechlm.data.corpus_voices import HELD_OUT_VOICES, NATURAL_TRAIN_VOICES, engine_condition
+    from speechlm.data.corpus_voices import HELD_OUT_VOICES, NATURAL_TRAIN_VOICES
     from speechlm.data.tts import engine_of
 
-    assert [engine_condition(v) for v in HELD_OUT_VOICES["test"]] == [
+    assert [engine_of(v) for v in HELD_OUT_VOICES["test"]] == [
         "festival", "piper", "espeak-hard", "espeak-hard"]
-    assert {engine_condition(v) for vs in NATURAL_TRAIN_VOICES.values() for v in vs} == {"flite", "festival"}
-    assert {engine_condition(v) for v in train_voices()} == {"espeak"}
+    assert {engine_of(v) for vs in NATURAL_TRAIN_VOICES.values() for v in vs} == {"flite", "festival"}
+    assert {engine_of(v) for v in train_voices()} == {"espeak"}
     assert engine_of("en-gb-scotland+f4", label_hard=False) == "espeak"
-
-
-def test_corpus_module_still_exports_its_public_names():
-    """Callers import the corpus's names from speechlm.data.corpus, as before it was split into its steps."""
-    from speechlm.data import corpus, corpus_plan, corpus_voices, coverage, text_sources
-
-    assert corpus.plan_corpus is corpus_plan.plan_corpus and corpus.VoicePlan is corpus_voices.VoicePlan
-    assert corpus.select_for_coverage is coverage.select_for_coverage
-    assert corpus.CorpusError is text_sources.CorpusError and corpus.default_sources is text_sources.default_sources
-    assert corpus.HARD_VOICES["test"] == ("en-gb-scotland+f4", "en-gb-x-gbcwmd+m6")
-    assert corpus.engine_condition("en-gb-scotland+f4") == "espeak-hard" and corpus.is_hard("en-gb-scotland+m5")
 
 
 def test_coverage_selection_prefers_sentences_with_needed_words():
@@ -213,11 +202,12 @@ def test_corpus_from_the_same_plan_is_kept_unless_forced(tmp_path):
 
 def test_plan_fingerprint_covers_plan_and_synthesis_version(monkeypatch):
     from speechlm.data import corpus
+    from speechlm.data.corpus_plan import PlannedUtterance
 
-    plan = [corpus.PlannedUtterance("train-000000-x", "A cat sat.", "train", "x", "en-us", 175, 50)]
+    plan = [PlannedUtterance("train-000000-x", "A cat sat.", "train", "x", "en-us", 175, 50)]
     first = corpus.plan_fingerprint(plan)
     assert first == corpus.plan_fingerprint(list(plan))
-    other_voice = [corpus.PlannedUtterance("train-000000-x", "A cat sat.", "train", "x", "en-us+m1", 175, 50)]
+    other_voice = [PlannedUtterance("train-000000-x", "A cat sat.", "train", "x", "en-us+m1", 175, 50)]
     assert corpus.plan_fingerprint(other_voice) != first
     monkeypatch.setattr(corpus, "SYNTHESIS_VERSION", corpus.SYNTHESIS_VERSION + 1)
     assert corpus.plan_fingerprint(plan) != first  # new synthesis code: old corpora are not reused

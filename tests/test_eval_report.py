@@ -7,12 +7,12 @@ import math
 
 import pytest
 
+from speechlm.data.tts import engine_of
 from speechlm.eval.asr import normalize_text, word_error_rate
 from speechlm.eval.report import (
     Accuracy,
     ResultRow,
     add_engine_rows,
-    engine_of,
     engine_rows,
     group_by_engine,
     markdown_table,
@@ -97,10 +97,12 @@ def test_engine_of(voice, engine):
 
 
 def test_one_engine_of_for_reports_corpus_and_token_analysis():
-    """The reports re-export the TTS index's engine_of; label_hard=False gives the plain synthesis engine."""
+    """The evaluation runs and the token analysis use the TTS index's engine_of; label_hard=False gives the plain
+    synthesis engine."""
     from speechlm.data import tts
+    from speechlm.eval import run_asr, run_storycloze, token_analysis
 
-    assert engine_of is tts.engine_of
+    assert run_asr.engine_of is run_storycloze.engine_of is token_analysis.engine_of is tts.engine_of
     assert tts.engine_of("en-gb-scotland+f4", label_hard=False) == "espeak"
     assert tts.engine_of("flite:kal16", label_hard=False) == "flite"
     assert all(tts.is_hard(v) for voices in tts.HARD_VOICES.values() for v in voices)

@@ -251,10 +251,10 @@ def test_front_end_feeds_the_aligner_its_own_encoder_frames():
 
 
 def test_default_voices_are_held_out_from_training():
-    from speechlm.data import corpus
+    from speechlm.data.corpus_voices import train_voices
 
     voices = sc.default_eval_voices()
-    assert voices and not set(voices) & set(corpus.train_voices())
+    assert voices and not set(voices) & set(train_voices())
 
 
 def test_front_end_survives_an_utterance_without_boundaries():

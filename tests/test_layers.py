@@ -137,25 +137,39 @@ def floor_of(module: str) -> float | None:
     return None if best is None else best[1]
 
 
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def _where(path: Path, line: int) -> str:
-    return f"{path.relative_to(ROOT)}:{line}"
+    return f"{_rel(path)}:{line}"
 
 
 # ---------------------------------------------------------------------------------------------- the contract
+def unfloored(modules) -> list[str]:
+    return [m for m in modules if floor_of(m) is None]
+
+
 def test_every_library_module_has_a_floor():
-    lost = [m for m in library_files() if floor_of(m) is None]
+    lost = unfloored(library_files())
     assert not lost, f"modules on no floor (add them to FLOORS and docs/ARCHITECTURE.md): {lost}"
 
 
-def test_imports_go_one_way_down():
+def upward_imports(graph: dict[str, dict[str, tuple[Path, int, str]]]) -> list[str]:
+    """One line per import edge of ``graph`` that goes up a floor."""
     bad = []
-    for module, edges in import_graph().items():
+    for module, edges in graph.items():
         own = floor_of(module)
         for dep, (path, line, written) in sorted(edges.items()):
             up = floor_of(dep)
             if own is not None and up is not None and up > own:
                 bad.append(f"{_where(path, line)}: {module} (floor {FLOOR_NAMES[own]}) imports {dep} "
                            f"(floor {FLOOR_NAMES[up]}) upward: `{written}`")
+    return bad
+
+
+def test_imports_go_one_way_down():
+    bad = upward_imports(import_graph())
     assert not bad, "imports that go up a floor:\n" + "\n".join(bad)
 
 
@@ -250,9 +264,13 @@ def test_no_import_circles():
     assert not lines, "import circles:\n" + "\n".join(lines)
 
 
+def big_files(paths) -> dict[str, int]:
+    """``{file: lines}`` of the files over MAX_LINES lines."""
+    return {_rel(p): n for p in paths if (n := len(p.read_text().splitlines())) > MAX_LINES}
+
+
 def test_no_library_file_over_600_lines():
-    big = {str(p.relative_to(ROOT)): n for p in library_files().values()
-           if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    big = big_files(library_files().values())
     assert not big, f"library files over {MAX_LINES} lines: {big}"
 
 
@@ -267,13 +285,11 @@ def _script_module_names() -> set[str]:
     return names - {""}
 
 
-def test_no_library_module_or_test_imports_a_script():
-    scripts = _script_module_names()
-    test_modules = {p.stem for p in _py_files("tests")}
+def script_imports(files: dict[str, Path], scripts: set[str], test_modules: set[str]) -> list[str]:
+    """One line per import in ``files`` (``{module name: file}``) of a module named in ``scripts``."""
     library_tops = set(LIBRARY_DIRS)
     bad = []
-    for path in [*library_files().values(), *_py_files("tests")]:
-        module = _module_name(path)
+    for module, path in files.items():
         tree = ast.parse(path.read_text(), str(path))
         for line, target, names in _imports(tree, module, path.name == "__init__.py"):
             if target.split(".")[0] in library_tops or target in test_modules:
@@ -282,6 +298,12 @@ def test_no_library_module_or_test_imports_a_script():
             if hits:
                 bad.append(f"{_where(path, line)}: imports the script {hits[0]} (scripts are entry points: "
                            "import the library module it calls, or run it as a subprocess)")
+    return bad
+
+
+def test_no_library_module_or_test_imports_a_script():
+    tests = {_module_name(p): p for p in _py_files("tests")}
+    bad = script_imports({**library_files(), **tests}, _script_module_names(), {p.stem for p in tests.values()})
     assert not bad, "\n".join(bad)
 
 
@@ -289,16 +311,20 @@ def test_no_library_module_or_test_imports_a_script():
 FORBIDDEN = re.compile(r"spec_from_file_location|sys\.path\.(insert|append)|runpy\.run_path")
 
 
-def test_no_path_hacks():
-    me = Path(__file__).resolve()
+def path_hacks(paths) -> list[str]:
+    """One line per source line of ``paths`` that loads code around the installed packages."""
     bad = []
-    for path in _py_files(*LIBRARY_DIRS, *SCRIPT_DIRS, "tests"):
-        if path.resolve() == me:
-            continue
+    for path in paths:
         for n, text in enumerate(path.read_text().splitlines(), 1):
             m = FORBIDDEN.search(text)
             if m:
                 bad.append(f"{_where(path, n)}: {m.group(0)}: {text.strip()}")
+    return bad
+
+
+def test_no_path_hacks():
+    me = Path(__file__).resolve()  # this file names the patterns it looks for
+    bad = path_hacks(p for p in _py_files(*LIBRARY_DIRS, *SCRIPT_DIRS, "tests") if p.resolve() != me)
     assert not bad, "code loaded around the installed packages:\n" + "\n".join(bad)
 
 
@@ -320,3 +346,33 @@ def test_the_cycle_finder_names_the_circle():
     graph = {"a": {"b": 0}, "b": {"c": 0}, "c": {"a": 0, "d": 0}, "d": {}, "e": {"e": 0}}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
     assert _cycles({"x": {"y": 0}, "y": {}}) == []
+
+
+def test_each_check_flags_a_breach(tmp_path):
+    """The contract's checks above, fed a breach each (and a near miss that must pass)."""
+    assert unfloored(["speechlm.models.encoder", "speechlmx.y", "other"]) == ["speechlmx.y", "other"]
+
+    f = tmp_path / "m.py"
+    graph = {"speechlm.models.encoder": {"speechlm.data.corpus": (f, 3, "from speechlm.data import corpus"),
+                                         "speechlm.config": (f, 4, "from speechlm import config"),
+                                         "speechlm.models.attention": (f, 5, "from . import attention")},
+             "speechlm.inference": {"speechlm.eval.report": (f, 5, "from speechlm.eval import report")},
+             "speechlm.eval.report": {"speechlm.inference": (f, 6, "from speechlm import inference")}}
+    assert [b.split(": ")[1] for b in upward_imports(graph)] == [
+        "speechlm.models.encoder (floor models) imports speechlm.data.corpus (floor data) upward",
+        "speechlm.eval.report (floor eval) imports speechlm.inference (floor inference) upward"]
+
+    f.write_text("x = 1\n" * MAX_LINES)
+    g = tmp_path / "big.py"
+    g.write_text("x = 1\n" * (MAX_LINES + 1))
+    assert big_files([f, g]) == {str(g): MAX_LINES + 1}
+
+    f.write_text("import gpu_check\nfrom benchmarks import benchlib\nfrom speechlm import align\n"
+                 "import test_helpers\nimport json\n")
+    scripts = {"gpu_check", "benchmarks.benchlib", "align"}
+    assert [b.split(": imports the script ")[1].split(" ")[0] for b in
+            script_imports({"tests.test_x": f}, scripts, {"test_helpers"})] == ["gpu_check", "benchmarks.benchlib"]
+
+    f.write_text("import sys\nsys.path.insert(0, '.')\nsys.path.append('x')\nsys.pathology = 1\n"
+                 "import runpy\nrunpy.run_path('a.py')\nimportlib.util.spec_from_file_location('m', 'm.py')\n")
+    assert [b.split(": ")[0].rsplit(":", 1)[1] for b in path_hacks([f])] == ["2", "3", "6", "7"]

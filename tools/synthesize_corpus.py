@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from speechlm.data.corpus import COVERAGE_TOP_WORDS, build_corpus
+from speechlm.data.corpus import build_corpus
+from speechlm.data.coverage import COVERAGE_TOP_WORDS
 from speechlm.errors import SpeechLMError
 
 

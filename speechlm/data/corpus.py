@@ -22,8 +22,8 @@ ARCTIC speakers slt, rms and awb are reserved for an outside check and never use
 Engines that are not installed are left out (a warning says which) and the plan says what was used.
 Everything is deterministic for a seed; manifests are written last, atomically.
 
-This module synthesizes the planned corpus and summarizes it. The steps before live one per module, their
-public names re-exported here: :mod:`speechlm.data.text_sources` (where sentences come from),
+This module synthesizes the planned corpus and summarizes it. The steps before live one per module:
+:mod:`speechlm.data.text_sources` (where sentences come from),
 :mod:`speechlm.data.coverage` (lexical coverage), :mod:`speechlm.data.corpus_voices` (who speaks) and
 :mod:`speechlm.data.corpus_plan` (who says what, in which split).
 """
@@ -39,59 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speechlm.atomic import atomic_write_text
-from speechlm.data.corpus_plan import (  # noqa: F401 -- re-exported: the corpus's public names, as before the split
-    COVERAGE_SHARE,
-    SOURCE_WEIGHTS,
-    SPLIT_SHARE,
-    SPLITS,
-    TRAIN_AUGMENTATION,
-    PlannedUtterance,
-    plan_corpus,
-)
-from speechlm.data.corpus_voices import (  # noqa: F401
-    HELD_OUT_PITCH,
-    HELD_OUT_RATE_WPM,
-    HELD_OUT_SLOTS,
-    HELD_OUT_VOICES,
-    NATURAL_HELD_OUT_VOICES,
-    NATURAL_TRAIN_VOICES,
-    TRAIN_ACCENTS,
-    TRAIN_ENGINE_SHARE,
-    TRAIN_PITCH,
-    TRAIN_RATE_WPM,
-    TRAIN_VARIANTS,
-    VoicePlan,
-    available_engines,
-    engine_condition,
-    speaker_name,
-    train_voices,
-)
-from speechlm.data.coverage import (  # noqa: F401
-    COVERAGE_DEPTH,
-    COVERAGE_TOP_WORDS,
-    EVERYDAY_WORDS,
-    coverage_targets,
-    eval_texts_or_everyday,
-    read_eval_texts,
-    select_for_coverage,
-    vocabulary_coverage,
-    word_types,
-)
+from speechlm.data.corpus_plan import SPLITS, PlannedUtterance, plan_corpus
+from speechlm.data.corpus_voices import VoicePlan, speaker_name
+from speechlm.data.coverage import coverage_targets, eval_texts_or_everyday, vocabulary_coverage, word_types
 from speechlm.data.manifest import Utterance, write_manifest
-from speechlm.data.text_sources import (  # noqa: F401
-    WORDNET_DIR,
-    CorpusError,
-    default_sources,
-    detokenize,
-    everyday_sentences,
-    file_sources,
-    gensim_test_data,
-    read_text,
-    read_wiki_dump,
-    read_wordnet_examples,
-    wiki_to_paragraphs,
-)
-from speechlm.data.tts import HARD_VOICES, engine_of, is_hard  # noqa: F401
+from speechlm.data.text_sources import default_sources, file_sources
+from speechlm.data.tts import engine_of
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +202,7 @@ def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str |
     for split, split_rows in by_split.items():
         stats: dict[str, dict[str, float]] = {}
         for r in split_rows:
-            st = stats.setdefault(engine_condition(r.speaker.split("/")[0]), {"utterances": 0, "hours": 0.0})
+            st = stats.setdefault(engine_of(r.speaker), {"utterances": 0, "hours": 0.0})
             st["utterances"] += 1
             st["hours"] += r.duration_s / 3600
         by_engine[split] = {e: {"utterances": v["utterances"], "hours": round(v["hours"], 4)}

@@ -119,8 +119,3 @@ class VoicePlan:
         hard_accents = {v.split("+")[0] for v in held if engine_of(v, label_hard=False) == "espeak"}
         if train_accents & hard_accents:
             raise CorpusError(f"eSpeak accents in training and held out: {sorted(train_accents & hard_accents)}")
-
-
-def engine_condition(voice: str) -> str:
-    """The reporting condition of a voice: its engine, or "espeak-hard" for a held-out eSpeak voice."""
-    return engine_of(voice)

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speechlm.atomic import atomic_write_text
-from speechlm.data.tts import UNKNOWN_ENGINE, engine_of  # noqa: F401 -- re-exported: the reports' engine names
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 #: The ``connector`` of a row of the LLM alone (text conditions) and of the Whisper cascade.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alignment.metrics import character_error_rate
 from speechlm.atomic import atomic_write_text
+from speechlm.data.tts import engine_of
 from speechlm.errors import ConfigError
 from speechlm.eval.asr import (
     DEFAULT_PROMPT,
@@ -22,7 +23,7 @@ from speechlm.eval.asr import (
     word_error_rate,
 )
 from speechlm.eval.config import EvalConfig, load_eval_llm, load_whisper, prepare_run
-from speechlm.eval.report import engine_of, group_by_engine, merge_summary
+from speechlm.eval.report import group_by_engine, merge_summary
 from speechlm.eval.scoring import connector_label, load_front_end
 
 log = logging.getLogger("eval_asr")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speechlm.config import save_config
+from speechlm.data.tts import engine_of
 from speechlm.errors import ConfigError
 from speechlm.eval import storycloze as sc
 from speechlm.eval.config import SpokenEvalConfig, config_path, load_eval_llm, load_whisper, prepare_run
@@ -18,7 +19,6 @@ from speechlm.eval.report import (
     Accuracy,
     ResultRow,
     add_engine_rows,
-    engine_of,
     engine_rows,
     engine_summary,
     publish,

@@ -40,12 +40,6 @@ from torch import nn
 from speechlm.errors import ConfigError, ModelError
 from speechlm.models.attention import find_attention_layers
 from speechlm.models.encoder_adapt_config import (  # noqa: F401 -- re-exported: the configs' historic home
-    ADAPT_CONFIGS,
-    METHODS,
-    PLACEMENTS,
-    PROJECTIONS,
-    RUNTIME_FIELDS,
-    WHERES,
     AdapterConfig,
     EncoderAdaptConfig,
     EncoderLoRAConfig,

@@ -15,8 +15,6 @@ PLACEMENTS = ("sequential", "parallel")
 WHERES = ("attn", "ffn", "both")
 PROJECTIONS = ("q", "k", "v", "o")
 ACTIVATION_NAMES = ("gelu", "relu")
-#: Config fields that do not change the adaptation's tensors or computation (ignored when comparing folders).
-RUNTIME_FIELDS = ("train",)
 
 
 def _bad(where: str, key: str, why: str) -> ConfigError:

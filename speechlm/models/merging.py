@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from speechlm.errors import ConfigError, ModelError
 from speechlm.models import attention
-from speechlm.models.attention import ATTENTION_NAMES, PARTS, PROJECTION_NAMES, AttentionLayer  # noqa: F401
+from speechlm.models.attention import PROJECTION_NAMES, AttentionLayer
 from speechlm.models.encoder import SpeechEncoder
 
 RULES = ("same", "spread")

@@ -20,6 +20,7 @@ from typing import Any
 from speechlm.atomic import atomic_path, atomic_write_text
 from speechlm.errors import ConfigError
 from speechlm.perf import ROOT
+from speechlm.perf.procmem import read_proc_status
 
 
 def machine() -> dict[str, Any]:
@@ -57,11 +58,9 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (Linux ``VmHWM``; ``ru_maxrss`` elsewhere)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+    status = read_proc_status(os.getpid())
+    if status and "VmHWM" in status:
+        return status["VmHWM"] / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -32,7 +32,8 @@ from speechlm.models.connectors.base import (
 from speechlm.models.encoder_adapt import EncoderAdaptConfig, adapt_config_from_dict, resolve_adaptation
 from speechlm.paths import SMOLLM2_135M, WHISPER_BASE, default_model
 from speechlm.training.configs import DataConfig, ModelConfig
-from speechlm.training.engine import DistInfo, Engine, all_sum
+from speechlm.training.deepspeed_engine import Engine
+from speechlm.training.distributed import DistInfo, all_sum
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def encoder_adapt_config(model: ModelConfig, data: DataConfig | None = None, eng
                                   f"but data.{key}={getattr(data, key)} is set (cached features come from the frozen "
                                   f"encoder); set data.{key}= (empty) or model.encoder_adapt.method=none")
     if engine is not None:
-        from speechlm.training.engine import ds_config
+        from speechlm.training.deepspeed_engine import ds_config
 
         if int(ds_config(engine).get("zero_optimization", {}).get("stage", 0)) == 3:
             raise ConfigError(f"model.encoder_adapt.method={cfg.method}: not supported under ZeRO-3 (the encoder "

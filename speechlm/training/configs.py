@@ -8,7 +8,7 @@ from speechlm.config import from_dict
 from speechlm.errors import ConfigError
 from speechlm.models.connectors.base import ConnectorConfig, SSRConfig
 from speechlm.models.encoder_adapt_config import EncoderAdaptConfig, adapt_config_field
-from speechlm.training.engine import EngineConfig
+from speechlm.training.deepspeed_engine import EngineConfig
 from speechlm.training.loop import LoopConfig
 
 

@@ -12,9 +12,8 @@ Each part lives in its own module; this one only re-exports them (no code of its
 
 from __future__ import annotations
 
-from speechlm.training.checkpoint import (  # noqa: F401 -- the private two: tests import them from here
+from speechlm.training.checkpoint import (  # noqa: F401 -- the private one: a test imports it from here
     CKPT_FORMAT,
-    _sha256,
     _with_new_defaults,
     checkpoint_bytes,
     estimate_checkpoint_bytes,

@@ -16,7 +16,7 @@ from speechlm.models.encoder_adapt import EncoderAdaptConfig
 from speechlm.models.speechlm import SpeechLM
 from speechlm.training import build
 from speechlm.training.configs import Stage1Config, Stage2Config
-from speechlm.training.engine import train_dtype
+from speechlm.training.deepspeed_engine import train_dtype
 from speechlm.training.stages import OBJECTIVES, Stage1Distill, Stage2Finetune, TokenEmbedding
 
 VARIANTS = ("frozen", "lora", "multitask")

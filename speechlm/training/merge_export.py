@@ -78,15 +78,11 @@ def merge_encoder_folder(encoder: str | Path, out: str | Path, factors: float | 
                               "(WhisperForConditionalGeneration); use speechlm.models.merging from Python")
         from transformers import WhisperProcessor
 
-        from speechlm.data.manifest import read_manifest
+        from speechlm.training.build import read_split
         from speechlm.training.whisper_merge import learn_whisper_merge
 
         processor = WhisperProcessor.from_pretrained(str(encoder))
-        utts = [u for u in read_manifest(learn_manifest) if not learn_split or u.split == learn_split]
-        if learn_max_utts:
-            utts = utts[:learn_max_utts]
-        if not utts:
-            raise ConfigError(f"{learn_manifest}: no rows of split {learn_split!r}")
+        utts = read_split(str(learn_manifest), learn_split, learn_max_utts)
         report = learn_whisper_merge(model, processor, utts, learn_steps, factors, src, projections, rule,
                                      source_part, learn_batch_size, lr, seed, log=log)
         report["losses"] = [round(x, 5) for x in report["losses"]]

@@ -13,18 +13,11 @@ from speechlm.data.batching import TextBatches
 from speechlm.data.tasks import SupervisedTasks
 from speechlm.errors import ConfigError
 from speechlm.training import build
+from speechlm.training.checkpoint import load_checkpoint
 from speechlm.training.configs import DataConfig, Stage1Config, Stage2Config
-from speechlm.training.engine import (
-    build_engine,
-    export_encoder_adapt,
-    export_lora,
-    export_module,
-    frozen_fingerprint,
-    init_distributed,
-    load_checkpoint,
-    seed_everything,
-    set_threads,
-)
+from speechlm.training.deepspeed_engine import build_engine, frozen_fingerprint
+from speechlm.training.distributed import init_distributed, seed_everything, set_threads
+from speechlm.training.export import export_encoder_adapt, export_lora, export_module
 from speechlm.training.factory import StageParts, build_stage1, build_stage2, check_stage2
 from speechlm.training.loop import BatchPrep, train_loop, validate
 

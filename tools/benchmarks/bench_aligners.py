@@ -18,7 +18,7 @@ RTF is timed once on the first ``--encoder-clips`` test clips; every aligner rea
 CTC kinds are decoded with both decoders (ctc-segmentation, ``torchaudio`` forced_align); CIF places
 boundaries where its integrate-and-fire weights fire and takes no CTC decoder, so those combinations
 are rows marked "n/a" with the reason, as are the CTC kinds under CIF firing. Every figure is also split
-by the synthesis engine of the rows' speakers (``speechlm.eval.report.engine_of``).
+by the synthesis engine of the rows' speakers (``speechlm.data.tts.engine_of``).
 
 Outside reference: PocketSphinx 5's own forced alignment (``Decoder.set_align_text``, default US
 English acoustic model and CMU dictionary; the optional extra ``pip install -e .[bench]``), on the same
@@ -31,17 +31,17 @@ machine's load average, because the timings are taken on a shared machine.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from speechlm.errors import SpeechLMError
 from speechlm.paths import SMOLLM2_135M, default_model
 from speechlm.perf import ROOT
+from speechlm.perf.bench import bench_parser
 from speechlm.perf.benchmarks.aligners import ALL_DECODERS, KINDS, run, write_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--corpus", required=True, help="folder with train/valid/test.jsonl (reference word timings)")
     ap.add_argument("--features", default="", help="feature caches <features>/{train,valid,test} (else the encoder runs)")
     ap.add_argument("--out", required=True, help="JSON report path")

@@ -14,15 +14,14 @@ table with WER and its relative change against factor 0 (the unmerged model); wr
 
 from __future__ import annotations
 
-import argparse
-
+from speechlm.perf.bench import bench_parser
 from speechlm.perf.benchmarks.mam import parse_factors, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> dict:
     from speechlm.paths import cache_dir, models_dir
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--manifest", default=str(cache_dir() / "corpus" / "small-5.0h" / "test.jsonl"))
     ap.add_argument("--split", default="test", help="rows of --manifest to score ('' = all)")
     ap.add_argument("--model", default=str(models_dir() / "whisper-base"), help="Whisper model folder")

@@ -22,8 +22,8 @@ from alignment.metrics import BoundaryErrors, SpeedMeter, word_boundary_errors
 from alignment.tokens import normalize_for_alignment
 from alignment.training import load_train_config, train
 from speechlm.data.manifest import read_manifest
+from speechlm.data.tts import engine_of
 from speechlm.errors import ConfigError, ModelError, SpeechLMError
-from speechlm.eval.report import engine_of
 from speechlm.models.encoder_adapt import read_adaptation_config
 from speechlm.perf.bench import pyplot, save_figure, write_json
 

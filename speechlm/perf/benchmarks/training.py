@@ -23,7 +23,7 @@ TARGET_CACHE = 3.0  # stage-1 step without the cache / with it
 
 def _first_batch(cfg, enc, tokenizer, need_boundaries: bool):
     from speechlm.training import build
-    from speechlm.training.engine import DistInfo
+    from speechlm.training.distributed import DistInfo
 
     reader = build.make_reader(cfg.data, enc, tokenizer, need_boundaries=need_boundaries)
     return next(build.train_batches(cfg.data, reader, DistInfo(0, 2, 0, 2), cfg.seed))
@@ -39,7 +39,7 @@ def child(name: str, args: argparse.Namespace) -> dict:
     from speechlm.training import build
     from speechlm.training.configs import Stage1Config, Stage2Config
     from speechlm.training.factory import build_stage1, build_stage2
-    from speechlm.training.loop import BatchPrep
+    from speechlm.training.validation import BatchPrep
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -16,7 +16,6 @@ from speechlm.perf import ROOT
 from speechlm.perf.bench import add_launch_args, bench_parser
 from speechlm.perf.procmem import mem_available
 from speechlm.perf.zero.memory import ASSUMPTIONS, GIB, BenchError, cpu_check, project, real_scale_inputs
-from speechlm.perf.zero.rank import rank_main
 from speechlm.perf.zero.report import mib_text, plot, render, write_report
 from speechlm.perf.zero.runs import BenchPaths, loss_agreement, measured_params, run_stage
 
@@ -60,10 +59,6 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> argpar
 
 
 def main(argv: list[str] | None = None, description: str | None = None) -> int:
-    raw = sys.argv[1:] if argv is None else argv
-    if "--rank-of" in raw:  # the rank program of earlier launcher runs: now speechlm.perf.zero.rank
-        rank_main(raw)
-        return 0
     args = parse_args(argv, description)
     work = _expand(args.work_dir)
     out = _expand(args.out) if args.out else work / "report.json"

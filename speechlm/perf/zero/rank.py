@@ -16,9 +16,6 @@ def rank_main(argv: list[str]) -> None:
     from speechlm.training.recipe_main import stage_main
     from speechlm.training.stage_runs import run_stage2
 
-    if "--rank-of" in argv:  # the launcher command of earlier versions named the recipe file: stage 2 it was
-        i = argv.index("--rank-of")
-        argv = argv[:i] + argv[i + 2:]
     lg = logging.getLogger("speechlm")
     lg.setLevel(logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
