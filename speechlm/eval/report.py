@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speechlm.atomic import atomic_write_text
+from speechlm.eval.paired import PairedComparison, compare
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 #: The ``connector`` of a row of the LLM alone (text conditions) and of the Whisper cascade.
@@ -98,26 +99,44 @@ class ResultRow:
     scoring: str  # "summed", "length_norm", "letter", "cloze"
     accuracy: Accuracy
     text: Accuracy | None = None  # the matching text-only accuracy, for the parity ratio
+    # Per-item outcomes {item id: right?} of this row and of its text reference (same items): what paired
+    # comparisons need (speech against text here; one run against another in speechlm.eval.paired).
+    items: dict[str, bool] | None = None
+    text_items: dict[str, bool] | None = None
+
+    def paired(self) -> PairedComparison | None:
+        """This row against its text reference on the same items (None without per-item outcomes)."""
+        if not self.items or not self.text_items:
+            return None
+        return compare(self.items, self.text_items)
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("accuracy", "text")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("accuracy", "text", "items", "text_items")}
         d["accuracy"] = self.accuracy.to_json()
         d["text_accuracy"] = self.text.to_json() if self.text is not None else None
         ratio = parity(self.accuracy, self.text) if self.text is not None else None
         d["parity"] = round(ratio, 4) if ratio is not None else None
+        pair = self.paired()
+        d["paired_vs_text"] = pair.to_json() if pair is not None else None
+        d["items"] = {k: int(v) for k, v in self.items.items()} if self.items else None
         return d
 
 
 def markdown_table(rows: Sequence[ResultRow]) -> str:
     """Accuracy in % with 95% Wilson intervals; parity = speech / text."""
     head = ("| task | condition | connector | boundaries | scoring | n | accuracy % [95% CI] | text % [95% CI] "
-            "| parity |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| parity | minus text, paired [95% CI] |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         ratio = parity(r.accuracy, r.text) if r.text is not None else None
+        pair = r.paired()
+        gap = "-"
+        if pair is not None and pair.diff_ci95 is not None:
+            lo, hi = pair.diff_ci95
+            gap = f"{100 * pair.diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         lines.append(f"| {r.task} | {r.condition} | {r.connector} | {r.boundaries} | {r.scoring} | {r.accuracy.total} "
                      f"| {r.accuracy.fmt()} | {r.text.fmt() if r.text is not None else '-'} "
-                     f"| {f'{ratio:.3f}' if ratio is not None else '-'} |")
+                     f"| {f'{ratio:.3f}' if ratio is not None else '-'} | {gap} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -188,6 +207,18 @@ def merge_summary(path: str | Path, key: str, values: dict) -> None:
     data = json.loads(p.read_text()) if p.is_file() else {}
     data[key] = {**data.get(key, {}), **_rounded(dict(values))}
     atomic_write_text(p, json.dumps(data, indent=2) + "\n")
+
+
+def headline_entry(row: ResultRow, prefix: str) -> dict:
+    """Summary figures of one headline row: ``<prefix>_acc``, ``<prefix>_n``, ``<prefix>_ci95`` (Wilson) and, when
+    the row has per-item outcomes for itself and its text reference, ``<prefix>_vs_text``: the paired difference
+    from the text condition with its bootstrap interval and McNemar p (:class:`~speechlm.eval.paired.PairedComparison`)."""
+    out: dict = {f"{prefix}_acc": row.accuracy.value, f"{prefix}_n": row.accuracy.total,
+                 f"{prefix}_ci95": list(row.accuracy.ci95)}
+    pair = row.paired()
+    if pair is not None:
+        out[f"{prefix}_vs_text"] = pair.to_json()
+    return out
 
 
 def engine_summary(by_engine: Mapping[str, Sequence[ResultRow]], text_condition: str, connector: str | None,

@@ -13,6 +13,7 @@ from speechlm.data.tts import engine_of
 from speechlm.errors import ManifestError
 from speechlm.eval import speech_mmlu as mm
 from speechlm.eval.config import SpokenEvalConfig, config_path, load_eval_llm, load_whisper, prepare_run
+from speechlm.eval.paired import compare
 from speechlm.eval.report import (
     CASCADE,
     LLM_ALONE,
@@ -21,6 +22,7 @@ from speechlm.eval.report import (
     add_engine_rows,
     engine_rows,
     engine_summary,
+    headline_entry,
     publish,
 )
 from speechlm.eval.scoring import connector_label, load_front_end
@@ -45,13 +47,21 @@ class SpeechMMLUEvalConfig(SpokenEvalConfig):
 def per_subject_rows(task: str, cond: str, connector: str, bnd: str, method: str, res: dict[str, list[bool]],
                      text: dict[str, list[bool]] | None) -> tuple[list[ResultRow], Accuracy]:
     rows, total, text_total = [], Accuracy(0, 0), Accuracy(0, 0)
+    all_items: dict[str, bool] = {}
+    all_text: dict[str, bool] | None = {} if text is not None else None
     for subject, outcomes in res.items():
         acc = Accuracy.of(outcomes)
         ref = Accuracy.of(text[subject]) if text is not None else None
-        rows.append(ResultRow(f"{task}/{subject}", cond, connector, bnd, method, acc, ref))
+        items = {f"{subject}/{i}": bool(x) for i, x in enumerate(outcomes)}  # item i of the subject's test list
+        text_items = {f"{subject}/{i}": bool(x) for i, x in enumerate(text[subject])} if text is not None else None
+        rows.append(ResultRow(f"{task}/{subject}", cond, connector, bnd, method, acc, ref, items, text_items))
+        all_items |= items
+        if all_text is not None and text_items is not None:
+            all_text |= text_items
         total += acc
         text_total = text_total + ref if ref is not None else text_total
-    rows.insert(0, ResultRow(f"{task}/all", cond, connector, bnd, method, total, text_total if text is not None else None))
+    rows.insert(0, ResultRow(f"{task}/all", cond, connector, bnd, method, total,
+                             text_total if text is not None else None, all_items, all_text))
     return rows, total
 
 
@@ -159,7 +169,7 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
                 engine_split(TASK, f"text_{k}shot", LLM_ALONE, "none", method, res, None, engines, by_engine)
             log.info("text %s %d-shot: %d/%d", method, k, total.correct, total.total)
             if method == cfg.headline_method and k == cfg.shots[0]:
-                summary["text_acc"] = total.value
+                summary |= headline_entry(r[0], "text")
 
     if spoken:
         if cfg.cascade:
@@ -176,7 +186,12 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
                                  text_res[(method, k)], engines, by_engine)
                     log.info("%s %s %d-shot: %d/%d", connector_label(folder), method, k, total.correct, total.total)
                     if method == cfg.headline_method and folder == cfg.connectors[0]:
-                        summary[f"speech_acc_{k}shot"] = total.value
+                        summary |= headline_entry(r[0], f"speech_{k}shot")
+                        summary[f"speech_acc_{k}shot"] = summary.pop(f"speech_{k}shot_acc")  # the key runs always had
+                        casc = [x for x in rows if (x.task, x.condition, x.connector, x.scoring)
+                                == (f"{TASK}/all", f"speech_{k}shot", CASCADE, method)]
+                        if casc:  # the connector against the Whisper cascade on the same questions
+                            summary[f"speech_{k}shot_vs_cascade"] = compare(r[0].items, casc[0].items).to_json()
 
     meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
             "split": cfg.split, "headline_method": cfg.headline_method}

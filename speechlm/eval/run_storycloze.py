@@ -13,6 +13,7 @@ from speechlm.data.tts import engine_of
 from speechlm.errors import ConfigError
 from speechlm.eval import storycloze as sc
 from speechlm.eval.config import SpokenEvalConfig, config_path, load_eval_llm, load_whisper, prepare_run
+from speechlm.eval.paired import compare
 from speechlm.eval.report import (
     CASCADE,
     LLM_ALONE,
@@ -21,6 +22,7 @@ from speechlm.eval.report import (
     add_engine_rows,
     engine_rows,
     engine_summary,
+    headline_entry,
     publish,
 )
 from speechlm.eval.scoring import SCORINGS, connector_label, load_front_end
@@ -46,10 +48,17 @@ def rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.Pai
              text: list[sc.PairScores] | None) -> list[ResultRow]:
     out = []
     for s in SCORINGS:
-        acc = Accuracy.of([p.correct(s) for p in scores])
-        ref = Accuracy.of([p.correct(s) for p in text]) if text is not None else None
-        out.append(ResultRow(task, cond, connector, bnd, s, acc, ref))
+        items = {p.id: p.correct(s) for p in scores}
+        text_items = {p.id: p.correct(s) for p in text} if text is not None else None
+        acc = Accuracy.of(list(items.values()))
+        ref = Accuracy.of(list(text_items.values())) if text_items is not None else None
+        out.append(ResultRow(task, cond, connector, bnd, s, acc, ref, items, text_items))
     return out
+
+
+def _row_of(rows: list[ResultRow], task: str, cond: str, scoring: str) -> ResultRow:
+    """The last row added for ``task``/``cond``/``scoring`` (the one a summary entry describes)."""
+    return next(r for r in reversed(rows) if (r.task, r.condition, r.scoring) == (task, cond, scoring))
 
 
 def engine_rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.PairScores],
@@ -90,7 +99,7 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
         rows += rows_for(task, "text", LLM_ALONE, "none", text, None)
         log.info("%s text: %s", task, sc.accuracy_counts(text))
         if style == cfg.wrong_styles[0]:
-            summary["text_acc"] = Accuracy.of([p.correct(cfg.headline_scoring) for p in text]).value
+            summary |= headline_entry(_row_of(rows, task, "text", cfg.headline_scoring), "text")
         if cfg.text_only:
             continue
         stories = reuse_audio(items, spoken_cache) if spoken_cache else sc.speak_items(items, voices, cfg.rate_wpm)
@@ -108,7 +117,12 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
                 engine_rows_for(task, cond, connector_label(folder), front.label, scores, text, engines, by_engine)
                 log.info("%s %s %s: %s", task, connector_label(folder), cond, sc.accuracy_counts(scores))
                 if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
-                    summary[f"{cond}_acc"] = Accuracy.of([p.correct(cfg.headline_scoring) for p in scores]).value
+                    row = _row_of(rows, task, cond, cfg.headline_scoring)
+                    summary |= headline_entry(row, cond)
+                    if cfg.cascade:  # the connector against the Whisper cascade on the same stories
+                        casc = next(r for r in rows if (r.task, r.condition, r.connector, r.scoring)
+                                    == (task, cond, CASCADE, cfg.headline_scoring))
+                        summary[f"{cond}_vs_cascade"] = compare(row.items, casc.items).to_json()
             if cfg.release and style == cfg.wrong_styles[0]:
                 pairs = sc.read_spoken_release(cfg.release)[: cfg.limit or None]
                 rel = sc.score_release(model, front, pairs)

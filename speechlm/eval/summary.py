@@ -110,7 +110,11 @@ def table(summary: dict) -> str:
     rows: list[tuple[str, str]] = []
 
     def walk(prefix: str, node: object) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and "diff_ci95" in node:  # a paired comparison (speechlm.eval.paired): one line
+            ci = node["diff_ci95"] or [float("nan")] * 2
+            rows.append((prefix, f"{100 * node['diff']:+.1f} points [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}], "
+                                 f"n={node['n']}, McNemar p={node['p_mcnemar']:.3g}"))
+        elif isinstance(node, dict):
             for k, v in node.items():
                 if k != "all":
                     walk(f"{prefix}.{k}" if prefix else k, v)

@@ -1,0 +1,42 @@
+"""Compare two evaluation reports item by item: paired differences with 95% intervals and McNemar's test.
+
+    python tools/compare_evals.py runs/a/eval/storycloze.json runs/b/eval/storycloze.json \
+        --task storycloze/adversarial --condition s2t --scoring summed
+
+Both reports must have scored the same items (same sets, same `limit`); rows are matched on task, condition,
+boundaries and scoring. A difference whose interval contains 0 is printed as inside the noise.
+How it works: speechlm/eval/paired.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from speechlm.eval.paired import compare_reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="report JSON of system A (e.g. runs/a/eval/storycloze.json)")
+    ap.add_argument("b", help="report JSON of system B")
+    ap.add_argument("--task", default="", help="task prefix, e.g. storycloze/adversarial or speech_mmlu/all")
+    ap.add_argument("--condition", default="", help="e.g. s2t, s, speech_0shot")
+    ap.add_argument("--scoring", default="", help="e.g. summed, length_norm, cloze")
+    ap.add_argument("--same-connector", action="store_true", help="match rows on the connector name too")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    args = ap.parse_args(argv)
+    with open(args.a) as fa, open(args.b) as fb:
+        found = compare_reports(json.load(fa), json.load(fb), args.task, args.condition, args.scoring,
+                                args.same_connector)
+    if not found:
+        print("no matching rows with per-item outcomes in both reports", file=sys.stderr)
+        return 1
+    for label, pair in found:
+        print(json.dumps({"rows": label, **pair.to_json()}) if args.json else f"{label}\n  {pair.fmt('A', 'B')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
