@@ -76,11 +76,43 @@ class DataConfig:
 
 
 @dataclass
+class ContrastiveSettings:
+    """Stage 1's discriminative term (:func:`speechlm.training.losses.sampled_softmax_loss`): each vector must pick
+    its own token's embedding row out of the batch's tokens plus ``negatives`` random rows (cosine / temperature).
+    ``weight`` 0 (default) turns it off."""
+
+    weight: float = 0.0
+    temperature: float = 0.05
+    negatives: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.temperature <= 0 or self.negatives < 0:
+            raise ConfigError(f"contrastive: need weight >= 0, temperature > 0 and negatives >= 0, got weight="
+                              f"{self.weight}, temperature={self.temperature}, negatives={self.negatives}")
+
+
+@dataclass
+class BehaviourKLSettings:
+    """Stage 2's behaviour distillation (:func:`speechlm.training.losses.behaviour_kl`): the LLM's next-token
+    distributions given the speech vectors pulled towards those given the transcript's own embeddings (one vector
+    per token, so the positions line up: SSR only). ``weight`` 0 (default) turns it off."""
+
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.temperature <= 0:
+            raise ConfigError(f"kl: need weight >= 0 and temperature > 0, got weight={self.weight}, "
+                              f"temperature={self.temperature}")
+
+
+@dataclass
 class Stage1Config:
     out_dir: str = "runs/stage1"
     seed: int = 0
     mse_weight: float = 1.0
     cosine_weight: float = 5.0
+    contrastive: ContrastiveSettings = field(default_factory=ContrastiveSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -123,6 +155,7 @@ class Stage2Config:
     distill_weight: float = 0.0  # weight of the stage-1 loss mixed into stage 2
     mse_weight: float = 1.0
     cosine_weight: float = 5.0
+    kl: BehaviourKLSettings = field(default_factory=BehaviourKLSettings)
     bos: bool = True  # put the LLM's BOS embedding before every sequence (context only, not scored)
     leakage_utts: int = 16  # validation rows re-encoded with audio cut at each boundary (0 = skip)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -49,7 +49,10 @@ def stage1_module(cfg: Stage1Config, connector: Connector, table: torch.Tensor,
                   encoder: nn.Module | None = None) -> Stage1Distill:
     """Stage 1 around ``connector``: ``table`` is the LLM's input-embedding table (the targets); ``encoder`` an
     adapted encoder that runs inside the module (None: features come ready-made)."""
-    return Stage1Distill(connector, TokenEmbedding(table), cfg.mse_weight, cfg.cosine_weight, encoder=encoder)
+    c = cfg.contrastive
+    return Stage1Distill(connector, TokenEmbedding(table), cfg.mse_weight, cfg.cosine_weight, encoder=encoder,
+                         contrastive_weight=c.weight, contrastive_temperature=c.temperature,
+                         contrastive_negatives=c.negatives)
 
 
 def stage2_speechlm(cfg: Stage2Config, connector: Connector, llm: nn.Module, tokenizer: Any = None,
@@ -68,7 +71,8 @@ def stage2_speechlm(cfg: Stage2Config, connector: Connector, llm: nn.Module, tok
 def stage2_module(cfg: Stage2Config, speechlm: SpeechLM, bos_id: int | None) -> Stage2Finetune:
     """Stage 2 around ``speechlm``; ``bos_id``: the LLM's BOS token (used only when ``cfg.bos``)."""
     return Stage2Finetune(speechlm, bos_id if cfg.bos else None, cfg.distill_weight, cfg.mse_weight,
-                          cfg.cosine_weight, cfg.text_weight, objective=cfg.objective)
+                          cfg.cosine_weight, cfg.text_weight, objective=cfg.objective, kl_weight=cfg.kl.weight,
+                          kl_temperature=cfg.kl.temperature)
 
 
 # ------------------------------------------------------------------------ from the config: load, then build

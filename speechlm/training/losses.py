@@ -1,4 +1,5 @@
-"""The training objectives: stage-1 distillation, next-token prediction (speech or text in), token accuracy."""
+"""The training objectives: stage-1 distillation (and its sampled-softmax term), next-token prediction (speech or
+text in), stage-2 behaviour distillation (KL), token accuracy."""
 
 from __future__ import annotations
 
@@ -24,6 +25,51 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, m
     cosine = (cos * m).sum() / n
     loss = mse_weight * mse + cosine_weight * (1.0 - cosine)
     return loss, {"mse": mse.detach(), "cosine": cosine.detach()}
+
+
+def sampled_softmax_loss(pred: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor,
+                         negatives: int = 4096, temperature: float = 0.05,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage 1's discriminative term: each vector must pick its own token's row of the embedding table.
+
+    pred (B, N, d), table (V, d) (the LLM's input embeddings), token_ids / mask (B, N). The candidates are the
+    batch's own tokens plus ``negatives`` rows drawn uniformly from the table (duplicates merged); the logits are
+    cosine similarities divided by ``temperature``; the loss is the cross-entropy of the true row. Distillation
+    alone (MSE + cosine) only pulls a vector towards its row; this term also pushes it away from the rows it could
+    be mistaken for, which is what nearest-row accuracy (and the LLM reading the vector) needs.
+    Returns (loss, {"sampled_acc": the fraction of vectors whose best candidate is their own row}).
+    """
+    m = mask.bool()
+    q = F.normalize(pred[m].float(), dim=-1)  # (n, d)
+    if q.shape[0] == 0:
+        zero = pred.sum() * 0.0
+        return zero, {"sampled_acc": zero.detach()}
+    target = token_ids[m]
+    drawn = torch.randint(0, table.shape[0], (negatives,), device=table.device, generator=generator)
+    cand = torch.unique(torch.cat([target.to(table.device), drawn]))  # sorted, each row once
+    rows = F.normalize(table[cand].float(), dim=-1).to(q.device)
+    logits = q @ rows.T / temperature  # (n, C)
+    want = torch.searchsorted(cand.to(q.device), target.to(q.device))
+    loss = F.cross_entropy(logits, want)
+    return loss, {"sampled_acc": (logits.detach().argmax(-1) == want).float().mean()}
+
+
+def behaviour_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Stage 2's behaviour distillation: mean KL(teacher || student) of the next-token distributions.
+
+    Both logits (B, S, V) come from the same LLM on sequences whose positions line up (the speech vectors, and the
+    transcript's own embeddings); ``labels`` (B, S) mark, as in :func:`next_token_loss`, which positions predict a
+    trained target (position p predicts ``labels[:, p + 1]``): only those count. The teacher is a target (no
+    gradient). Scaled by temperature^2 so that its gradients keep their size when the temperature changes.
+    """
+    keep = labels[:, 1:] != IGNORE  # (B, S-1)
+    if not bool(keep.any()):
+        return student_logits.sum() * 0.0
+    s = student_logits[:, :-1][keep].float() / temperature  # (n, V)
+    t = teacher_logits[:, :-1][keep].detach().float() / temperature
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    return kl * temperature**2
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -55,6 +101,14 @@ def speech_ntp_loss(llm_logits_fn, speech_embeds: torch.Tensor, token_ids: torch
     so the speech and the text loss (:func:`text_ntp_loss`) score exactly the same targets.
     ``llm_logits_fn(inputs_embeds (B, S, d), attention_mask (B, S)) -> logits (B, S, V)``.
     """
+    inputs, attn, labels = speech_ntp_inputs(speech_embeds, token_ids, token_mask, prefix_embeds)
+    logits = llm_logits_fn(inputs, attn)
+    return next_token_loss(logits, labels)
+
+
+def speech_ntp_inputs(speech_embeds: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor,
+                      prefix_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequences :func:`speech_ntp_loss` scores: (inputs_embeds (B, P+N, d), attention_mask, labels)."""
     b = speech_embeds.shape[0]
     inputs, attn = speech_embeds, token_mask.long()
     labels = ntp_labels(token_ids, token_mask)
@@ -65,8 +119,7 @@ def speech_ntp_loss(llm_logits_fn, speech_embeds: torch.Tensor, token_ids: torch
         labels = torch.cat([labels.new_full((b, p), IGNORE), labels], dim=1)
         # The prefix's last position would predict token 0: not a speech-to-next-token target.
         labels[:, p] = IGNORE
-    logits = llm_logits_fn(inputs, attn)
-    return next_token_loss(logits, labels)
+    return inputs, attn, labels
 
 
 def prefix_ntp_loss(llm_logits_fn, speech_embeds: torch.Tensor, speech_mask: torch.Tensor, token_ids: torch.Tensor,

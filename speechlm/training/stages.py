@@ -51,12 +51,16 @@ class Stage1Distill(nn.Module):
     """
 
     def __init__(self, connector: Connector, embedding: TokenEmbedding, mse_weight: float = 1.0,
-                 cosine_weight: float = 5.0, encoder: nn.Module | None = None):
+                 cosine_weight: float = 5.0, encoder: nn.Module | None = None, contrastive_weight: float = 0.0,
+                 contrastive_temperature: float = 0.05, contrastive_negatives: int = 4096):
         super().__init__()
         self.connector = connector
         self.embedding = embedding.requires_grad_(False)
         self.mse_weight, self.cosine_weight = mse_weight, cosine_weight
         self.encoder = encoder
+        # The sampled-softmax term (losses.sampled_softmax_loss); weight 0: distillation alone.
+        self.contrastive_weight = contrastive_weight
+        self.contrastive_temperature, self.contrastive_negatives = contrastive_temperature, contrastive_negatives
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         batch = encode_in_module(batch, self.encoder, next(self.connector.parameters()).dtype)
@@ -66,8 +70,13 @@ class Stage1Distill(nn.Module):
         target, acc = self.embedding(batch.token_ids, out.embeds.detach() if want_acc else None, mask)
         loss, parts = losses.distill_loss(out.embeds, target.to(out.embeds.dtype), mask, self.mse_weight,
                                           self.cosine_weight)
-        metrics = {"loss": float(loss.detach()), "mse": float(parts["mse"]), "cosine": float(parts["cosine"]),
-                   "tokens": int(mask.sum())}
+        metrics = {"mse": float(parts["mse"]), "cosine": float(parts["cosine"]), "tokens": int(mask.sum())}
+        if self.contrastive_weight > 0:
+            c_loss, c_parts = losses.sampled_softmax_loss(out.embeds, self.embedding.weight, batch.token_ids, mask,
+                                                          self.contrastive_negatives, self.contrastive_temperature)
+            loss = loss + self.contrastive_weight * c_loss
+            metrics.update(contrastive=float(c_loss.detach()), sampled_acc=float(c_parts["sampled_acc"]))
+        metrics["loss"] = float(loss.detach())
         if acc is not None:
             metrics.update(acc_correct=acc[0], acc_total=acc[1])
         return loss, metrics
@@ -87,7 +96,7 @@ class Stage2Finetune(nn.Module):
 
     def __init__(self, speechlm: nn.Module, bos_id: int | None = None, distill_weight: float = 0.0,
                  mse_weight: float = 1.0, cosine_weight: float = 5.0, text_weight: float = 1.0,
-                 objective: str = "ntp"):
+                 objective: str = "ntp", kl_weight: float = 0.0, kl_temperature: float = 1.0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
@@ -101,6 +110,13 @@ class Stage2Finetune(nn.Module):
             raise ConfigError(f"distill_weight={distill_weight}: the stage-1 loss needs one vector per transcript "
                               f"token (SSR); the {speechlm.connector.cfg.name!r} connector has none: set "
                               "distill_weight=0")
+        # Behaviour distillation (losses.behaviour_kl): speech positions must line up with the transcript's.
+        self.kl_weight, self.kl_temperature = kl_weight, kl_temperature
+        if kl_weight > 0 and (not self.per_token or objective != "ntp"):
+            raise ConfigError(f"kl.weight={kl_weight}: behaviour distillation compares the LLM given one vector per "
+                              "transcript token with the LLM given the transcript (SSR, objective=ntp); the "
+                              f"{speechlm.connector.cfg.name!r} connector with objective={objective!r} has no such "
+                              "alignment: set kl.weight=0")
 
     def _logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.speechlm.lm_logits(inputs_embeds, attention_mask)
@@ -113,6 +129,20 @@ class Stage2Finetune(nn.Module):
 
     def speech_loss(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
         return losses.speech_ntp_loss(self._logits, embeds, ids, mask, self.prefix(ids.device))
+
+    def speech_loss_and_kl(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+                           ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """:meth:`speech_loss` and the behaviour KL from one LLM pass on the speech (plus one, without gradients,
+        on the transcript's own embeddings: the teacher)."""
+        prefix = self.prefix(ids.device)
+        inputs, attn, labels = losses.speech_ntp_inputs(embeds, ids, mask, prefix)
+        logits = self._logits(inputs, attn)
+        loss, n = losses.next_token_loss(logits, labels)
+        with torch.no_grad():
+            t_inputs, t_attn, _ = losses.speech_ntp_inputs(self.speechlm.llm_embed(ids).to(embeds.dtype), ids, mask,
+                                                           prefix)
+            teacher = self._logits(t_inputs, t_attn)
+        return loss, n, losses.behaviour_kl(logits, teacher, labels, self.kl_temperature)
 
     def text_loss(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
         return losses.text_ntp_loss(self._logits, self.speechlm.llm_embed, ids, mask, self.prefix(ids.device))
@@ -138,6 +168,10 @@ class Stage2Finetune(nn.Module):
         if self.objective == "supervised":
             loss, n = self.task_loss(embeds, out.mask, batch)
             metrics: dict[str, float] = {"loss_task": float(loss.detach()), "targets": n}
+        elif self.per_token and self.kl_weight > 0:
+            loss, n, kl = self.speech_loss_and_kl(embeds, batch.token_ids, batch.token_mask)
+            metrics = {"loss_speech": float(loss.detach()), "kl": float(kl.detach()), "targets": n}
+            loss = loss + self.kl_weight * kl
         elif self.per_token:
             loss, n = self.speech_loss(embeds, batch.token_ids, batch.token_mask)
             metrics = {"loss_speech": float(loss.detach()), "targets": n}
