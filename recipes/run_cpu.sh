@@ -24,7 +24,7 @@ RUN=${RUN:-runs/$PRESET}
 HOURS=${HOURS:-2.0}
 RANKS=${RANKS:-2}
 ALIGNER_STEPS=${ALIGNER_STEPS:-}
-# Evaluation subset sizes (0 = whole embedded sets: 210 stories, 8 x 25 questions); they bound the
+# Evaluation subset sizes (0 = whole embedded sets: 310 stories, 8 x 40 questions); they bound the
 # run's time on 2 CPU cores, and every report states its item counts and 95% intervals.
 STORIES=${STORIES:-60}
 QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-8}

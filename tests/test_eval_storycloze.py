@@ -135,7 +135,7 @@ def test_story_loader_random_style_and_audio_paths(tmp_path):
 
 def test_embedded_set_is_valid_and_large_enough():
     items = sc.read_story_items(sc.embedded_set_path())
-    assert len(items) >= 200
+    assert len(items) == 310  # 210 written 2026-11-23 + 100 appended 2026-12-04
     assert all(not any(ch.isdigit() for ch in it.context_text + it.right_ending + it.wrong_ending) for it in items)
 
 

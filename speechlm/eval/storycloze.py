@@ -88,7 +88,7 @@ class PairScores:
 
 
 def embedded_set_path() -> Path:
-    """The StoryCloze-style mini set shipped with the package (210 stories; see ``data/README.md``)."""
+    """The StoryCloze-style mini set shipped with the package (310 stories; see ``data/README.md``)."""
     return Path(str(resources.files("speechlm.eval") / "data" / "storycloze_mini.jsonl"))
 
 
