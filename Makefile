@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 export PYTHON VENV
 
-.PHONY: demo small test install install-dev lint lock
+.PHONY: demo small large test install install-dev lint lock
 
 install:
 	bash tools/install.sh
@@ -21,6 +21,12 @@ small: install
 	bash tools/install_text_data.sh
 	bash tools/install_tts.sh
 	bash recipes/run_small.sh
+
+# The large CPU preset (at most 2.5 h on 2 idle cores, 30 h of speech, the whole evaluation sets) -> runs/large/summary.json.
+large: install
+	bash tools/install_text_data.sh
+	bash tools/install_tts.sh
+	bash recipes/run_large.sh
 
 test: install-dev
 	bash tools/install_tts.sh

@@ -15,7 +15,7 @@ from speechlm.training.configs import Stage1Config, Stage2Config, StageMidConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
-PRESETS = ("tiny", "small")
+PRESETS = ("tiny", "small", "large")
 
 
 def _aligner_config_cls():
@@ -62,13 +62,16 @@ def test_flow_refuses_mid_without_its_config(tmp_path):
     assert not (tmp_path / "run" / "times.json").exists()
 
 
-def test_small_trains_longer_than_tiny():
-    tiny, small = (load_config(Stage1Config, CONFIGS / f"stage1_{p}.yaml") for p in PRESETS)
-    assert small.loop.max_steps > tiny.loop.max_steps
+def test_each_preset_trains_longer_than_the_one_before():
+    s1 = [load_config(Stage1Config, CONFIGS / f"stage1_{p}.yaml") for p in PRESETS]
     s2 = [load_config(Stage2Config, CONFIGS / f"stage2_{p}.yaml") for p in PRESETS]
-    assert s2[1].loop.max_steps > s2[0].loop.max_steps
     al = [load_config(_aligner_config_cls(), CONFIGS / f"aligner_{p}.yaml") for p in PRESETS]
-    assert al[1].steps > al[0].steps
+    for i in (1, 2):
+        assert s1[i].loop.max_steps > s1[i - 1].loop.max_steps and s2[i].loop.max_steps > s2[i - 1].loop.max_steps
+        assert al[i].steps > al[i - 1].steps
+    # The large preset's connector is wider and deeper (the data can feed it).
+    assert s1[2].model.connector.d_model > s1[0].model.connector.d_model
+    assert s1[2].model.connector.n_layers > s1[0].model.connector.n_layers
 
 
 @pytest.mark.parametrize("env, message", [({"PRESET": "huge"}, "no recipes/configs/aligner_huge.yaml"),
@@ -114,7 +117,7 @@ def test_summary_gathers_corpus_whisper_and_token_analysis(tmp_path):
     assert "corpus.whisper_wer_test" in mod.table(summary)
 
 
-@pytest.mark.parametrize("wrapper", ["run_tiny.sh", "run_small.sh"])
+@pytest.mark.parametrize("wrapper", ["run_tiny.sh", "run_small.sh", "run_large.sh"])
 def test_default_step_list_reaches_the_summary(wrapper, tmp_path):
     """`make demo` / `make small` run every step and then the summary table: with no UNTIL the flow goes
     through eval_asr and on to tools/summarize_run.py (a dry run prints the commands and runs none)."""
@@ -128,6 +131,8 @@ def test_default_step_list_reaches_the_summary(wrapper, tmp_path):
     assert ran[:3] == ["prepare_models", "synthesize_corpus", "cache_features"]
     assert "tools/summarize_run.py --run " + str(tmp_path / "run") in proc.stdout
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    if wrapper == "run_large.sh":  # 30 h and the whole evaluation sets (limit=0), the cascade beside SSR
+        assert "large-30.0h" in proc.stdout and "limit=0" in proc.stdout and "cascade=true" in proc.stdout
 
 
 def test_until_stops_before_the_summary(tmp_path):
