@@ -233,6 +233,9 @@ def test_end_to_end_report(world, tmp_path):
     assert 0 < correct < total  # the few training steps got some tokens right
     assert cls["all"]["token_acc"] == correct / total
     assert cls["all"]["cosine"] == pytest.approx(cos_sum / total, abs=1e-6)
+    # one outcome per token, keyed "<utterance id>/<index>": what pairs two connectors' tokens
+    assert len(rep["items"]) == n and sum(rep["items"].values()) == correct
+    assert {k.rsplit("/", 1)[0] for k in rep["items"]} == {u.id for u in world["utts"]}
 
     # ... and what the stage-1 validation reports (its own batches and loss module)
     valid = build.valid_batches(data, build.make_reader(data, enc, tok, valid=True), DistInfo(0, 1, 0, 1))

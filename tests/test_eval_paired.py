@@ -124,3 +124,11 @@ def test_summary_table_shows_a_paired_comparison_on_one_line():
     entry = headline_entry(_row({k: i % 4 in (1, 2) for i, k in enumerate(text)}, text), "s2t")
     lines = [line for line in table({"storycloze": entry}).splitlines() if "s2t_vs_text" in line]
     assert len(lines) == 1 and "-25.0 points [" in lines[0] and "n=40" in lines[0] and "McNemar p=0.002 " in lines[0]
+
+
+def test_two_token_analyses_compare_token_by_token():
+    a = {"connector": "runs/a/stage1/connector", "items": {f"u{i // 10}/{i % 10}": int(i < 60) for i in range(100)}}
+    b = {"connector": "runs/b/stage1/connector", "items": {f"u{i // 10}/{i % 10}": int(i < 50) for i in range(100)}}
+    [(label, pair)] = compare_reports(a, b)
+    assert "runs/a/stage1/connector vs runs/b/stage1/connector" in label
+    assert (pair.n, pair.a_only, pair.b_only) == (100, 10, 0) and pair.diff == pytest.approx(0.1)

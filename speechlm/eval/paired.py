@@ -141,8 +141,14 @@ def compare_reports(a: Mapping, b: Mapping, task: str = "", condition: str = "",
     Rows are matched on task, condition, boundaries and scoring (and the connector too with ``same_connector``;
     by default the two reports' connectors may differ, as in an A/B of two runs); ``task``, ``condition`` and
     ``scoring`` filter them (a prefix of the task, e.g. ``storycloze/adversarial``). Rows without per-item
-    outcomes (reports written before they were recorded) are skipped. Returns ``[(label, comparison)]``.
+    outcomes (reports written before they were recorded) are skipped. Two stage-1 token analyses
+    (speechlm.eval.token_analysis: a top-level ``items`` map, one entry per validation token) are compared token by
+    token. Returns ``[(label, comparison)]``.
     """
+    if isinstance(a.get("items"), Mapping) and isinstance(b.get("items"), Mapping):
+        label = f"nearest-token accuracy: {a.get('connector', 'A')} vs {b.get('connector', 'B')}"
+        return [(label, compare({k: bool(v) for k, v in a["items"].items()},
+                                {k: bool(v) for k, v in b["items"].items()}, resamples))]
     def wanted(r: Mapping) -> bool:
         return (r.get("items") is not None and r["task"].startswith(task)
                 and (not condition or r["condition"] == condition) and (not scoring or r["scoring"] == scoring))

@@ -105,6 +105,7 @@ class TokenRecord:
     correct: bool  # the nearest embedding-table row (cosine) is the token
     cosine: float  # cosine of the connector's vector with the token's embedding
     engine: str = UNKNOWN_ENGINE
+    item: str = ""  # "<utterance id>/<token index>": pairs the tokens of two connectors (speechlm.eval.paired)
 
 
 def _figures(records: list[TokenRecord], total: int) -> dict[str, Any]:
@@ -270,7 +271,7 @@ def analyze(connector: str | Path, manifest: str | Path, feature_cache: str | Pa
                 engine = engine_of(by_id[utt_id].speaker)
                 for j in range(n):
                     records.append(TokenRecord(classes[j], int(pred[pos + j]) == ids[j], float(cos[pos + j]),
-                                               engine))
+                                               engine, f"{utt_id}/{j}"))
                 pos += n
             bar.update(len(batch.utt_ids))
 
@@ -278,4 +279,5 @@ def analyze(connector: str | Path, manifest: str | Path, feature_cache: str | Pa
     return {"connector": str(folder), "llm": str(llm), "manifest": str(manifest),
             "feature_cache": str(feature_cache), "train_manifest": str(train_manifest) if train_manifest else None,
             "rows": len(utts), "stack": stack, "frame_rate_hz": enc.frame_rate_hz,
-            "train_token_types": len(train_ids) if train_ids is not None else None, **summary}
+            "train_token_types": len(train_ids) if train_ids is not None else None, **summary,
+            "items": {r.item: int(r.correct) for r in records}}
