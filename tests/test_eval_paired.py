@@ -132,3 +132,18 @@ def test_two_token_analyses_compare_token_by_token():
     [(label, pair)] = compare_reports(a, b)
     assert "runs/a/stage1/connector vs runs/b/stage1/connector" in label
     assert (pair.n, pair.a_only, pair.b_only) == (100, 10, 0) and pair.diff == pytest.approx(0.1)
+
+
+def test_cluster_bootstrap_widens_the_interval_of_correlated_items():
+    # 20 utterances of 10 tokens; the two systems differ only on whole utterances (all 10 tokens at once).
+    rng = np.random.default_rng(0)
+    flip = rng.random(20) < 0.3
+    a = {f"u{u}/{j}": bool(flip[u]) or j < 5 for u in range(20) for j in range(10)}
+    b = {f"u{u}/{j}": j < 5 for u in range(20) for j in range(10)}
+    plain, clustered = compare(a, b), compare(a, b, cluster=True)
+    assert plain.diff == clustered.diff and plain.p_mcnemar == clustered.p_mcnemar
+    width = lambda p: p.diff_ci95[1] - p.diff_ci95[0]
+    assert width(clustered) > 1.5 * width(plain)
+    # With singleton clusters the cluster bootstrap is the plain one.
+    x, y = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+    assert paired_bootstrap(x, y, 2000, 1, groups=np.arange(50)) == pytest.approx(paired_bootstrap(x, y, 2000, 1))

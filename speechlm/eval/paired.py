@@ -10,7 +10,8 @@ intervals wastes that and calls real gaps noise; these functions use the pairing
 * :func:`paired_bootstrap`: percentile interval of ``mean(A) - mean(B)`` and of the ratio ``mean(A) / mean(B)``
   (speech/text parity), resampling *items* (both outcomes of an item stay together), seeded.
 * :func:`compare`: both, on two ``{item id: right?}`` maps, over the items they share (an item missing from
-  either side is dropped and counted, never imputed).
+  either side is dropped and counted, never imputed); for tokens of utterances, whole utterances are resampled
+  (``cluster=True``), since the tokens of one utterance are not independent.
 
 A difference whose interval contains 0 is inside the noise at 95% and is reported as such (``significant``).
 """
@@ -40,11 +41,13 @@ def mcnemar_p(b: int, c: int) -> float:
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, tuple[float, float] | None]:
+                     level: float = 0.95, groups: np.ndarray | None = None) -> dict[str, tuple[float, float] | None]:
     """Percentile intervals of ``mean(a) - mean(b)`` and ``mean(a) / mean(b)`` over item resamples.
 
-    ``a``, ``b``: (n,) outcomes (0/1 or any per-item score) of the same n items in the same order. The ratio's
-    interval is None when some resample has ``mean(b) == 0``.
+    ``a``, ``b``: (n,) outcomes (0/1 or any per-item score) of the same n items in the same order. ``groups``
+    (n,) (optional) names each item's cluster, e.g. the utterance of a token: then whole clusters are resampled
+    (a cluster bootstrap), since items of one cluster are not independent and resampling them one by one would
+    make the interval too narrow. The ratio's interval is None when some resample has ``mean(b) == 0``.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
@@ -52,12 +55,20 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed:
     n = a.shape[0]
     if n == 0:
         return {"diff": None, "ratio": None}
+    if groups is not None:  # sums and sizes per cluster; a resample's mean = its summed outcomes / its items
+        _, gi = np.unique(np.asarray(groups), return_inverse=True)
+        size = np.bincount(gi).astype(np.float64)
+        a, b, weight = np.bincount(gi, a), np.bincount(gi, b), size
+    else:
+        weight = np.ones(n)
+    k = a.shape[0]
     rng = np.random.default_rng(seed)
     alpha = (1.0 - level) / 2.0
     ma, mb = np.zeros(resamples), np.zeros(resamples)
-    for start in range(0, resamples, 1000):  # chunks bound the index matrix to 1000 x n
-        idx = rng.integers(0, n, size=(min(1000, resamples - start), n))
-        ma[start:start + len(idx)], mb[start:start + len(idx)] = a[idx].mean(1), b[idx].mean(1)
+    for start in range(0, resamples, 1000):  # chunks bound the index matrix to 1000 x k
+        idx = rng.integers(0, k, size=(min(1000, resamples - start), k))
+        w = weight[idx].sum(1)
+        ma[start:start + len(idx)], mb[start:start + len(idx)] = a[idx].sum(1) / w, b[idx].sum(1) / w
     diff = ma - mb
     out: dict[str, tuple[float, float] | None] = {
         "diff": (float(np.quantile(diff, alpha)), float(np.quantile(diff, 1 - alpha)))}
@@ -111,8 +122,12 @@ class PairedComparison:
                 f"discordant, McNemar p={self.p_mcnemar:.3g}{verdict})")
 
 
-def compare(a: Mapping[str, bool], b: Mapping[str, bool], resamples: int = 10000, seed: int = 0) -> PairedComparison:
-    """Paired comparison of two ``{item id: right?}`` maps over their shared items (in ``a``'s order)."""
+def compare(a: Mapping[str, bool], b: Mapping[str, bool], resamples: int = 10000, seed: int = 0,
+            cluster: bool = False) -> PairedComparison:
+    """Paired comparison of two ``{item id: right?}`` maps over their shared items (in ``a``'s order).
+
+    ``cluster``: item ids are ``"<cluster>/<index>"`` (e.g. tokens of an utterance) and the interval resamples
+    whole clusters (see :func:`paired_bootstrap`); McNemar's test still counts items."""
     shared = [k for k in a if k in b]
     dropped = len(set(a) ^ set(b))
     if not shared:
@@ -120,7 +135,8 @@ def compare(a: Mapping[str, bool], b: Mapping[str, bool], resamples: int = 10000
                           "a paired comparison needs the same items scored by both systems")
     x = np.array([bool(a[k]) for k in shared], dtype=np.float64)
     y = np.array([bool(b[k]) for k in shared], dtype=np.float64)
-    boot = paired_bootstrap(x, y, resamples, seed)
+    groups = np.array([k.rsplit("/", 1)[0] for k in shared]) if cluster else None
+    boot = paired_bootstrap(x, y, resamples, seed, groups=groups)
     a_only, b_only = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
     acc_a, acc_b = float(x.mean()), float(y.mean())
     return PairedComparison(
@@ -146,9 +162,10 @@ def compare_reports(a: Mapping, b: Mapping, task: str = "", condition: str = "",
     token. Returns ``[(label, comparison)]``.
     """
     if isinstance(a.get("items"), Mapping) and isinstance(b.get("items"), Mapping):
-        label = f"nearest-token accuracy: {a.get('connector', 'A')} vs {b.get('connector', 'B')}"
+        label = (f"nearest-token accuracy: {a.get('connector', 'A')} vs {b.get('connector', 'B')} "
+                 "(interval: utterances resampled)")
         return [(label, compare({k: bool(v) for k, v in a["items"].items()},
-                                {k: bool(v) for k, v in b["items"].items()}, resamples))]
+                                {k: bool(v) for k, v in b["items"].items()}, resamples, cluster=True))]
     def wanted(r: Mapping) -> bool:
         return (r.get("items") is not None and r["task"].startswith(task)
                 and (not condition or r["condition"] == condition) and (not scoring or r["scoring"] == scoring))
