@@ -1,26 +1,27 @@
-"""speechlm.serving.demo (tools/demo_server.py) on a tiny random run: the upload checks over HTTP, and the page
-driven in a real headless Chromium (Selenium + Debian's chromium / chromium-driver): a spoken clip gets an
-answer, a transcript and the boundary picture; a non-audio file gets a clear message. The browser test takes a
-900 x 700 screenshot and writes it to docs/demo.png when that file is missing or when
+"""The page of the server (speechlm.serving.page, served at / by speechlm.serving.server; tools/serve.py) on a
+tiny random run: the page and its info over HTTP, and the page driven in a real headless Chromium (Selenium +
+Debian's chromium / chromium-driver): a spoken clip gets SSR's answer beside the Whisper cascade's (a stand-in
+transcriber here), a transcript and the boundary picture; a non-audio file gets a clear message. The browser test
+takes a 900 x 700 screenshot and writes it to docs/demo.png when that file is missing or when
 
 ``SPEECHLM_DEMO_RUN=runs/tiny`` drives the page with that trained run instead of the random one (how the
-README's screenshot was made; it needs the run's models, ~10 s more). A plain test run never replaces the
-picture with one of the random model."""
+README's screenshot was made; it needs the run's models, ~10 s more; the embedded whisper-base is the cascade
+when it is there). A plain test run never replaces the picture with one of the random model."""
 
 from __future__ import annotations
 
-import json
+import base64
 import os
 import shutil
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from speechlm.serving import demo as mod
+from speechlm.serving import page as mod
+from speechlm.serving.config import ServerConfig
 from tests.test_inference import ENCODER_NAME, LLM_NAME, build_tiny_run, speech_wav
+
+pytest.importorskip("fastapi")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -28,6 +29,13 @@ SCREENSHOT = ROOT / "docs" / "demo.png"
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--window-size=900,700"]
+
+
+class FakeCascade:
+    sample_rate = 16000
+
+    def transcribe(self, waves):
+        return ["tom went to the store" for _ in waves]
 
 
 @pytest.fixture(scope="module")
@@ -43,54 +51,32 @@ def demo_run(tmp_path_factory):
     return {"root": root, "run": run, "pipe": pipe, "wav": speech_wav(root / "tom.wav", "Tom went to the store.")}
 
 
-def serve(pipe, run, **limits):
-    """(module, server, base url) of a demo server on a free port, serving from a thread."""
-    server = mod.make_server(mod.Demo(pipe, run=str(run), **limits), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    return mod, server, f"http://{host}:{port}"
+def serve(pipe, run, cascade=None, **limits):
+    """A BackgroundServer of the new server with the page (use as a context manager: its value is the base url)."""
+    from speechlm.serving.server import BackgroundServer, create_app
+
+    return BackgroundServer(create_app(pipe, ServerConfig(**limits), cascade=cascade, run=str(run)))
 
 
-def post(url, data, **query):
-    from urllib.parse import urlencode
+def test_page_and_info_over_http(demo_run):
+    import httpx
 
-    req = urllib.request.Request(f"{url}/api/answer?{urlencode(query)}", data=data, method="POST",
-                                 headers={"Content-Type": "application/octet-stream", "X-Filename": "clip.wav"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_server_answers_and_checks_uploads_over_http(demo_run, tmp_path):
-    wav_bytes = demo_run["wav"].read_bytes()  # ~1.4 s, ~46 KB
-    _, server, url = serve(demo_run["pipe"], demo_run["run"])
-    try:
-        with urllib.request.urlopen(f"{url}/", timeout=30) as r:
-            assert r.status == 200 and b'id="audio"' in r.read()
-        with urllib.request.urlopen(f"{url}/api/info", timeout=30) as r:
-            info = json.loads(r.read())
+    wav_b64 = base64.b64encode(demo_run["wav"].read_bytes()).decode()
+    with serve(demo_run["pipe"], demo_run["run"], cascade=FakeCascade()) as url:
+        r = httpx.get(f"{url}/", timeout=30)
+        assert r.status_code == 200 and 'id="audio"' in r.text and "/v1/chat/completions" in r.text
+        info = httpx.get(f"{url}/api/info", timeout=30).json()
         assert info["chat_template"] and info["max_mb"] == 20 and "{speech}" in info["default_prompt"]
-        status, out = post(url, wav_bytes, instruction="Repeat the text.", max_new_tokens="4")
-        assert status == 200, out
-        assert isinstance(out["answer"], str) and out["transcript"] and out["tokens"]
-        assert out["picture"].startswith("data:image/png;base64,") and out["timings"]["total_s"] > 0
-        assert out["prompt"] == "Repeat the text.\nText: {speech}\nAnswer:"
-        status, out = post(url, b"just some text, no audio at all" * 20)
-        assert status == 400 and "not an audio file" in out["error"]
-        status, out = post(url, b"")
-        assert status == 400 and "empty" in out["error"]
-    finally:
-        server.shutdown()
-    _, server, url = serve(demo_run["pipe"], demo_run["run"], max_mb=0.06, max_seconds=1.0)
-    try:
-        status, out = post(url, wav_bytes)
-        assert status == 400 and "1.4 s long" in out["error"] and "up to 1 s" in out["error"]
-        status, out = post(url, b"\0" * 100_000)
-        assert status == 413 and "0.1 MB" in out["error"] and "up to 0.06 MB" in out["error"]
-    finally:
-        server.shutdown()
+        assert info["cascade"] is True and info["model"] == "speechlm"
+        body = {"model": "speechlm", "max_tokens": 4, "speechlm": {"picture": True, "cascade": True},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "Repeat the text."},
+                              {"type": "input_audio", "input_audio": {"data": wav_b64, "format": "wav"}}]}]}
+        out = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        extra = out["speechlm"]
+        assert isinstance(out["choices"][0]["message"]["content"], str) and extra["transcript"] and extra["tokens"]
+        assert extra["picture"].startswith("data:image/png;base64,") and extra["timings"]["total_s"] > 0
+        assert extra["prompt"] == "Repeat the text.\nText: {speech}\nAnswer:"
+        assert extra["cascade"]["transcript"] == "tom went to the store"
 
 
 def test_boundary_picture_is_a_png(demo_run):
@@ -130,18 +116,24 @@ def test_demo_page_in_headless_chromium(demo_run, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    pipe, run = demo_run["pipe"], demo_run["run"]
+    pipe, run, cascade = demo_run["pipe"], demo_run["run"], FakeCascade()
     if os.environ.get("SPEECHLM_DEMO_RUN"):
         from speechlm.inference import SpeechLMPipeline
+        from speechlm.serving.launch import cascade_folder
 
         run = os.environ["SPEECHLM_DEMO_RUN"]
         pipe = SpeechLMPipeline.from_run(run)
-    _, server, url = serve(pipe, run)
-    try:
+        folder = cascade_folder("auto")
+        if folder is not None:
+            from speechlm.eval.asr import WhisperCascade
+
+            cascade = WhisperCascade(folder)
+    with serve(pipe, run, cascade=cascade) as url:
         browser.get(url)
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: "connector" in d.find_element(By.ID, "runinfo").text)
         assert "{speech}" in browser.find_element(By.ID, "instruction").get_attribute("value")
+        assert "cascade" in browser.find_element(By.ID, "expect").text  # the page says what the model can do
         # a spoken clip: answer, transcript and the boundary picture appear
         clip = tmp_path / "tom.wav"
         shutil.copy(demo_run["wav"], clip)
@@ -150,6 +142,8 @@ def test_demo_page_in_headless_chromium(demo_run, browser, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "result").is_displayed())
         answer = browser.find_element(By.ID, "answer").text
         assert answer and answer != "(empty answer)"
+        assert browser.find_element(By.ID, "cascade_box").is_displayed()  # Whisper's answer beside SSR's
+        assert browser.find_element(By.ID, "cascade_answer").text
         assert browser.find_element(By.ID, "transcript").text
         loaded = "const i = document.getElementById('boundaries'); return i.complete && i.naturalWidth;"
         wait.until(lambda d: d.execute_script(loaded))
@@ -174,6 +168,4 @@ def test_demo_page_in_headless_chromium(demo_run, browser, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
         assert "not an audio file" in browser.find_element(By.ID, "error").text
         assert not browser.find_element(By.ID, "result").is_displayed()
-    finally:
-        server.shutdown()
 

@@ -16,16 +16,19 @@ import pytest
 import soundfile as sf
 import torch
 
+from speechlm.data.vad import VADConfig
 from speechlm.errors import AudioError, ConfigError, ModelError
 from speechlm.inference import (
     DEFAULT_PROMPT,
     GenerationStream,
+    NoSpeechError,
     SpeechLMPipeline,
     TextAssembler,
     pick_token,
     prompt_from_instruction,
     resolve_run,
 )
+from speechlm.models.speechlm import TextSegment
 from speechlm.serving.batch import answer_files, list_inputs, unescape
 from tests.alignment_helpers import byte_level_bpe
 
@@ -146,8 +149,10 @@ def test_bad_audio_and_prompts_are_clear_errors(tiny, tmp_path):
         pipe.generate(np.zeros(800, dtype=np.float32))
     with pytest.raises(AudioError, match="NaN"):
         pipe.generate((np.full(800, np.nan, dtype=np.float32), 16000))
-    with pytest.raises(AudioError, match="shorter than one encoder frame"):
-        pipe.generate((np.zeros(100, dtype=np.float32), 16000))
+    assert pipe.generate((np.zeros(100, dtype=np.float32), 16000)).no_speech  # the detector hears nothing
+    with pytest.raises(AudioError, match="shorter than one encoder frame"):  # without it the encoder refuses
+        SpeechLMPipeline(pipe.model, pipe.aligner, vad=VADConfig(enabled=False)).generate(
+            (np.zeros(100, dtype=np.float32), 16000))
     with pytest.raises(ConfigError, match="placeholder"):
         pipe.generate(tiny["wav"], prompt="no speech here")
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -168,7 +173,7 @@ def test_greedy_is_deterministic_and_is_speechlm_generate(tiny):
     assert pipe.generate(speech, max_new_tokens=10, stop=[]).token_ids == want
     assert len(pipe.generate((wave, sr), max_new_tokens=10, stop=[]).token_ids) >= 1
     assert a.transcript and len(a.tokens) == len(speech.segment.ids) == speech.segment.embeds.shape[0]
-    assert set(a.timings) == {"encode_s", "align_s", "connector_s", "first_token_s", "total_s"}
+    assert set(a.timings) == {"vad_s", "encode_s", "align_s", "connector_s", "first_token_s", "total_s"}
     assert 0 < a.timings["first_token_s"] <= a.timings["total_s"]
 
 
@@ -252,7 +257,7 @@ def test_batches_chat_and_instructions(tiny):
     assert prompt_from_instruction("  ") == DEFAULT_PROMPT and prompt_from_instruction("a {speech} b") == "a {speech} b"
 
 
-def test_a_clip_without_decoded_speech_still_gets_an_answer(tiny):
+def test_a_clip_without_decoded_speech_is_flagged_and_answered_by_policy(tiny):
     import copy
 
     from alignment.aligner import Aligner
@@ -262,9 +267,12 @@ def test_a_clip_without_decoded_speech_still_gets_an_answer(tiny):
     with torch.no_grad():
         deaf.ctc_head.bias[0] = 1e4  # the blank always wins: free mode decodes nothing
     quiet = SpeechLMPipeline(pipe.model, Aligner(deaf, pipe.tokenizer))
-    result = quiet.generate(tiny["wav"], max_new_tokens=3, stop=[])
+    refused = quiet.generate(tiny["wav"], max_new_tokens=3, stop=[])  # speech detected, but nothing decoded
+    assert refused.no_speech and refused.speech_s > 0 and refused.answer == "" and refused.token_ids == []
+    assert "no speech decoded" in refused.warnings[0] and "not answered" in refused.warnings[-1]
+    result = quiet.generate(tiny["wav"], max_new_tokens=3, stop=[], no_speech="answer")
     assert result.transcript == "" and result.tokens == [] and 1 <= len(result.token_ids) <= 3
-    assert len(result.warnings) == 1 and "no speech decoded" in result.warnings[0]
+    assert result.no_speech and len(result.warnings) == 2 and "prompt alone" in result.warnings[1]
     assert quiet.speech(tiny["wav"]).segment.embeds.shape == (0, 32)
 
 
@@ -279,7 +287,12 @@ def test_a_connector_without_boundaries_needs_no_aligner(tiny):
     result = SpeechLMPipeline(model).generate(tiny["wav"], max_new_tokens=3, stop=[])
     assert result.transcript == "" and result.tokens == [] and 1 <= len(result.token_ids) <= 3
     frames = int(pipe.model.encoder.frame_lengths(torch.tensor([sf.info(str(tiny['wav'])).frames]))[0])
-    assert SpeechLMPipeline(model).speech(tiny["wav"]).segment.embeds.shape[0] == math.ceil(frames / 8)
+    whole = SpeechLMPipeline(model, vad=VADConfig(enabled=False))
+    assert whole.speech(tiny["wav"]).segment.embeds.shape[0] == math.ceil(frames / 8)
+    speech = SpeechLMPipeline(model).speech(tiny["wav"])  # the detected speech only
+    [(a, b)] = speech.chunks
+    frames = int(pipe.model.encoder.frame_lengths(torch.tensor([round(b * 16000) - round(a * 16000)]))[0])
+    assert speech.segment.embeds.shape[0] == math.ceil(frames / 8) and not speech.no_speech
 
 
 # ------------------------------------------------------------------------------------------ scores
@@ -302,7 +315,7 @@ def test_score_is_speechlm_score(tiny):
 def test_a_long_clip_is_cut_at_quiet_points_and_its_vectors_concatenated(tiny):
     from speechlm.data.tts import synthesize
 
-    pipe = tiny["pipe"]
+    pipe = SpeechLMPipeline(tiny["pipe"].model, tiny["pipe"].aligner, vad=VADConfig(enabled=False))
     parts = []
     for k, text in enumerate(["Tom went to the store.", "He bought some bread and milk.", "Then he walked home."] * 6):
         wave = synthesize(text, voice="en-us").wave.numpy()
@@ -324,6 +337,11 @@ def test_a_long_clip_is_cut_at_quiet_points_and_its_vectors_concatenated(tiny):
     assert speech.tokens[-1].start_s > 25.0  # the later windows' boundaries are shifted by their start
     result = pipe.generate(speech, max_new_tokens=3)
     assert result.tokens == speech.tokens and len(result.chunks) == len(bounds)
+    # with the detector: one window per sentence, every token inside one, nothing decoded in the pauses
+    gated = tiny["pipe"].speech((wave, 16000))
+    assert len(gated.chunks) == 18 and gated.chunks == gated.regions
+    assert gated.speech_s < 0.9 * gated.duration_s
+    assert all(any(a - 1e-6 <= t.start_s <= t.end_s <= b + 1e-6 for a, b in gated.chunks) for t in gated.tokens)
 
 
 def check_boundaries(tokens, duration_s):
@@ -414,3 +432,91 @@ def test_pipeline_on_the_real_offline_models(tmp_path):
         check_boundaries(r.tokens, duration_s)
         assert r.timings["total_s"] >= r.timings["first_token_s"] > 0
     assert math.isfinite(pipe.score(wav, " Tom went to the store."))
+
+
+# ------------------------------------------------------------------------------------------ no speech
+def no_speech_clips() -> dict[str, np.ndarray]:
+    """The issue's clips without speech: 2 s of digital silence, 3 s of white noise, 20 ms."""
+    rng = np.random.default_rng(0)
+    return {"silence": np.zeros(32000, dtype=np.float32), "noise": rng.normal(0, 0.3, 48000).clip(-1, 1).astype(np.float32),
+            "20ms": np.zeros(320, dtype=np.float32)}
+
+
+def test_clips_without_speech_decode_nothing_and_are_refused(tiny, monkeypatch):
+    pipe = tiny["pipe"]
+    results = {name: pipe.generate((wave, 16000), max_new_tokens=4, stop=[]) for name, wave in no_speech_clips().items()}
+    answered = {name: pipe.generate((wave, 16000), max_new_tokens=4, stop=[], no_speech="answer")
+                for name, wave in no_speech_clips().items()}
+    for name, r in results.items():
+        assert r.no_speech and r.speech_s == 0 and r.speech_regions == [], name
+        assert r.transcript == "" and r.tokens == [] and r.chunks == [], name  # nothing decoded
+        assert r.answer == "" and r.token_ids == [] and "not answered" in r.warnings[-1], name  # refused
+        row = r.to_dict()
+        assert row["no_speech"] is True and row["speech_s"] == 0 and json.loads(json.dumps(row)) == row
+        # "answer": the prompt alone, no vectors, flagged
+        a = answered[name]
+        assert a.no_speech and a.transcript == "" and 1 <= len(a.token_ids) <= 4 and "prompt alone" in a.warnings[-1]
+    speech = pipe.speech((no_speech_clips()["noise"], 16000))
+    prefix = pipe.prefix(DEFAULT_PROMPT, speech)
+    assert all(isinstance(seg, TextSegment) for seg in prefix)  # no speech segment reaches the LLM
+    assert answered["noise"].token_ids == pipe.model.generate([prefix], 4, eos=pipe.tokenizer.eos_token_id)[0]
+    # refused: the LLM never runs; a stream gives no pieces and the flagged result
+    monkeypatch.setattr(pipe.model, "decoder", lambda *a, **k: pytest.fail("the LLM ran on a clip without speech"))
+    stream = pipe.generate((no_speech_clips()["silence"], 16000), stream=True)
+    assert list(stream) == [] and stream.result.no_speech and stream.result.answer == ""
+    monkeypatch.undo()
+    with pytest.raises(NoSpeechError, match="clip 1: no speech detected"):
+        pipe.score([tiny["wav"], (no_speech_clips()["silence"], 16000)], " the cat")
+    with pytest.raises(ConfigError, match="no_speech must be one of"):
+        pipe.generate(tiny["wav"], no_speech="guess")
+    spoken = pipe.generate(tiny["wav"], max_new_tokens=2)
+    assert not spoken.no_speech and 0.5 < spoken.speech_s <= spoken.duration_s and spoken.to_dict()["no_speech"] is False
+
+
+def test_silence_around_a_sentence_changes_nothing_decoded(tiny):
+    """Only the detected speech is encoded and decoded, so 5 s of silence before and after a sentence give the
+    same windows (shifted by 5 s to the sample), hence exactly the same tokens and vectors (tolerance: 1e-5 on
+    the vectors, 1e-6 s on the boundaries, for float summation order only). Also when the speech touches the
+    clip's edges: the padding past them is decoded as zeros, as the silence would be."""
+    pipe = tiny["pipe"]
+    whole, sr = sf.read(tiny["wav"], dtype="float32")
+    pad = np.zeros(5 * sr, dtype=np.float32)
+    for wave in (whole, whole[int(0.09 * sr):-int(0.14 * sr)]):  # the TTS clip, and it cut 10 ms around its speech
+        plain, padded = pipe.speech((wave, sr)), pipe.speech((np.concatenate([pad, wave, pad]), sr))
+        assert plain.transcript and padded.transcript == plain.transcript
+        assert padded.segment.ids == plain.segment.ids
+        torch.testing.assert_close(padded.segment.embeds, plain.segment.embeds, atol=1e-5, rtol=0)
+        dur, pad_s = wave.size / sr, pipe.vad.cfg.pad_ms / 1000
+
+        def in_clip(x, dur=dur):  # the plain clip's times stop at its edges
+            return min(max(x, 0.0), dur)
+
+        for p, q in zip(padded.tokens, plain.tokens, strict=True):
+            assert (p.token, in_clip(p.start_s - 5), in_clip(p.end_s - 5)) == (
+                q.token, pytest.approx(q.start_s, abs=1e-6), pytest.approx(q.end_s, abs=1e-6))
+        # nothing in the silence beyond a region's padding
+        assert all(5 - pad_s - 1e-6 <= t.start_s <= t.end_s <= 5 + dur + pad_s + 1e-6 for t in padded.tokens)
+        assert padded.duration_s == pytest.approx(plain.duration_s + 10)
+    assert [x - 5 for r in padded.regions for x in r] == pytest.approx([0.0, wave.size / sr], abs=0.06)
+    assert plain.regions == [(0.0, pytest.approx(wave.size / sr))]  # reported within the clip
+    check_boundaries(plain.tokens, plain.duration_s)
+
+
+def test_infer_cli_flags_clips_without_speech(tiny, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    shutil.copy(tiny["wav"], folder / "good.wav")
+    sf.write(folder / "silence.wav", no_speech_clips()["silence"], 16000)
+    out = tmp_path / "answers.jsonl"
+    args = [str(folder), "--run", str(tiny["run"]), "--llm", str(tiny["models"] / LLM_NAME), "--encoder",
+            str(tiny["models"] / ENCODER_NAME), "--out", str(out), "--max-new-tokens", "3", "--threads", "1"]
+    done = run_infer(args)
+    assert done.returncode == 0, done.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["silence"]["no_speech"] is True and rows["silence"]["answer"] == "" and rows["silence"]["speech_s"] == 0
+    assert rows["good"]["no_speech"] is False and rows["good"]["speech_s"] > 0 and rows["good"]["speech_regions"]
+    assert "1 without speech" in done.stderr
+    done = run_infer([*args, "--no-vad", "--no-speech", "answer"])  # the detector off: the whole clip is speech
+    assert done.returncode == 0, done.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert all(r["speech_s"] == r["duration_s"] for r in rows.values())

@@ -7,7 +7,10 @@
 INPUT is an audio file, a folder (every .wav/.flac/.ogg/.mp3 below it, sorted) or a manifest (.jsonl: each
 row's ``audio``, relative to the manifest's folder, and its ``id``). Each output row holds id, audio, prompt,
 answer, transcript (what the aligner decoded), tokens (per LLM token of the transcript: text, start_s, end_s),
-duration_s, timings and warnings. A file that cannot be answered (unreadable, empty, too short) gets a row
+duration_s, speech_s (seconds of detected speech), no_speech, speech_regions, timings and warnings. Only the
+speech the voice-activity detector finds is decoded; a clip without speech is answered by --no-speech
+(refuse: an empty answer; answer: the prompt alone), flagged either way; --no-vad decodes whole clips.
+A file that cannot be answered (unreadable, empty, too short) gets a row
 with an ``error`` field, is reported on stderr and skipped; the rest go on. The output is written atomically
 when all files are done. Exit status: 0 when the batch ran (also with skipped files), 1 when the model or
 the input cannot be loaded.
@@ -22,8 +25,9 @@ import sys
 import torch
 
 from speechlm.atomic import atomic_write_text
+from speechlm.data.vad import VADConfig
 from speechlm.errors import SpeechLMError
-from speechlm.inference import DEFAULT_PROMPT, DEFAULT_STOP, SpeechLMPipeline
+from speechlm.inference import DEFAULT_PROMPT, DEFAULT_STOP, NO_SPEECH_POLICIES, SpeechLMPipeline
 from speechlm.serving.batch import answer_files, list_inputs, unescape
 
 
@@ -45,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of the answer (0 = off)")
     ap.add_argument("--stop", action="append", default=None,
                     help="stop string (repeatable; \\n: a newline; default: a newline; --stop '' for none)")
+    ap.add_argument("--no-speech", choices=NO_SPEECH_POLICIES, default="refuse",
+                    help="a clip without detected speech: refuse (empty answer, default) or answer the prompt alone")
+    ap.add_argument("--no-vad", action="store_true", help="no voice-activity detection: decode the whole clip")
+    ap.add_argument("--vad-threshold", type=float, default=VADConfig.threshold, help="speech probability threshold")
+    ap.add_argument("--vad-pad-ms", type=int, default=VADConfig.pad_ms, help="padding around detected speech")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="LLM precision: auto, fp32, bf16, fp16")
     ap.add_argument("--threads", type=int, default=0)
@@ -55,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     prompt = unescape(args.prompt)
     try:
         inputs = list_inputs(args.input)
+        vad = VADConfig(enabled=not args.no_vad, threshold=args.vad_threshold, pad_ms=args.vad_pad_ms)
         pipe = SpeechLMPipeline.from_run(args.run, connector=args.connector, aligner=args.aligner, llm=args.llm,
-                                         encoder=args.encoder, device=args.device, dtype=args.dtype)
+                                         encoder=args.encoder, device=args.device, dtype=args.dtype, vad=vad,
+                                         no_speech=args.no_speech)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -67,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                 no_repeat_ngram=args.no_repeat_ngram,
                                 on_error=lambda uid, err: tqdm.write(f"skipped {uid}: {err}", file=sys.stderr))
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"{len(rows) - failed} answered, {failed} skipped -> {args.out}", file=sys.stderr)
+    silent = sum(bool(r.get("no_speech")) for r in rows)
+    print(f"{len(rows) - failed} answered, {failed} skipped -> {args.out} ({silent} without speech)", file=sys.stderr)
     return 0
 
 

@@ -1,12 +1,14 @@
 """Synthesize a spoken corpus (Flite, Festival, Piper and eSpeak voices): WAVs plus train/valid/test manifests.
 
     python tools/synthesize_corpus.py --out ~/.cache/speechlm/corpus/default [--hours 2.0] \
-        [--text FILE ...] [--seed 0] [--workers 2] [--force]
+        [--text FILE ...] [--seed 0] [--workers 2] [--force] [--skip-bad]
 
 Default text: WordNet usage examples, generated everyday sentences, news, Wikipedia and movie reviews
 (half the training hours chosen to cover frequent English words); ``--text`` files replace them. Valid
 and test hold unseen sentences in held-out voices (see speechlm/data/corpus.py for who speaks what).
 A complete corpus in --out made from the same plan is kept (so are its cached features); --force redoes it.
+Each clip is checked for speech (speechlm/data/speech_check.py); the clips with none or too little for their
+text are listed, and --skip-bad leaves them out of the manifests.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--force", action="store_true",
                     help="synthesize again even if --out holds a complete corpus from the same plan")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="leave out clips with no or too little detected speech for their text")
     args = ap.parse_args(argv)
     try:
         s = build_corpus(Path(args.out).expanduser(), hours=args.hours, text_files=args.text, seed=args.seed,
-                         workers=args.workers, force=args.force)
+                         workers=args.workers, force=args.force, skip_bad=args.skip_bad)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -48,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if s.missing_voices:
         print(f"  voices left out (not installed; see tools/install_tts.sh): {', '.join(s.missing_voices)}")
     print(f"  augmented training clips: {s.augmented_share:.0%}")
+    if s.speech_flagged:
+        print(f"  {len(s.speech_flagged)} clip(s) with no or too little speech"
+              f"{' (left out)' if args.skip_bad else ' (kept; --skip-bad leaves them out)'}:")
+        for line in s.speech_flagged:
+            print(f"    {line}")
     print(f"  word-type coverage of {s.coverage_against} by the training text: {s.coverage:.1%}")
     print(f"  coverage of the {COVERAGE_TOP_WORDS} most frequent English words: {s.coverage_general:.1%}")
     return 0

@@ -484,7 +484,12 @@ class TextBatches:
 
     @classmethod
     def from_file(cls, path: str | Path, tokenizer: Any, **kw: Any) -> TextBatches:
-        """One sentence per line of a text file, or the ``text`` of every row of a ``.jsonl`` manifest."""
+        """One sentence per line of a text file, or the ``text`` of every row of a ``.jsonl`` manifest (or of a
+        datasets / Lhotse source, speechlm.data.sources)."""
+        from speechlm.data.sources import is_source
+
+        if is_source(path):
+            return cls([u.text for u in iter_manifest(path)], tokenizer, **kw)
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: text corpus not found")

@@ -51,12 +51,14 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 
 
-def _synthesize_one(args: tuple[PlannedUtterance, str]) -> Utterance:
-    """Worker: speak one planned utterance, augment it, write its WAV under the corpus folder, return its row."""
+def _synthesize_one(args: tuple[PlannedUtterance, str]) -> tuple[Utterance, str | None]:
+    """Worker: speak one planned utterance, augment it, write its WAV under the corpus folder, return its row
+    and why its audio holds too little speech for its text (None: enough; :mod:`speechlm.data.speech_check`)."""
     import torch
 
     from speechlm.data.audio import save_audio
     from speechlm.data.augment import Augmentation, apply
+    from speechlm.data.speech_check import check_clip
     from speechlm.data.tts import synthesize
 
     torch.set_num_threads(1)
@@ -72,7 +74,7 @@ def _synthesize_one(args: tuple[PlannedUtterance, str]) -> Utterance:
     return Utterance(id=item.id, audio=rel, sample_rate=SAMPLE_RATE,
                      duration_s=round(wave.numel() / SAMPLE_RATE, 4), text=item.text, split=item.split,
                      speaker=speaker_name(item.voice, item.rate_wpm, item.pitch), words=words,
-                     augment=None if aug.is_identity else item.augment)
+                     augment=None if aug.is_identity else item.augment), check_clip(wave, SAMPLE_RATE, item.text)
 
 
 @dataclass
@@ -93,6 +95,8 @@ class CorpusSummary:
     coverage_general: float | None = None  # share of the general-English target words in the training text
     augmented_share: float | None = None  # share of training clips with an augmentation
     missing_voices: list[str] = field(default_factory=list)  # planned voices left out (not installed)
+    #: "id (audio): why" of each clip with no or too little detected speech (left out with skip_bad)
+    speech_flagged: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -158,8 +162,12 @@ def existing_corpus(out_dir: str | Path, fingerprint: str) -> CorpusSummary | No
 
 
 def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str | Path] | None = None,
-                 seed: int = 0, workers: int = 2, progress: bool = True, force: bool = False) -> CorpusSummary:
+                 seed: int = 0, workers: int = 2, progress: bool = True, force: bool = False,
+                 skip_bad: bool = False) -> CorpusSummary:
     """Synthesize the corpus into ``out_dir`` (audio/, train/valid/test.jsonl, summary.json).
+
+    Every clip is checked for speech (:mod:`speechlm.data.speech_check`): the clips with none or too little
+    for their text are logged and listed in the summary's ``speech_flagged``; ``skip_bad`` leaves them out.
 
     A complete corpus already there from the same plan is kept as it is (its audio files, and so any
     feature cache made from them, stay valid); ``force`` synthesizes it again.
@@ -183,10 +191,14 @@ def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str |
     if workers > 1:
         # spawn: workers start clean (no copied torch thread pools or eSpeak state).
         with mp.get_context("spawn").Pool(workers) as pool:
-            rows = list(tqdm(pool.imap(_synthesize_one, jobs, chunksize=8), total=len(jobs),
+            done = list(tqdm(pool.imap(_synthesize_one, jobs, chunksize=8), total=len(jobs),
                              desc="synthesizing", unit="utt", disable=not progress))
     else:
-        rows = [_synthesize_one(j) for j in tqdm(jobs, desc="synthesizing", unit="utt", disable=not progress)]
+        done = [_synthesize_one(j) for j in tqdm(jobs, desc="synthesizing", unit="utt", disable=not progress)]
+    flagged = [f"{r.id} ({r.audio}): {why}" for r, why in done if why]
+    for line in flagged:
+        log.warning("%s: %s", "skipping" if skip_bad else "too little speech", line)
+    rows = [r for r, why in done if not (skip_bad and why)]
     wall_s = time.perf_counter() - start
     by_split = {split: [r for r in rows if r.split == split] for split in SPLITS}
     for split, split_rows in by_split.items():
@@ -220,6 +232,6 @@ def build_corpus(out_dir: str | Path, hours: float = 2.0, text_files: list[str |
         coverage_general=round(len(targets & word_types(train_text)) / len(targets), 4),
         augmented_share=round(sum(r.augment is not None for r in by_split["train"])
                               / max(1, len(by_split["train"])), 4),
-        missing_voices=voices.missing)
+        missing_voices=voices.missing, speech_flagged=flagged)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary.to_json(), indent=2) + "\n")
     return summary

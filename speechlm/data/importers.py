@@ -1,4 +1,8 @@
-"""Turn common corpus layouts into our manifest: LibriSpeech, Multilingual LibriSpeech, a folder of audio+txt."""
+"""Turn common corpus layouts into our manifest: LibriSpeech, Multilingual LibriSpeech, a folder of audio+txt.
+
+Each importer takes ``skip_bad`` (skip and list bad rows in ``bad_rows`` instead of stopping) and
+``check_speech`` (also reject clips with no or too little detected speech for their transcript:
+:mod:`speechlm.data.speech_check`, on ``workers`` threads)."""
 
 from __future__ import annotations
 
@@ -26,12 +30,19 @@ def _row(utt_id: str, audio: Path, text: str, split: str, speaker: str | None, w
                      split=split, speaker=speaker)
 
 
-def _collect(rows: Iterator[Utterance], skip_bad: bool, bad_rows: list[str] | None) -> list[Utterance]:
+def _collect(rows: Iterator[Utterance], skip_bad: bool, bad_rows: list[str] | None, check_speech: bool = False,
+             workers: int = 1) -> list[Utterance]:
+    """The rows; with ``check_speech`` only those whose audio holds enough speech for their transcript
+    (:func:`speechlm.data.speech_check.gate_rows`: the others stop the import, or are skipped with ``skip_bad``)."""
     out = []
     while True:
         try:
             out.append(next(rows))
         except StopIteration:
+            if check_speech:
+                from speechlm.data.speech_check import gate_rows
+
+                return gate_rows(out, skip_bad, bad_rows, workers=workers, progress=True)
             return out
         except (AudioError, ManifestError) as e:
             if not skip_bad:
@@ -60,9 +71,10 @@ def _iter_librispeech(root: Path, split: str) -> Iterator[Utterance]:
 
 
 def import_librispeech(root: str | Path, split: str, skip_bad: bool = False,
-                       bad_rows: list[str] | None = None) -> list[Utterance]:
+                       bad_rows: list[str] | None = None, check_speech: bool = False,
+                       workers: int = 1) -> list[Utterance]:
     """LibriSpeech layout: ``root/speaker/chapter/{utt}.flac`` + ``speaker-chapter.trans.txt``."""
-    return _collect(_iter_librispeech(Path(root), split), skip_bad, bad_rows)
+    return _collect(_iter_librispeech(Path(root), split), skip_bad, bad_rows, check_speech, workers)
 
 
 def _iter_mls(root: Path, split: str) -> Iterator[Utterance]:
@@ -88,9 +100,10 @@ def _iter_mls(root: Path, split: str) -> Iterator[Utterance]:
 
 
 def import_mls(root: str | Path, split: str, skip_bad: bool = False,
-               bad_rows: list[str] | None = None) -> list[Utterance]:
+               bad_rows: list[str] | None = None, check_speech: bool = False,
+               workers: int = 1) -> list[Utterance]:
     """Multilingual LibriSpeech layout: ``root/transcripts.txt`` (id TAB text) + ``root/audio/spk/book/id.flac``."""
-    return _collect(_iter_mls(Path(root), split), skip_bad, bad_rows)
+    return _collect(_iter_mls(Path(root), split), skip_bad, bad_rows, check_speech, workers)
 
 
 def _iter_folder(root: Path, split: str) -> Iterator[Utterance]:
@@ -107,10 +120,43 @@ def _iter_folder(root: Path, split: str) -> Iterator[Utterance]:
 
 
 def import_folder(root: str | Path, split: str, skip_bad: bool = False,
-                  bad_rows: list[str] | None = None) -> list[Utterance]:
+                  bad_rows: list[str] | None = None, check_speech: bool = False,
+                  workers: int = 1) -> list[Utterance]:
     """A folder (searched recursively) of audio files, each with a sibling ``.txt`` transcript."""
-    return _collect(_iter_folder(Path(root), split), skip_bad, bad_rows)
+    return _collect(_iter_folder(Path(root), split), skip_bad, bad_rows, check_speech, workers)
 
 
-IMPORTERS = {"librispeech": import_librispeech, "mls": import_mls, "folder": import_folder}
+def _iter_source(kind: str, root: str | Path, split: str, skip_bad: bool, bad_rows: list[str] | None
+                 ) -> Iterator[Utterance]:
+    """The rows of a datasets / Lhotse source (speechlm.data.sources) of split ``split`` (a DatasetDict's part of
+    that name, unless the spec's ``#split=`` names another), every one labelled ``split``."""
+    from speechlm.data.manifest import iter_manifest
+    from speechlm.data.sources import parse_spec
+
+    spec = str(root) if str(root).startswith(f"{kind}:") else f"{kind}:{root}"
+    parsed = parse_spec(spec)
+    want = parsed.options.get("split", split) if parsed is not None else split
+    if parsed is not None and "split" not in parsed.options:
+        spec += f"#split={split}"
+    for utt in iter_manifest(spec, skip_bad=skip_bad, bad_rows=bad_rows):
+        if utt.split == want:
+            utt.split = split
+            yield utt
+
+
+def import_hf(root: str | Path, split: str, skip_bad: bool = False, bad_rows: list[str] | None = None,
+              check_speech: bool = False, workers: int = 1) -> list[Utterance]:
+    """A Hugging Face datasets folder or parquet file(s) (``#key=value`` options: speechlm.data.sources)."""
+    return _collect(_iter_source("hf", root, split, skip_bad, bad_rows), skip_bad, bad_rows, check_speech, workers)
+
+
+def import_lhotse(root: str | Path, split: str, skip_bad: bool = False, bad_rows: list[str] | None = None,
+                  check_speech: bool = False, workers: int = 1) -> list[Utterance]:
+    """A Lhotse CutSet or recordings/supervisions pair (``.jsonl.gz``; options: speechlm.data.sources)."""
+    return _collect(_iter_source("lhotse", root, split, skip_bad, bad_rows), skip_bad, bad_rows, check_speech,
+                    workers)
+
+
+IMPORTERS = {"librispeech": import_librispeech, "mls": import_mls, "folder": import_folder, "hf": import_hf,
+             "lhotse": import_lhotse}
 

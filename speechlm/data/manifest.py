@@ -7,7 +7,9 @@ A row::
      "words": [["The", 0.08, 0.21], ["cat", 0.21, 0.55], ["sat.", 0.55, 1.02]],
      "token_boundaries": [4, 11, 20, 21], "boundary_frame_rate_hz": 50.0}
 
-``audio`` may be relative: it is resolved against the manifest's folder. ``words`` (reference word
+``audio`` may be relative: it is resolved against the manifest's folder. Wherever a manifest is read, a
+Hugging Face ``datasets`` folder / parquet file or a Lhotse CutSet may stand in its place
+(:mod:`speechlm.data.sources`: the same rows, the same checks). ``words`` (reference word
 timings in seconds), ``augment`` (how a synthetic clip was augmented), ``token_boundaries``
 (inclusive end frame of each LLM token of ``text``, at ``boundary_frame_rate_hz``) and ``translation``
 (the utterance in another language, for the supervised mid-training stage's translation task, with
@@ -21,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,20 +158,38 @@ def json_row(line: str, where: str):
         raise ManifestError(f"{where}: not valid JSON ({e.msg})") from None
 
 
+def _rows(path: str | Path) -> Iterator[tuple[str, Callable[[], object], Path | None]]:
+    """(where, make the row dict, folder relative audio paths resolve against) of every row of a manifest
+    spec: a JSONL file, or a datasets / Lhotse source (speechlm.data.sources)."""
+    from speechlm.data.sources import parse_spec, source_rows
+
+    spec = parse_spec(path)
+    if spec is not None:  # its rows name absolute audio paths; root names the source in messages
+        root = spec.path if spec.path.is_dir() else spec.path.parent
+        for where, make in source_rows(spec):
+            yield where, make, root
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    for where, line in jsonl_lines(path):
+        yield where, (lambda line=line, where=where: json_row(line, where)), path.parent
+
+
 def iter_manifest(path: str | Path, skip_bad: bool = False, bad_rows: list[str] | None = None
                   ) -> Iterator[Utterance]:
     """Stream the rows of a manifest without loading it whole.
 
-    A bad row raises :class:`ManifestError` naming ``file:line``; with ``skip_bad`` it is logged,
-    appended to ``bad_rows`` (when given) and skipped instead.
+    ``path`` is a JSONL manifest or a source spec (a Hugging Face datasets folder or parquet file(s), a Lhotse
+    CutSet or recordings/supervisions pair, ``hf:``/``lhotse:`` prefixes and ``#key=value`` options: see
+    :mod:`speechlm.data.sources`); every row is validated the same way. A bad row raises
+    :class:`ManifestError` naming ``file:line`` (a source: the file and row index, or the cut id); with
+    ``skip_bad`` it is logged, appended to ``bad_rows`` (when given) and skipped instead.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
     seen: set[str] = set()
-    for where, line in jsonl_lines(path):
+    for where, make, root in _rows(path):
         try:
-            utt = _parse_row(json_row(line, where), where, path.parent)
+            utt = _parse_row(make(), where, root)
             if utt.id in seen:
                 raise ManifestError(f"{where}: duplicate id {utt.id!r}")
             seen.add(utt.id)

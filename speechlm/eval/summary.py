@@ -112,8 +112,9 @@ def table(summary: dict) -> str:
     def walk(prefix: str, node: object) -> None:
         if isinstance(node, dict) and "diff_ci95" in node:  # a paired comparison (speechlm.eval.paired): one line
             ci = node["diff_ci95"] or [float("nan")] * 2
-            rows.append((prefix, f"{100 * node['diff']:+.1f} points [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}], "
-                                 f"n={node['n']}, McNemar p={node['p_mcnemar']:.3g}"))
+            line = (f"{100 * node['diff']:+.1f} points [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}], "
+                    f"n={node['n']}, McNemar p={node['p_mcnemar']:.3g}")
+            rows.append((prefix, line))
         elif isinstance(node, dict):
             for k, v in node.items():
                 if k != "all":

@@ -11,11 +11,18 @@
     pipe.score("clip.wav", " the cat sat")                  # log p(continuation | BOS + speech)
 
 What happens to one clip (:meth:`SpeechLMPipeline.speech`): the audio is read by ``speechlm.data.audio``
-(any rate, resampled to the encoder's); a clip longer than ``max_clip_s`` (30 s) is cut into windows of at most
+(any rate, resampled to the encoder's); the voice-activity detector (:mod:`speechlm.data.vad`, Silero; ``vad``
+configures it) finds the speech regions, padded by a few tens of ms, and only they are encoded and decoded, so
+silence and noise never become tokens. A region longer than ``max_clip_s`` (30 s) is cut into windows of at most
 ``chunk_s`` (25 s), each cut placed at the quietest 20 ms of the window's last ``search_s`` (5) seconds; per
 window the frozen encoder runs, the aligner decodes its own transcript in *free* mode and gives one end frame
 per LLM token, and the connector reads out one vector per token. The windows' vectors, transcript tokens and
-boundaries (shifted by the window's start) are concatenated.
+boundaries (shifted by the window's start: times stay in the clip's time) are concatenated.
+
+A clip without speech (nothing detected, or nothing decoded from it: ``Speech.no_speech``) gives no vectors;
+``no_speech="refuse"`` (the default) answers it with an empty answer without running the LLM, ``"answer"``
+answers the prompt alone; the result is flagged either way (``no_speech``, ``speech_s``, a warning), and
+:meth:`SpeechLMPipeline.score` raises :class:`NoSpeechError`. ``VADConfig(enabled=False)`` decodes whole clips.
 
 The prompt is text, then the speech vectors, then text: one ``{speech}`` placeholder
 (``"Summarize: {speech}\\nAnswer:"``); the sequence starts with BOS. ``chat=True`` puts the whole prompt into
@@ -35,22 +42,37 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from speechlm.errors import AlignmentError, AudioError, CheckpointError, ConfigError, ModelError
-from speechlm.eval.asr import DEFAULT_PROMPT, repeated_ngram_bans
+from speechlm.data.vad import VADConfig, VoiceActivity
+from speechlm.errors import AlignmentError, AudioError, ConfigError, ModelError
+from speechlm.eval.asr import DEFAULT_PROMPT
 from speechlm.eval.scoring import start_ids, text_ids
+from speechlm.inference.decoding import TextAssembler, pick_token, sample_tokens  # noqa: F401 -- also imported from here
+from speechlm.inference.runs import RUN_CONNECTORS, RunFolders, resolve_run  # noqa: F401 -- also imported from here
 from speechlm.models.speechlm import Segment, SpeechLM, SpeechSegment, TextSegment
 
 SPEECH = "{speech}"
 DEFAULT_STOP = ("\n",)  # the default prompt asks for one line
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
-RUN_CONNECTORS = ("stage2/connector", "stage1/connector")  # where a run keeps its connector, best first
+#: What :meth:`SpeechLMPipeline.generate` does with a clip without speech: an empty answer, or the prompt alone.
+NO_SPEECH_POLICIES = ("refuse", "answer")
+
+
+class NoSpeechError(AudioError):
+    """A clip in which no speech was found where speech is needed (:meth:`SpeechLMPipeline.score`)."""
+
+
+def no_speech_warning(policy: str) -> str:
+    """The warning a result without speech carries, saying what was done about it."""
+    if policy == "refuse":
+        return "no speech detected: not answered (no_speech='refuse'; 'answer' answers the prompt alone)"
+    return "no speech detected: answered from the prompt alone, without speech (no_speech='answer')"
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -80,6 +102,13 @@ class Speech:
     warnings: list[str] = field(default_factory=list)
     wave: torch.Tensor | None = None  # (T,) at the encoder's rate (for pictures)
     elapsed_s: float = 0.0  # wall seconds from the audio to the vectors (loading included)
+    speech_s: float = 0.0  # seconds of detected speech (the padded regions; the whole clip without the detector)
+    regions: list[tuple[float, float]] = field(default_factory=list)  # (start_s, end_s) of the detected speech
+
+    @property
+    def no_speech(self) -> bool:
+        """True when no speech vector reaches the LLM (nothing detected, or nothing decoded from it)."""
+        return int(self.segment.embeds.shape[0]) == 0
 
 
 @dataclass
@@ -93,6 +122,9 @@ class InferenceResult:
     token_ids: list[int]  # every generated token (a stop string's tokens included; EOS not)
     chunks: list[tuple[float, float]]
     warnings: list[str] = field(default_factory=list)
+    speech_s: float = 0.0  # seconds of detected speech
+    no_speech: bool = False  # True: no speech reached the LLM (the answer follows the no_speech policy)
+    speech_regions: list[tuple[float, float]] = field(default_factory=list)  # (start_s, end_s), clip time
 
     @property
     def boundaries(self) -> list[tuple[float, float]]:
@@ -105,6 +137,8 @@ class InferenceResult:
                 "tokens": [{"token": t.token, "id": t.id, "start_s": round(t.start_s, 3), "end_s": round(t.end_s, 3)}
                            for t in self.tokens],
                 "chunks": [[round(a, 3), round(b, 3)] for a, b in self.chunks],
+                "speech_s": round(self.speech_s, 3), "no_speech": self.no_speech,
+                "speech_regions": [[round(a, 3), round(b, 3)] for a, b in self.speech_regions],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}, "warnings": list(self.warnings)}
 
 
@@ -126,162 +160,27 @@ class GenerationStream:
             raise
 
 
-# ------------------------------------------------------------------------------------------ folders
-@dataclass
-class RunFolders:
-    connector: Path
-    aligner: Path | None  # None: a connector without boundaries needs none
-    llm: Path
-    encoder: Path
-
-
-def _connector_meta(folder: Path) -> dict[str, Any]:
-    import json
-
-    path = folder / "config.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a connector config ({e})") from None
-    if not isinstance(meta, dict) or "connector" not in meta or "config" not in meta:
-        raise CheckpointError(f"{path}: not a connector config (no 'connector' / 'config' keys)")
-    return meta
-
-
-def _is_connector(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def _model_folder(name: str, what: str, option: str) -> Path:
-    """A model the connector names: the name itself when it is a folder, else that folder in speechlm.paths' models dir."""
-    from speechlm.paths import models_dir
-
-    if name and Path(name).expanduser().is_dir():
-        return Path(name).expanduser()
-    folder = models_dir() / Path(name).name
-    if not name or not folder.is_dir():
-        raise ModelError(f"{what} {name!r} of the connector not found in {models_dir()} (run tools/prepare_models.py, "
-                         f"or give its folder with {option})")
-    return folder
-
-
-def resolve_run(run: str | Path = "runs/tiny", connector: str | Path | None = None, aligner: str | Path | None = None,
-                llm: str | Path | None = None, encoder: str | Path | None = None) -> RunFolders:
-    """The folders a run's inference needs. ``run`` is a run folder (its ``stage2/connector``, else
-    ``stage1/connector``, and ``aligner``) or a connector folder; ``connector``/``aligner``/``llm``/``encoder``
-    override each; the LLM and encoder default to the ones the connector's config names, in the models dir."""
-    run = Path(run).expanduser()
-    if connector:
-        conn = Path(connector).expanduser()
-    elif _is_connector(run):
-        conn = run
-    elif not run.is_dir():
-        raise ModelError(f"{run}: run folder not found")
-    else:
-        found = [run / c for c in RUN_CONNECTORS if _is_connector(run / c)]
-        if not found:
-            raise ModelError(f"{run}: no trained connector in this run folder (looked for "
-                             f"{' and '.join(c + '/' for c in RUN_CONNECTORS)}); train one first or pass the "
-                             "connector folder")
-        conn = found[0]
-    if not _is_connector(conn):
-        raise ModelError(f"{conn}: not a connector folder (config.json and model.safetensors expected)")
-    meta = _connector_meta(conn)
-    align = None
-    if aligner:
-        align = Path(aligner).expanduser()
-    elif meta["connector"] == "ssr":
-        candidates = [run / "aligner", conn.parent.parent / "aligner"]
-        align = next((c for c in candidates if (c / "config.json").is_file()), None)
-        if align is None:
-            raise ModelError(f"{conn}: an SSR connector needs an aligner for its token boundaries; none found at "
-                             f"{candidates[0]} (pass the aligner folder)")
-    if align is not None and not (align / "config.json").is_file():
-        raise ModelError(f"{align}: aligner folder not found (config.json expected)")
-    llm_path = Path(llm).expanduser() if llm else _model_folder(meta.get("llm", {}).get("name", ""), "LLM", "--llm")
-    enc_path = (Path(encoder).expanduser() if encoder
-                else _model_folder(meta.get("encoder", {}).get("name", "") or "whisper-base", "encoder", "--encoder"))
-    for path, what in ((llm_path, "LLM"), (enc_path, "encoder")):
-        if not path.is_dir():
-            raise ModelError(f"{path}: {what} folder not found")
-    return RunFolders(conn, align, llm_path, enc_path)
-
-
-# ------------------------------------------------------------------------------------------ decoding
-def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-               generator: torch.Generator | None = None) -> int:
-    """The next token from ``(V,)`` logits: the argmax (``temperature <= 0``), else a sample of
-    ``softmax(logits / temperature)`` cut to the smallest set of tokens holding ``top_p`` of the mass."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        p, idx = probs.sort(descending=True)
-        keep = (p.cumsum(0) - p) < top_p  # the mass before a token is below top_p: always keeps the best one
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@torch.no_grad()
-def sample_tokens(model: SpeechLM, prefix: Sequence[Segment], temperature: float = 0.0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None, no_repeat_ngram: int = 0) -> Iterator[int]:
-    """Tokens after one mixed text/speech ``prefix``, one per ``next()``, driving :meth:`SpeechLM.decoder`
-    (the KV-cached loop greedy generation uses too). Endless: the caller stops it (EOS, a limit, a stop
-    string); the forward pass for a token runs only when the next one is asked for."""
-    dec = model.decoder([list(prefix)])
-    tokens: list[int] = []
-    while True:
-        logits = dec.logits[0].float()
-        bans = repeated_ngram_bans(tokens, no_repeat_ngram)
-        if bans:
-            logits = logits.index_fill(0, torch.tensor(sorted(bans), device=logits.device), float("-inf"))
-        t = pick_token(logits, temperature, top_p, generator)
-        tokens.append(t)
-        yield t
-        dec.advance(torch.tensor([t]))
-
-
-class TextAssembler:
-    """Generated token ids -> answer text pieces: cut at the first stop string after the leading whitespace,
-    outer whitespace dropped, and only text that can no longer change released (not a possible stop-string
-    start, not half a UTF-8 character, not trailing whitespace), so the pieces always join to the answer."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""
-        self.stopped = False
-        self.released = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        lead = len(text) - len(text.lstrip())  # stops count once the answer has begun (a leading "\n" is no answer)
-        cuts = [text.find(s, lead) for s in self.stop if s in text[lead:]]
-        if cuts:
-            text, self.stopped = text[:min(cuts)], True
-        self.text = text
-        return self._release(final=self.stopped)
-
-    def finish(self) -> str:
-        return self._release(final=True)
-
-    @property
-    def answer(self) -> str:
-        return self.text.strip()
-
-    def _release(self, final: bool) -> str:
-        safe = self.text.lstrip()
-        if not final:
-            safe = safe.rstrip("\ufffd")  # a character whose bytes are not all out yet
-            hold = max((k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
-            safe = safe[:len(safe) - hold]
-        safe = safe.rstrip()
-        if not safe.startswith(self.released):  # decoding changed released text (rare); keep what was given
-            return ""
-        piece, self.released = safe[len(self.released):], safe
+def window_wave(wave: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """``wave[start:end]``, with zeros where the window reaches before 0 or past the clip's end (a speech region's
+    padding at a clip's edge: the clip decodes as it would with silence around it)."""
+    n = int(wave.shape[0])
+    piece = wave[max(start, 0):min(end, n)]
+    if start >= 0 and end <= n:
         return piece
+    return torch.nn.functional.pad(piece, (max(0, -start), max(0, end - n)))
+
+
+def clamp_spans(spans: list[TokenSpan], duration_s: float) -> list[TokenSpan]:
+    """Token times kept inside the clip (a window's padding may reach past its edges)."""
+    for t in spans:
+        t.start_s, t.end_s = min(max(t.start_s, 0.0), duration_s), min(max(t.end_s, 0.0), duration_s)
+    return spans
+
+
+def check_policy(policy: str) -> str:
+    if policy not in NO_SPEECH_POLICIES:
+        raise ConfigError(f"no_speech must be one of {', '.join(NO_SPEECH_POLICIES)}, got {policy!r}")
+    return policy
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:
@@ -305,16 +204,21 @@ def prompt_from_instruction(instruction: str) -> str:
 
 # ------------------------------------------------------------------------------------------ pipeline
 class SpeechLMPipeline:
-    """A loaded SpeechLM (encoder + connector + frozen LLM) and its aligner, ready for answers and scores."""
+    """A loaded SpeechLM (encoder + connector + frozen LLM) and its aligner, ready for answers and scores.
+
+    ``vad``: the voice-activity settings (a :class:`VADConfig`, or a shared :class:`VoiceActivity`; default on);
+    ``no_speech``: what :meth:`generate` does with a clip without speech (``"refuse"`` or ``"answer"``)."""
 
     def __init__(self, model: SpeechLM, aligner: Any = None, chunk_s: float = 25.0, max_clip_s: float = 30.0,
-                 search_s: float = 5.0):
+                 search_s: float = 5.0, vad: VADConfig | VoiceActivity | None = None, no_speech: str = "refuse"):
         if model.encoder is None:
             raise ModelError("the pipeline needs a SpeechLM with its speech encoder")
         if model.tokenizer is None:
             raise ModelError("the pipeline needs a SpeechLM with its tokenizer")
         if not 0 < search_s < chunk_s <= max_clip_s:
             raise ConfigError(f"need 0 < search_s < chunk_s <= max_clip_s, got {search_s}, {chunk_s}, {max_clip_s}")
+        self.no_speech = check_policy(no_speech)
+        self.vad = vad if isinstance(vad, VoiceActivity) else VoiceActivity(vad)
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         self.aligner = aligner
@@ -344,6 +248,18 @@ class SpeechLMPipeline:
                                       "free", str(folders.encoder), device)
         pipe = cls(model, front.aligner, **kw)
         pipe.folders = folders
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, llm: str | Path | None = None, encoder: str | Path | None = None,
+                        device: str = "cpu", dtype: str = "auto", **kw: Any) -> SpeechLMPipeline:
+        """Load a folder exported by ``tools/export.py`` (or a Hub repo id of one): see
+        :mod:`speechlm.inference.pretrained`; ``llm``/``encoder`` point at local copies of the frozen models."""
+        from speechlm.inference.pretrained import load_pretrained
+
+        p = load_pretrained(folder, llm=llm, encoder=encoder, device=device, dtype=dtype)
+        pipe = cls(p.model, p.aligner, **kw)
+        pipe.folders = RunFolders(p.connector, p.aligner_folder, p.llm, p.encoder)
         return pipe
 
     # -------------------------------------------------------------------------------- audio, speech
@@ -386,21 +302,42 @@ class SpeechLMPipeline:
             start = cut
         return [*out, (start, n)]
 
+    def speech_windows(self, wave: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple[float, float]], float]:
+        """(windows to encode as (start, end) samples, speech regions in seconds, vad seconds) of a clip: each
+        region the voice-activity detector finds (:attr:`vad`; the whole clip when it is disabled), cut into
+        :meth:`chunk_bounds` windows when it is long. Nothing outside the regions is encoded or decoded."""
+        t0, sr, n = time.perf_counter(), self.sample_rate, int(wave.shape[0])
+        found = self.vad.detect(wave, sr)
+        if not self.vad.cfg.enabled:
+            return self.chunk_bounds(wave), [(0.0, n / sr)], time.perf_counter() - t0
+        # each region with its whole padding: zeros where it reaches past the clip (see :func:`window_wave`)
+        extents = found.sample_bounds(sr, n, extents=True)
+        windows = [(a + s, a + e) for a, b in extents for s, e in self.chunk_bounds(window_wave(wave, a, b))]
+        frames = self.model.encoder.frame_lengths(torch.tensor([e - s for s, e in windows] or [0]))
+        windows = [w for w, f in zip(windows, frames.tolist()) if f > 0]  # too short for one encoder frame
+        return windows, found.regions, time.perf_counter() - t0
+
     @torch.no_grad()
     def speech(self, audio: Any, sample_rate: int | None = None) -> Speech:
-        """One clip (see :meth:`load`; a Speech is returned as it is) -> connector vectors, transcript, boundaries."""
+        """One clip (see :meth:`load`; a Speech is returned as it is) -> connector vectors, transcript, boundaries,
+        from the detected speech only (:meth:`speech_windows`); no speech: no vectors and a warning."""
         if isinstance(audio, Speech):
             return audio
         t0 = time.perf_counter()
         wave = self.load(audio, sample_rate)
         sr = self.sample_rate
-        bounds = self.chunk_bounds(wave)
-        parts = [self._embed_window(wave[s:e], s / sr) for s, e in bounds]
+        bounds, regions, vad_s = self.speech_windows(wave)
+        parts = [self._embed_window(window_wave(wave, s, e), s / sr) for s, e in bounds]
         ids = [t for p in parts for t in p[1]] if self.uses_boundaries else None
         timings = {k: sum(p[4][k] for p in parts) for k in ("encode_s", "align_s", "connector_s")}
-        return Speech(SpeechSegment(torch.cat([p[0] for p in parts]), ids=ids), " ".join(p[3] for p in parts if p[3]),
-                      [t for p in parts for t in p[2]], wave.shape[0] / sr, [(s / sr, e / sr) for s, e in bounds],
-                      timings, [w for p in parts for w in p[5]], wave, time.perf_counter() - t0)
+        d = self.model.llm.get_input_embeddings().weight.shape[1]
+        embeds = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, d, device=self.model.device)
+        warnings = [w for p in parts for w in p[5]] + ([] if bounds else ["no speech detected in the clip"])
+        return Speech(SpeechSegment(embeds, ids=ids), " ".join(p[3] for p in parts if p[3]),
+                      clamp_spans([t for p in parts for t in p[2]], wave.shape[0] / sr), wave.shape[0] / sr,
+                      [(max(s, 0) / sr, min(e, wave.shape[0]) / sr) for s, e in bounds],
+                      {**timings, "vad_s": vad_s}, warnings, wave, time.perf_counter() - t0,
+                      sum(e - s for s, e in regions), regions)
 
     def _embed_window(self, wave: torch.Tensor, offset_s: float
                       ) -> tuple[torch.Tensor, list[int], list[TokenSpan], str, dict[str, float], list[str]]:
@@ -455,13 +392,14 @@ class SpeechLMPipeline:
         else:
             pre = start_ids(tok) + text_ids(tok, before)
         post = text_ids(tok, after)
-        return [TextSegment(pre), speech.segment] + ([TextSegment(post)] if post else [])
+        voice = [] if speech.no_speech else [speech.segment]  # no speech: no vectors reach the LLM
+        return [TextSegment(pre), *voice] + ([TextSegment(post)] if post else [])
 
     # -------------------------------------------------------------------------------- answers
     def generate(self, audio: Any, prompt: str = DEFAULT_PROMPT, *, sample_rate: int | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = DEFAULT_STOP, seed: int | None = None, chat: bool = False,
-                 no_repeat_ngram: int = 0, stream: bool = False
+                 no_repeat_ngram: int = 0, stream: bool = False, no_speech: str | None = None
                  ) -> InferenceResult | list[InferenceResult] | GenerationStream:
         """Answer ``prompt`` about one clip (an InferenceResult) or a list of clips (a list of them); a clip is
         anything :meth:`load` takes, or a :class:`Speech` from :meth:`speech` (e.g. to plot it first).
@@ -469,13 +407,18 @@ class SpeechLMPipeline:
         ``temperature`` 0 is greedy; above 0 samples (``top_p`` nucleus, ``seed`` for a reproducible draw).
         Decoding stops at EOS, after ``max_new_tokens`` or at the first of the ``stop`` strings.
         ``stream=True`` (one clip) returns a :class:`GenerationStream` of text pieces instead.
+        A clip without speech (``Speech.no_speech``) follows ``no_speech`` (default: the pipeline's policy):
+        ``"refuse"`` gives an empty answer, ``"answer"`` answers the prompt alone; both flag the result
+        (``no_speech=True`` and a warning).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        policy = check_policy(self.no_speech if no_speech is None else no_speech)
         options = {"sample_rate": sample_rate, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                   "top_p": top_p, "stop": stop, "seed": seed, "chat": chat, "no_repeat_ngram": no_repeat_ngram}
+                   "top_p": top_p, "stop": stop, "seed": seed, "chat": chat, "no_repeat_ngram": no_repeat_ngram,
+                   "no_speech": policy}
         if isinstance(audio, list):
             if stream:
                 raise ValueError("stream=True answers one clip at a time")
@@ -484,8 +427,11 @@ class SpeechLMPipeline:
         t0 = time.perf_counter() - (audio.elapsed_s if isinstance(audio, Speech) else 0.0)
         speech = self.speech(audio, sample_rate)
         prefix = self.prefix(prompt, speech, chat)  # errors here, not at the first next()
-        pieces = GenerationStream(self._decode(speech, prompt, prefix, t0, max_new_tokens, temperature, top_p,
-                                               tuple(stop or ()), seed, no_repeat_ngram))
+        refuse = speech.no_speech and policy == "refuse"  # then the LLM does not run at all
+        if speech.no_speech:
+            speech = replace(speech, warnings=[*speech.warnings, no_speech_warning(policy)])
+        pieces = GenerationStream(self._decode(speech, prompt, prefix, t0, 0 if refuse else max_new_tokens,
+                                               temperature, top_p, tuple(stop or ()), seed, no_repeat_ngram))
         if stream:
             return pieces
         for _ in pieces:
@@ -523,14 +469,15 @@ class SpeechLMPipeline:
         total = time.perf_counter() - t0
         timings = {**speech.timings, "first_token_s": first_s if first_s is not None else total, "total_s": total}
         return InferenceResult(text.answer, speech.transcript, speech.tokens, timings, speech.duration_s, prompt,
-                               list(text.ids), speech.chunks, speech.warnings)
+                               list(text.ids), speech.chunks, speech.warnings, speech.speech_s, speech.no_speech,
+                               speech.regions)
 
     @torch.no_grad()
     def score(self, audio: Any, continuation: str | list[str], prompt: str = SPEECH, *, sample_rate: int | None = None,
               chat: bool = False) -> float | list[float]:
         """Log-likelihood (natural log, summed over its tokens) of text ``continuation`` after the prompt with
         the clip's speech (default: BOS + speech); a list of clips gives a list (one continuation each, or
-        the same for all)."""
+        the same for all). A clip without speech raises :class:`NoSpeechError` (nothing to score it on)."""
         clips = audio if isinstance(audio, list) else [audio]
         conts = continuation if isinstance(continuation, list) else [continuation] * len(clips)
         if len(conts) != len(clips):
@@ -538,6 +485,12 @@ class SpeechLMPipeline:
         ids = [text_ids(self.tokenizer, c) for c in conts]
         if any(not x for x in ids):
             raise ValueError("a continuation has no tokens")
-        prefixes = [self.prefix(prompt, self.speech(a, sample_rate), chat) for a in clips]
+        speeches = [self.speech(a, sample_rate) for a in clips]
+        for i, (a, sp) in enumerate(zip(clips, speeches, strict=True)):
+            if sp.no_speech:
+                name = str(a) if isinstance(a, (str, os.PathLike)) else f"clip {i}"
+                what = "no speech detected" if not sp.regions else "nothing decoded from the detected speech"
+                raise NoSpeechError(f"{name}: {what}; a continuation cannot be scored without speech")
+        prefixes = [self.prefix(prompt, sp, chat) for sp in speeches]
         scores = [float(lp.sum()) for lp in self.model.score(prefixes, ids)]
         return scores if isinstance(audio, list) else scores[0]

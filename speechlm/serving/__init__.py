@@ -1,2 +1,4 @@
-"""Serving a trained SpeechLM: the local web demo (:mod:`speechlm.serving.demo`) and answering a batch of audio
-files (:mod:`speechlm.serving.batch`), both over :class:`speechlm.inference.SpeechLMPipeline`."""
+"""Serving a trained SpeechLM: the OpenAI-compatible server with its page (:mod:`speechlm.serving.server`,
+batching in :mod:`~speechlm.serving.scheduler`, speech streamed in by :mod:`~speechlm.serving.streaming`) and
+answering a batch of audio files (:mod:`speechlm.serving.batch`), all over
+:class:`speechlm.inference.SpeechLMPipeline`."""

@@ -273,8 +273,12 @@ def data_fingerprint(data: DataConfig) -> str:
 
     h = hashlib.sha256(f"split={data.train_split}\n".encode())
     if data.train_manifest:
+        from speechlm.data.sources import is_source, source_fingerprint
+
         path = Path(data.train_manifest)
-        if path.is_file():
+        if is_source(data.train_manifest):  # a datasets / Lhotse source: its files' names, sizes and mtimes
+            h.update(source_fingerprint(data.train_manifest).encode())
+        elif path.is_file():
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)

@@ -17,7 +17,7 @@ from speechlm.inference import SpeechLMPipeline
 
 TEXT = ("Tom went to the store to buy some bread and milk. On the way home he met his old friend, "
         "and they talked about the weather for a while.")
-STAGES = (("encode_s", "encoder"), ("align_s", "aligner (free)"), ("connector_s", "connector"),
+STAGES = (("vad_s", "voice activity"), ("encode_s", "encoder"), ("align_s", "aligner (free)"), ("connector_s", "connector"),
           ("first_token_s", "first token"), ("total_s", "whole answer"))
 
 

@@ -1,55 +1,20 @@
-"""Local web demo of a trained SpeechLM (tools/demo_server.py): upload or record a clip, give an instruction,
-read the answer.
+"""The page of the server (``GET /``): upload or record a clip, give an instruction, read the answer -- SSR's
+beside the Whisper cascade's when the server has the cascade -- with the transcript the aligner decoded and a
+PNG of the LLM-token boundaries over the clip's spectrogram.
 
-The page (plain HTML + fetch, served by the standard library's http.server) shows the answer, the transcript
-the aligner decoded, and a PNG of the LLM-token boundaries over the clip's spectrogram. Uploads must decode as
-audio (WAV, FLAC, OGG or MP3: whatever soundfile reads; recordings are turned into WAV in the browser), be at
-most ``--max-mb`` (20) MB and ``--max-seconds`` (120) s long; otherwise the page says why. The model is loaded
-once; requests are answered one at a time. It listens on 127.0.0.1 unless ``--host`` says otherwise.
-
-API: ``POST /api/answer?instruction=...&max_new_tokens=64&chat=0`` with the audio file as the request body
--> JSON (answer, transcript, tokens, timings, duration_s, picture: a PNG data URL) or ``{"error": ...}``
-with status 400/413; ``GET /api/info`` -> the run's folders, limits and the default prompt.
+Plain HTML + fetch against the server's own API: ``GET /api/info`` (run, limits, cascade on/off) and
+``POST /v1/chat/completions`` with the clip as a base64 ``input_audio`` part and ``"speechlm": {"picture": true,
+"cascade": ...}``; errors come back in OpenAI's error JSON and are shown as they are. Recordings are turned
+into WAV in the browser.
 """
 
 from __future__ import annotations
 
-import base64
 import io
-import json
-import logging
-import tempfile
-import threading
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlparse
 
 import torch
 
-from speechlm.data.audio import audio_info
-from speechlm.errors import AudioError, SpeechLMError
-from speechlm.inference import (
-    DEFAULT_PROMPT,
-    DEFAULT_STOP,
-    SpeechLMPipeline,
-    TokenSpan,
-    prompt_from_instruction,
-)
-
-log = logging.getLogger("demo_server")
-
-MAX_MB = 20.0
-MAX_SECONDS = 120.0
-MAX_NEW_TOKENS = 256  # the most a request may ask for
-
-
-class UploadError(Exception):
-    """An upload the demo refuses; the message is shown in the page."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+from speechlm.inference import TokenSpan
 
 
 def boundary_png(wave: torch.Tensor, sample_rate: int, tokens: list[TokenSpan], title: str = "") -> bytes:
@@ -84,132 +49,6 @@ def boundary_png(wave: torch.Tensor, sample_rate: int, tokens: list[TokenSpan], 
     return buf.getvalue()
 
 
-class Demo:
-    """The loaded pipeline and the upload checks; :meth:`answer` is what the endpoint does."""
-
-    def __init__(self, pipe: SpeechLMPipeline, max_mb: float = MAX_MB, max_seconds: float = MAX_SECONDS,
-                 run: str = ""):
-        self.pipe = pipe
-        self.max_bytes = int(max_mb * 1024 * 1024)
-        self.max_mb, self.max_seconds = max_mb, max_seconds
-        self.run = run
-        self.lock = threading.Lock()  # one request at a time through the model
-
-    def info(self) -> dict:
-        f = self.pipe.folders
-        return {"run": self.run, "connector": str(f.connector) if f else "", "llm": str(f.llm) if f else "",
-                "chat_template": bool(getattr(self.pipe.tokenizer, "chat_template", None)),
-                "max_mb": self.max_mb, "max_seconds": self.max_seconds, "default_prompt": DEFAULT_PROMPT,
-                "max_new_tokens": MAX_NEW_TOKENS}
-
-    def check_size(self, n_bytes: int) -> None:
-        if n_bytes <= 0:
-            raise UploadError("The upload is empty: choose an audio file or record a clip.")
-        if n_bytes > self.max_bytes:
-            raise UploadError(f"The file is {n_bytes / 1024 / 1024:.1f} MB; the demo takes files up to "
-                              f"{self.max_mb:g} MB.", status=413)
-
-    def answer(self, data: bytes, name: str = "upload", instruction: str = "", max_new_tokens: int = 64,
-               chat: bool = False) -> dict:
-        self.check_size(len(data))
-        suffix = Path(name).suffix.lower()[:8] if Path(name).suffix else ".audio"
-        with tempfile.TemporaryDirectory(prefix="speechlm-demo-") as tmp:
-            path = Path(tmp) / f"upload{suffix}"
-            path.write_bytes(data)
-            try:
-                _, seconds = audio_info(path)
-            except AudioError:
-                raise UploadError(f"{name!r} is not an audio file the demo can read (WAV, FLAC, OGG or MP3).") from None
-            if seconds > self.max_seconds:
-                raise UploadError(f"The clip is {seconds:.1f} s long; the demo takes clips up to "
-                                  f"{self.max_seconds:g} s.")
-            prompt = prompt_from_instruction(instruction)
-            with self.lock:
-                try:
-                    speech = self.pipe.speech(path)
-                    result = self.pipe.generate(speech, prompt, max_new_tokens=max(1, min(max_new_tokens, MAX_NEW_TOKENS)),
-                                                chat=chat, stop=DEFAULT_STOP)
-                except SpeechLMError as e:
-                    raise UploadError(str(e).replace(str(path), repr(name))) from None
-            png = boundary_png(speech.wave, self.pipe.sample_rate, speech.tokens)
-        out = result.to_dict()
-        out["picture"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        return out
-
-
-class Handler(BaseHTTPRequestHandler):
-    demo: Demo  # set by make_server on a subclass
-    server_version = "speechlm-demo"
-
-    def log_message(self, fmt: str, *args) -> None:  # through logging, not raw stderr
-        log.info("%s %s", self.address_string(), fmt % args)
-
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj: dict) -> None:
-        self._send(status, json.dumps(obj).encode("utf-8"), "application/json")
-
-    def do_GET(self) -> None:
-        path = urlparse(self.path).path
-        if path in ("/", "/index.html"):
-            self._send(200, PAGE.encode("utf-8"), "text/html; charset=utf-8")
-        elif path == "/api/info":
-            self._json(200, self.demo.info())
-        else:
-            self._json(404, {"error": f"no page {path}"})
-
-    def do_POST(self) -> None:
-        url = urlparse(self.path)
-        if url.path != "/api/answer":
-            self._json(404, {"error": f"no endpoint {url.path}"})
-            return
-        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        try:
-            n = int(self.headers.get("Content-Length") or 0)
-            try:
-                self.demo.check_size(n)
-            except UploadError:
-                self._drain(n)
-                raise
-            data = self.rfile.read(n)
-            out = self.demo.answer(data, name=unquote(self.headers.get("X-Filename") or "upload"),
-                                   instruction=q.get("instruction", ""),
-                                   max_new_tokens=int(q.get("max_new_tokens") or 64), chat=q.get("chat") == "1")
-            self._json(200, out)
-        except UploadError as e:
-            self._json(e.status, {"error": str(e)})
-        except ValueError as e:
-            self._json(400, {"error": f"bad request: {e}"})
-        except Exception as e:  # noqa: BLE001 -- the page shows it; the server keeps running
-            traceback.print_exc()
-            self._json(500, {"error": f"internal error: {e}"})
-
-    def _drain(self, n: int) -> None:
-        """Read and drop a refused body (so the browser gets the answer, not a reset); very large: close."""
-        if n > 256 * 1024 * 1024:
-            self.close_connection = True
-            return
-        while n > 0:
-            chunk = self.rfile.read(min(n, 1 << 20))
-            if not chunk:
-                break
-            n -= len(chunk)
-
-
-def make_server(demo: Demo, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
-    """The HTTP server (not started: ``serve_forever()``); port 0 picks a free one (``server.server_address``)."""
-    handler = type("DemoHandler", (Handler,), {"demo": demo})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
-
-
 PAGE = r"""<!doctype html>
 <html lang="en">
 <head>
@@ -229,6 +68,10 @@ PAGE = r"""<!doctype html>
   button { font: inherit; padding: .25rem .9rem; }
   #error { background: #fde8e8; border: 1px solid #e0a0a0; color: #8a1111; padding: .4rem .7rem;
            border-radius: 6px; white-space: pre-wrap; margin: .5rem 0; }
+  .answers { display: flex; gap: .8rem; }
+  .answers > div { flex: 1; min-width: 0; }
+  #cascade_answer { background: #eef0f8; padding: .4rem .7rem; border-radius: 6px; white-space: pre-wrap; margin: 0;
+                    overflow-wrap: anywhere; }
   #answer { background: #eef6ee; padding: .4rem .7rem; border-radius: 6px; white-space: pre-wrap; margin: 0;
             overflow-wrap: anywhere; }
   #transcript { font-family: ui-monospace, monospace; font-size: .9rem; background: #f3f3f3; padding: .3rem .6rem;
@@ -241,6 +84,10 @@ PAGE = r"""<!doctype html>
 <body>
 <h1>SpeechLM demo</h1>
 <div class="muted" id="runinfo">loading…</div>
+<p class="muted" id="expect">What to expect: a connector trained on a few hours of synthetic speech (the CPU
+  presets) gets about 4 in 10 tokens right and none it never heard in training, so its transcripts and answers are
+  mostly wrong; the Whisper cascade beside it (Whisper's text into the same LLM) shows what the LLM answers when it
+  hears the words. The run's <code>summary.json</code> has the measured numbers.</p>
 <form id="form">
   <fieldset>
     <legend>Speech</legend>
@@ -258,6 +105,8 @@ PAGE = r"""<!doctype html>
     <div class="row">
       <label>max new tokens <input type="number" id="max_new_tokens" value="64" min="1" max="256" style="width:5em"></label>
       <label><input type="checkbox" id="chat"> chat template</label>
+      <label id="cascade_opt" hidden><input type="checkbox" id="cascade" checked> Whisper cascade too</label>
+      <label id="key_opt" hidden>API key <input type="password" id="api_key" style="width:8em"></label>
       <button type="submit" id="submit">Answer</button>
       <span id="busy" class="muted" hidden>working…</span>
     </div>
@@ -265,8 +114,11 @@ PAGE = r"""<!doctype html>
 </form>
 <div id="error" role="alert" hidden></div>
 <section id="result" hidden>
-  <h2>Answer</h2>
-  <p id="answer"></p>
+  <div class="answers">
+    <div><h2>Answer (SSR: speech vectors into the LLM)</h2><p id="answer"></p></div>
+    <div id="cascade_box" hidden><h2>Whisper cascade (Whisper's text into the LLM)</h2><p id="cascade_answer"></p>
+      <div class="muted" id="cascade_transcript"></div></div>
+  </div>
   <h2>Transcript (decoded by the aligner)</h2>
   <p id="transcript"></p>
   <h2>Token boundaries</h2>
@@ -289,6 +141,8 @@ fetch("/api/info").then((r) => r.json()).then((i) => {
   $("instruction").value = i.default_prompt;
   $("max_new_tokens").max = i.max_new_tokens;
   $("chat").disabled = !i.chat_template;
+  $("cascade_opt").hidden = !i.cascade;
+  $("key_opt").hidden = !i.api_key_required;
 });
 
 // Recording: MediaRecorder's own format (webm/ogg) is decoded in the browser and sent as 16-bit WAV.
@@ -318,6 +172,15 @@ $("record").addEventListener("click", async () => {
 });
 $("audio").addEventListener("change", () => { recorded = null; $("preview").hidden = true; $("recstatus").textContent = ""; });
 
+function toBase64(blob) {  // Blob -> base64 (no data: prefix)
+  return new Promise((resolve, reject) => {
+    const fr = new FileReader();
+    fr.onload = () => resolve(String(fr.result).split(",", 2)[1] || "");
+    fr.onerror = () => reject(fr.error);
+    fr.readAsDataURL(blob);
+  });
+}
+
 function toWav(buf) {  // AudioBuffer -> mono 16-bit PCM WAV Blob
   const n = buf.length, rate = buf.sampleRate, mono = new Float32Array(n);
   for (let c = 0; c < buf.numberOfChannels; c++) {
@@ -341,17 +204,31 @@ $("form").addEventListener("submit", async (ev) => {
   const body = file || recorded;
   if (!body) { showError("Choose an audio file or record a clip first."); return; }
   if (info && body.size > info.max_mb * 1024 * 1024) {
-    showError(`The file is ${(body.size / 1048576).toFixed(1)} MB; the demo takes files up to ${info.max_mb} MB.`);
+    showError(`The file is ${(body.size / 1048576).toFixed(1)} MB; the server takes files up to ${info.max_mb} MB.`);
     return;
   }
-  const q = new URLSearchParams({ instruction: $("instruction").value, max_new_tokens: $("max_new_tokens").value,
-                                  chat: $("chat").checked ? "1" : "0" });
+  const name = file ? file.name : "recording.wav";
+  const ext = name.split(".").pop().toLowerCase();
+  const body_ = {
+    model: info ? info.model : undefined, max_tokens: Number($("max_new_tokens").value),
+    messages: [{ role: "user", content: [
+      { type: "text", text: $("instruction").value },
+      { type: "input_audio", input_audio: { data: await toBase64(body), format: ["mp3", "flac"].includes(ext) ? ext : "wav" } },
+    ] }],
+    speechlm: { chat: $("chat").checked, picture: true, cascade: !!(info && info.cascade && $("cascade").checked) },
+  };
+  const headers = { "Content-Type": "application/json" };
+  if ($("api_key").value) headers.Authorization = `Bearer ${$("api_key").value}`;
   $("submit").disabled = true; $("busy").hidden = false;
   try {
-    const r = await fetch(`/api/answer?${q}`, { method: "POST", body,
-      headers: { "Content-Type": "application/octet-stream", "X-Filename": encodeURIComponent(file ? file.name : "recording.wav") } });
-    const out = await r.json();
-    if (!r.ok || out.error) { $("result").hidden = true; showError(out.error || `HTTP ${r.status}`); return; }
+    const r = await fetch("/v1/chat/completions", { method: "POST", body: JSON.stringify(body_), headers });
+    const res = await r.json();
+    if (!r.ok || res.error) {
+      $("result").hidden = true;
+      showError(res.error ? res.error.message : `HTTP ${r.status}`);
+      return;
+    }
+    const out = { ...res.speechlm, answer: res.choices[0].message.content };
     $("answer").textContent = out.answer || "(empty answer)";
     $("transcript").textContent = out.transcript || "(the aligner decoded no speech)";
     $("boundaries").src = out.picture;
@@ -361,8 +238,14 @@ $("form").addEventListener("submit", async (ev) => {
         "connector": t.connector_s, "first token": t.first_token_s, "total": t.total_s })) {
       const row = $("timings").insertRow();
       row.insertCell().textContent = k;
-      row.insertCell().textContent = k === "clip (s)" ? v.toFixed(2) : `${v.toFixed(3)} s`;
+      row.insertCell().textContent = v === undefined ? "-" : k === "clip (s)" ? v.toFixed(2) : `${v.toFixed(3)} s`;
     }
+    $("cascade_box").hidden = !out.cascade;
+    if (out.cascade) {
+      $("cascade_answer").textContent = out.cascade.answer || "(empty answer)";
+      $("cascade_transcript").textContent = `Whisper heard: ${out.cascade.transcript}`;
+    }
+    if (out.no_speech) showError("No speech was found in this clip.");
     if (out.warnings && out.warnings.length) showError(out.warnings.join("\n"));
     $("result").hidden = false;
   } catch (e) {
