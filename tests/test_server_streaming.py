@@ -66,7 +66,9 @@ def test_causal_connector_streams_the_offline_vectors(tiny, mask):
         n = sum(1 for b in res.token_boundaries if b < int(lengths[0]))
         return list(res.token_ids[:n]), list(res.token_boundaries[:n])
 
-    s = StreamingSession(pipe, DEFAULT_PROMPT, hop_s=0.2, margin_s=0.2, features_fn=features, align_fn=align)
+    # gate=False: the random aligner's boundaries include tokens in the clip's edge silence; exactness is the point
+    s = StreamingSession(pipe, DEFAULT_PROMPT, hop_s=0.2, margin_s=0.2, features_fn=features, align_fn=align,
+                         gate=False)
     early = [t for c in chunks(wave) for t in s.push(c)]
     assert early and len(s.passes) > 3  # tokens closed while the audio was still coming
     s.finish()
@@ -156,3 +158,23 @@ def test_a_sliding_window_keeps_clip_times_and_order(tiny):
     c.finish()
     ends = [t.end_s for t in c.tokens]
     assert ends == sorted(ends) and ends[-1] <= total + 0.05 and len(ends) > 10
+
+
+def test_silence_streamed_in_becomes_no_tokens_and_a_refusal(tiny):
+    """The pipeline's voice-activity detector gates the stream too: nothing is emitted from silence or noise."""
+    pipe, wave = tiny["pipe"], tiny["wave"]
+    for quiet in (torch.zeros(3 * 16000), torch.randn(3 * 16000, generator=torch.Generator().manual_seed(0)) * 0.3):
+        s = StreamingSession(pipe, DEFAULT_PROMPT, hop_s=0.5)
+        assert not [t for c in chunks(quiet, 0.25) for t in s.push(c)]
+        s.finish()
+        out = s.answer(DecodeRequest([], max_new_tokens=5))
+        assert s.no_speech and s.speech_s == 0 and not s.tokens
+        assert out.answer == "" and out.finish_reason == "no_speech" and out.token_ids == []
+    # 2 s of silence, then the sentence: no token ends inside the silence
+    padded = torch.cat([torch.zeros(2 * 16000), wave])
+    s = StreamingSession(pipe, DEFAULT_PROMPT, hop_s=0.5)
+    for c in chunks(padded, 0.25):
+        s.push(c)
+    s.finish()
+    assert s.tokens and not s.no_speech and 0 < s.speech_s <= wave.numel() / 16000 + 0.2
+    assert min(t.end_s for t in s.tokens) > 1.9

@@ -18,6 +18,11 @@ one encoder + aligner pass over the buffer per hop: quadratic in the clip length
 each pass re-encodes only from ``context_s`` before the last closed token (linear cost, a short final pass, less
 left context for Whisper).
 
+Silence is gated as offline (issue 30): each pass runs the pipeline's voice-activity detector on the audio it
+would encode, encodes from where detected speech begins, and emits only tokens that end inside detected speech; a
+stream with none ends with ``no_speech`` and, under the pipeline's default policy (``refuse``), an empty answer
+without running the LLM.
+
 :class:`StreamingSession` is the model side (run it on the thread that owns the model); :func:`serve_session`
 is the WebSocket endpoint ``/v1/audio/stream``:
 
@@ -83,13 +88,15 @@ class StreamingSession:
 
     def __init__(self, pipe: SpeechLMPipeline, prompt: str, chat: bool = False, hop_s: float = 0.5,
                  margin_s: float = 0.2, close_after_s: float = 0.8, window_s: float | None = None,
-                 context_s: float = 0.0, features_fn: FeaturesFn | None = None, align_fn: AlignFn | None = None):
+                 context_s: float = 0.0, features_fn: FeaturesFn | None = None, align_fn: AlignFn | None = None,
+                 gate: bool = True):
         if not pipe.uses_boundaries:
             raise APIError(400, "streaming speech in needs a connector with token boundaries (SSR)")
         self.pipe, self.sr = pipe, pipe.sample_rate
         self.hop, self.margin_s, self.close_after_s = int(hop_s * self.sr), margin_s, close_after_s
         self.window = int((window_s or pipe.max_clip_s) * self.sr)
         self.context_s = context_s  # > 0: re-encode only from this long before the last closed token
+        self.gate = gate  # emit only tokens inside detected speech (the pipeline's voice-activity detector)
         self.rate = float(pipe.model.connector.cfg.frame_rate_hz)
         self.features_fn = features_fn or self._features
         self.align_fn = align_fn or self._align
@@ -104,6 +111,7 @@ class StreamingSession:
         self.passes: list[float] = []  # wall seconds of each pass
         self.finished = False
         self.finish_s = 0.0  # wall seconds of the final pass + the prompt's tail
+        self.speech_s = 0.0  # seconds of detected speech (the pipeline's voice-activity detector)
 
     # ------------------------------------------------------------------------------------- default steps
     def _features(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +162,11 @@ class StreamingSession:
         start = max(0, self.n - self.window)
         if self.context_s > 0 and self.tokens:
             start = max(start, int((self.tokens[-1].end_s - self.context_s) * self.sr))
+        regions = self._speech_regions(wave[start:], start / self.sr)
+        if regions is not None:  # as offline: encode from where speech begins; no speech, nothing to encode
+            if not regions:
+                return []
+            start = max(start, int(regions[0][0] * self.sr))
         offset_s = start / self.sr
         if self.n - start < int(0.1 * self.sr):
             return []
@@ -167,6 +180,10 @@ class StreamingSession:
             out = self.pipe.model.speech_embeds(features.to(dev), lengths.to(dev), b, torch.ones_like(b, dtype=torch.bool))
         vectors = out.embeds[0]
         ends = [offset_s + (x + 1) / self.rate for x in bounds]
+        if regions is not None:  # silence and noise never become tokens: each token must end inside speech
+            slack = 1.0 / self.rate  # a boundary frame ends up to one frame after the sample where speech stops
+            keep = [i for i, e in enumerate(ends) if any(a <= e <= b + slack for a, b in regions)]
+            ids, ends, vectors = [ids[i] for i in keep], [ends[i] for i in keep], vectors[keep]
         tok = self.pipe.tokenizer
         pieces = [tok.decode([t], clean_up_tokenization_spaces=False) for t in ids]
         last_end = self.tokens[-1].end_s if self.tokens else -1.0
@@ -196,6 +213,25 @@ class StreamingSession:
             self.cache.extend(SpeechSegment(torch.stack([x.vector for x in new])))
         return new
 
+    def _speech_regions(self, wave: torch.Tensor, offset_s: float) -> list[tuple[float, float]] | None:
+        """Detected speech of this pass's audio, in the recording's time (the pipeline's voice-activity detector);
+        None when the gate is off. ``speech_s`` is updated."""
+        vad = self.pipe.vad
+        if not (self.gate and vad.cfg.enabled):
+            self.speech_s = max(self.speech_s, self.audio_s)
+            return None
+        found = vad.detect(wave, self.sr)
+        if offset_s == 0:  # the whole recording so far (no sliding window cut it): its speech is all there is
+            self.speech_s = found.speech_s
+        else:
+            self.speech_s = max(self.speech_s, found.speech_s)
+        return [(offset_s + a, offset_s + b) for a, b in found.regions]
+
+    @property
+    def no_speech(self) -> bool:
+        """The stream ended and no speech vector reached the LLM."""
+        return self.finished and not self.tokens
+
     # ------------------------------------------------------------------------------------- the answer
     @property
     def segment(self) -> SpeechSegment:
@@ -209,8 +245,12 @@ class StreamingSession:
         return "".join(x.token for x in self.tokens).strip()
 
     def answer(self, req: DecodeRequest, on_piece: Callable[[str], None] | None = None) -> DecodeOutput:
+        """The LLM's answer; with no speech, the pipeline's ``no_speech`` policy: ``refuse`` (the default) answers
+        nothing and never runs the LLM, ``answer`` answers the prompt alone."""
         if not self.finished:
             self.finish()
+        if self.no_speech and self.pipe.no_speech == "refuse":
+            return DecodeOutput("", [], "no_speech", 0.0, 0.0)
         return self.cache.answer(self.pipe.tokenizer, req, on_piece)
 
     @property
@@ -333,6 +373,7 @@ async def serve_session(ws: Any, engine: Any, scheduler: Any, cfg: ServerConfig,
         lat = [x.latency_s for x in session.tokens]
         await ws.send_json({
             "type": "done", "answer": out.answer, "transcript": session.transcript, "finish_reason": out.finish_reason,
+            "speech_s": round(session.speech_s, 3), "no_speech": session.no_speech,
             "usage": {"prompt_tokens": session.prompt_tokens, "completion_tokens": len(out.token_ids),
                       "total_tokens": session.prompt_tokens + len(out.token_ids)},
             "latency": {"first_answer_token_s": round(session.finish_s + out.first_token_s, 4),
