@@ -11,12 +11,18 @@ import pytest
 from speechlm.config import load_config
 from speechlm.errors import ConfigError, ManifestError
 from speechlm.eval import run_asr, run_speech_mmlu, run_storycloze
+from speechlm.eval.report import wilson_interval
 from tests.eval_helpers import unigram_llm, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"eval_storycloze": (run_storycloze, run_storycloze.StoryClozeEvalConfig),
         "eval_speech_mmlu": (run_speech_mmlu, run_speech_mmlu.SpeechMMLUEvalConfig),
         "eval_asr": (run_asr, run_asr.ASREvalConfig)}
+
+
+def text_entry(correct: int, n: int) -> dict:
+    """The summary's text figures: accuracy, item count and its 95% Wilson interval."""
+    return {"text_acc": pytest.approx(correct / n), "text_n": n, "text_ci95": list(wilson_interval(correct, n))}
 
 
 def recipe(name):
@@ -60,8 +66,8 @@ def test_storycloze_recipe_text_only(tmp_path):
     summary.write_text(json.dumps({"asr": {"wer": 0.5}}))
     out = run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "text_only=true", "wrong_styles=[adversarial]",
                                           f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
-    assert out["summary"] == {"text_acc": 1.0}
-    assert json.loads(summary.read_text()) == {"asr": {"wer": 0.5}, "storycloze": {"text_acc": 1.0}}
+    assert out["summary"] == text_entry(2, 2)
+    assert json.loads(summary.read_text()) == {"asr": {"wer": 0.5}, "storycloze": text_entry(2, 2)}
     report = json.loads((tmp_path / "out" / "storycloze.json").read_text())
     assert {r["scoring"] for r in report["results"]} == {"summed", "length_norm"}
     assert all(r["accuracy"]["n"] == 2 for r in report["results"])
@@ -77,7 +83,7 @@ def test_storycloze_recipe_script_runs_text_only(tmp_path):
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| storycloze/adversarial | text | llm |" in done.stdout
-    assert json.loads((tmp_path / "summary.json").read_text()) == {"storycloze": {"text_acc": 1.0}}
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"storycloze": text_entry(1, 1)}
     assert (tmp_path / "out" / "storycloze.config.yaml").is_file()
 
 
@@ -108,7 +114,7 @@ def test_speech_mmlu_recipe_text_only(tmp_path):
             "what is two plus four ?,five,six,three,seven,B\nwhat color is the sky ?,red,green,blue,x,C\n")
     out = run_recipe("eval_speech_mmlu", [f"llm={llm}", f"data={tmp_path / 'mmlu'}", "text_only=true", "shots=[0,1]",
                                            f"out_dir={tmp_path / 'out'}", f"summary={tmp_path / 's.json'}"])
-    assert out["summary"] == {"text_acc": 1.0}
+    assert out["summary"] == text_entry(2, 2)
     tasks = {(r["task"], r["condition"], r["scoring"]) for r in out["rows"]}
     assert ("speech_mmlu/all", "text_1shot", "letter") in tasks and ("speech_mmlu/maths", "text_0shot", "cloze") in tasks
 
@@ -195,7 +201,7 @@ def test_storycloze_text_only_in_bf16_picks_the_same_endings(tmp_path):
     llm, data = one_story(tmp_path)
     out = run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "text_only=true", "dtype=bf16",
                                           "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}"])
-    assert out["summary"] == {"text_acc": 1.0}
+    assert out["summary"] == text_entry(1, 1)
 
 
 # ------------------------------------------------------------------------------- per-engine breakdowns
@@ -252,6 +258,9 @@ def test_storycloze_reports_every_spoken_figure_per_engine(tmp_path, monkeypatch
     sc_sum = s["storycloze"]
     assert {k: sc_sum[k] for k in ("text_acc", "s2t_acc", "s_acc")} == {"text_acc": 0.6667, "s2t_acc": 0.6667,
                                                                          "s_acc": 0.6667}
+    # paired on the same 3 stories: the connector against the text and against the cascade
+    assert sc_sum["s2t_n"] == 3 and sc_sum["s2t_vs_text"]["n"] == 3 and sc_sum["s2t_vs_cascade"]["n"] == 3
+    assert sc_sum["s2t_vs_text"]["a_only"] + sc_sum["s2t_vs_text"]["b_only"] <= 3
     eng = sc_sum["by_engine"]
     assert sorted(eng) == ["espeak", "festival"]
     assert eng["festival"] == {"n": 2, "text_acc": 0.5, "s2t_acc": 0.5, "s_acc": 0.5, "cascade_s2t_acc": 0.5,
@@ -317,7 +326,7 @@ def test_speech_mmlu_spoken_set_carries_its_own_texts(tmp_path, monkeypatch):
     assert "n/a" not in (tmp_path / "out" / "speech_mmlu.md").read_text()
     # text only: the spoken set's texts, no audio needed
     out = run_recipe("eval_speech_mmlu", common + ["text_only=true", "shots=[0]", f"out_dir={tmp_path / 'o2'}"])
-    assert out["summary"] == {"text_acc": pytest.approx(2 / 3)}
+    assert out["summary"] == text_entry(2, 3)
     # a listed subject missing from both the spoken set and the CSVs: an error naming it
     with pytest.raises(ManifestError, match="subject\\(s\\) art, geo: in neither"):
         run_recipe("eval_speech_mmlu", common + ["subjects=[astro,art,geo]", "shots=[0]", "text_only=true", f"out_dir={tmp_path / 'o3'}"])
