@@ -149,3 +149,12 @@ def test_cluster_bootstrap_widens_the_interval_of_correlated_items():
     single, plain_boot = paired_bootstrap(x, y, 2000, 1, groups=np.arange(50)), paired_bootstrap(x, y, 2000, 1)
     for key in ("diff", "ratio"):
         assert single[key] == pytest.approx(plain_boot[key])
+
+
+def test_connector_labels_tell_runs_apart():
+    from speechlm.eval.scoring import connector_label
+
+    runs = ["runs/tiny/stage2/connector", "runs/ab_kl/stage2/connector", "runs/ab_kl/stage1/connector"]
+    assert connector_label(runs[0]) == "stage2/connector"  # alone: the last two parts, as before
+    assert [connector_label(r, runs) for r in runs] == ["tiny/stage2/connector", "ab_kl/stage2/connector",
+                                                       "stage1/connector"]

@@ -124,7 +124,7 @@ def run(cfg: ASREvalConfig) -> dict:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
             for key, (_, _, inputs) in sets.items():
                 hyps = transcribe_speechlm(model, front, inputs, cfg.prompt, **read)
-                results[key].append(result_row(connector_label(folder), front.label, inputs, hyps))
+                results[key].append(result_row(connector_label(folder, cfg.connectors), front.label, inputs, hyps))
                 log.info("%s %s: WER %.3f", key, folder, results[key][-1]["wer"])
         if cfg.text_oracle:  # the same prompt and decoding on the transcripts: what perfect vectors would get
             for key, (_, _, inputs) in sets.items():

@@ -179,12 +179,12 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
             for method in cfg.methods:
                 for k in cfg.shots:
                     res = mm.eval_speech(model, front, spoken, dev, method, k, cfg.batch_size)
-                    r, total = per_subject_rows(TASK, f"speech_{k}shot", connector_label(folder), front.label,
+                    r, total = per_subject_rows(TASK, f"speech_{k}shot", connector_label(folder, cfg.connectors), front.label,
                                                 method, res, text_res[(method, k)])
                     rows += r
-                    engine_split(TASK, f"speech_{k}shot", connector_label(folder), front.label, method, res,
+                    engine_split(TASK, f"speech_{k}shot", connector_label(folder, cfg.connectors), front.label, method, res,
                                  text_res[(method, k)], engines, by_engine)
-                    log.info("%s %s %d-shot: %d/%d", connector_label(folder), method, k, total.correct, total.total)
+                    log.info("%s %s %d-shot: %d/%d", connector_label(folder, cfg.connectors), method, k, total.correct, total.total)
                     if method == cfg.headline_method and folder == cfg.connectors[0]:
                         summary |= headline_entry(r[0], f"speech_{k}shot")
                         summary[f"speech_acc_{k}shot"] = summary.pop(f"speech_{k}shot_acc")  # the key runs always had
@@ -199,7 +199,7 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
         meta["speech"] = cfg.speech
     if by_engine:
         summary["by_engine"] = mmlu_engine_summary(by_engine, cfg.headline_method, f"text_{cfg.shots[0]}shot",
-                                                   connector_label(cfg.connectors[0]) if cfg.connectors else None)
+                                                   connector_label(cfg.connectors[0], cfg.connectors) if cfg.connectors else None)
     return publish(rows, by_engine, meta, summary, cfg.out_dir, cfg.name, cfg.summary)
 
 

@@ -113,9 +113,9 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
             conds = [c for c in cfg.conditions if c in ("s2t", "s") and (c != "s" or front.uses_boundaries)]
             res = sc.score_speech_conditions(model, front, stories, conds, cfg.batch_size)
             for cond, scores in res.items():
-                rows += rows_for(task, cond, connector_label(folder), front.label, scores, text)
-                engine_rows_for(task, cond, connector_label(folder), front.label, scores, text, engines, by_engine)
-                log.info("%s %s %s: %s", task, connector_label(folder), cond, sc.accuracy_counts(scores))
+                rows += rows_for(task, cond, connector_label(folder, cfg.connectors), front.label, scores, text)
+                engine_rows_for(task, cond, connector_label(folder, cfg.connectors), front.label, scores, text, engines, by_engine)
+                log.info("%s %s %s: %s", task, connector_label(folder, cfg.connectors), cond, sc.accuracy_counts(scores))
                 if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
                     row = _row_of(rows, task, cond, cfg.headline_scoring)
                     summary |= headline_entry(row, cond)
@@ -126,14 +126,14 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
             if cfg.release and style == cfg.wrong_styles[0]:
                 pairs = sc.read_spoken_release(cfg.release)[: cfg.limit or None]
                 rel = sc.score_release(model, front, pairs)
-                rows += rows_for(f"release/{Path(cfg.release).name}", "s", connector_label(folder), front.label, rel, None)
+                rows += rows_for(f"release/{Path(cfg.release).name}", "s", connector_label(folder, cfg.connectors), front.label, rel, None)
 
     meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
             "headline_scoring": cfg.headline_scoring}
     if by_engine:
         summary["by_engine"] = storycloze_engine_summary(
             by_engine, f"storycloze/{cfg.wrong_styles[0]}", cfg.headline_scoring,
-            connector_label(cfg.connectors[0]) if cfg.connectors else None)
+            connector_label(cfg.connectors[0], cfg.connectors) if cfg.connectors else None)
     return publish(rows, by_engine, meta, summary, cfg.out_dir, cfg.name, cfg.summary)
 
 

@@ -210,11 +210,17 @@ class SpeechFrontEnd:
         return [SpeechSegment(s.embeds, ids=s.ids) for s in segs]
 
 
-def connector_label(folder: str) -> str:
-    """A connector's name in reports: its folder's last two parts (``stage2/connector``)."""
+def connector_label(folder: str, among: Sequence[str] = ()) -> str:
+    """A connector's name in reports: its folder's last two parts (``stage2/connector``), or as many more as it takes
+    to tell it apart from the other folders ``among`` (``ab_kl/stage2/connector`` beside ``tiny/stage2/connector``)."""
     from pathlib import Path
 
-    return "/".join(Path(folder).resolve().parts[-2:])
+    parts = Path(folder).resolve().parts
+    others = [Path(f).resolve().parts for f in among if Path(f).resolve().parts != parts]
+    k = 2
+    while k < len(parts) and any(o[-k:] == parts[-k:] for o in others):
+        k += 1
+    return "/".join(parts[-k:])
 
 
 def load_front_end(connector_folder: str, llm: torch.nn.Module, tokenizer: Any, aligner_folder: str = "",
