@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from speechlm.eval.asr import repeated_ngram_bans
-from speechlm.inference import TextAssembler, pick_token
-from speechlm.models.speechlm import Segment, SpeechLM, SpeechSegment, TextSegment
+from speechlm.inference import TextAssembler
+from speechlm.inference.decoding import next_token
+from speechlm.models.speechlm import IncrementalDecoder, Segment, SpeechLM, SpeechSegment, TextSegment
 
 
 @dataclass
@@ -64,6 +64,7 @@ class _Row:
     def __init__(self, req: DecodeRequest, tokenizer, device: torch.device):
         self.req = req
         self.text = TextAssembler(tokenizer, tuple(req.stop or ()))
+        self.eos = {tokenizer.eos_token_id} - {None}
         self.generator = None
         if req.seed is not None and req.temperature > 0:
             self.generator = torch.Generator(device=device).manual_seed(int(req.seed))
@@ -73,25 +74,43 @@ class _Row:
         self.first_s: float | None = None
         self.total_s = 0.0
 
+    def take(self, logits: torch.Tensor, elapsed_s: float) -> tuple[int, str]:
+        """The row's next token from its (V,) logits and the answer text it releases; marks the row done at EOS,
+        a stop string or its token limit (the text's last piece is then released too)."""
+        t = next_token(logits, self.tokens, self.req.temperature, self.req.top_p, self.generator,
+                       self.req.no_repeat_ngram)
+        if self.first_s is None:
+            self.first_s = elapsed_s
+        piece = ""
+        if t in self.eos:
+            self.done, self.reason = True, "stop"
+        else:
+            self.tokens.append(t)
+            piece = self.text.push(t)
+            if self.text.stopped:
+                self.done, self.reason = True, "stop"
+            elif len(self.tokens) >= self.req.max_new_tokens:
+                self.done = True
+        if self.done:
+            piece += self.text.finish()
+            self.total_s = elapsed_s
+        return t, piece
+
 
 @torch.no_grad()
 def decode_batch(model: SpeechLM, tokenizer, requests: Sequence[DecodeRequest],
-                 on_piece: Callable[[int, str], None] | None = None) -> list[DecodeOutput]:
+                 on_piece: Callable[[int, str], None] | None = None,
+                 decoder: IncrementalDecoder | None = None) -> list[DecodeOutput]:
     """Answer every request in one left-padded batch; ``on_piece(row, text)`` gets each row's text pieces as
-    they are decoded (they join to that row's answer)."""
+    they are decoded (they join to that row's answer). ``decoder``: go on from a decoder that already holds the
+    prefixes (the requests' own ``prefix`` is then not read; :class:`PrefixCache`)."""
     if not requests:
         return []
     t0 = time.perf_counter()
-    eos = {tokenizer.eos_token_id} - {None}
     rows = [_Row(r, tokenizer, model.device) for r in requests]
-    dec = model.decoder([list(r.prefix) for r in requests])
-
-    def emit(i: int, piece: str) -> None:
-        if piece and on_piece is not None:
-            on_piece(i, piece)
-
+    dec = decoder if decoder is not None else model.decoder([list(r.prefix) for r in requests])
     while True:
-        logits = dec.logits.float()  # (B, V)
+        logits = dec.logits  # (B, V)
         nxt = torch.zeros(len(rows), dtype=torch.long)
         for i, row in enumerate(rows):
             if row.done:
@@ -99,26 +118,9 @@ def decode_batch(model: SpeechLM, tokenizer, requests: Sequence[DecodeRequest],
             if row.req.cancelled():
                 row.done, row.reason = True, "cancelled"
                 continue
-            lg = logits[i]
-            bans = repeated_ngram_bans(row.tokens, row.req.no_repeat_ngram)
-            if bans:
-                lg = lg.index_fill(0, torch.tensor(sorted(bans), device=lg.device), float("-inf"))
-            t = pick_token(lg, row.req.temperature, row.req.top_p, row.generator)
-            nxt[i] = t
-            if row.first_s is None:
-                row.first_s = time.perf_counter() - t0
-            if t in eos:
-                row.done, row.reason = True, "stop"
-            else:
-                row.tokens.append(t)
-                emit(i, row.text.push(t))
-                if row.text.stopped:
-                    row.done, row.reason = True, "stop"
-                elif len(row.tokens) >= row.req.max_new_tokens:
-                    row.done = True
-            if row.done:
-                emit(i, row.text.finish())
-                row.total_s = time.perf_counter() - t0
+            nxt[i], piece = row.take(logits[i], time.perf_counter() - t0)
+            if piece and on_piece is not None:
+                on_piece(i, piece)
         if all(r.done for r in rows):
             break
         dec.advance(nxt)
@@ -130,67 +132,39 @@ def decode_batch(model: SpeechLM, tokenizer, requests: Sequence[DecodeRequest],
 class PrefixCache:
     """One sequence's LLM prefix fed piece by piece into the KV cache, then greedy/sampled answers from it.
 
-    ``extend(segment)`` runs the LLM on the new positions only (the cache holds the rest), so calling it for
-    each speech vector as it arrives leaves only the tail of the prompt for the end. The logits equal those of
-    the whole prefix run at once (same positions, causal attention), up to floating-point rounding."""
+    ``extend(segment)`` runs the LLM on the new positions only (:meth:`IncrementalDecoder.extend`; the cache holds
+    the rest), so calling it for each speech vector as it arrives leaves only the tail of the prompt for the end.
+    The logits equal those of the whole prefix run at once (same positions, causal attention), up to
+    floating-point rounding."""
 
     def __init__(self, model: SpeechLM):
         self.model = model
-        self.past = None
-        self.length = 0
-        self.logits: torch.Tensor | None = None  # (V,) after the last position
+        self.decoder: IncrementalDecoder | None = None  # started by the first non-empty segment
+
+    @property
+    def length(self) -> int:
+        """LLM positions fed so far."""
+        return self.decoder.length if self.decoder is not None else 0
 
     @torch.no_grad()
     def extend(self, segment: Segment) -> None:
+        if (len(segment.ids) if isinstance(segment, TextSegment) else segment.embeds.shape[0]) == 0:
+            return
+        if self.decoder is None:
+            self.decoder = self.model.decoder([[segment]])
+            return
         m = self.model
         if isinstance(segment, TextSegment):
-            if not segment.ids:
-                return
-            emb = m.llm_embed(torch.tensor(segment.ids, dtype=torch.long, device=m.device)).to(m.llm_dtype)
+            emb = m.llm_embed(torch.tensor(segment.ids, dtype=torch.long, device=m.device))
         else:
             assert isinstance(segment, SpeechSegment)
-            if segment.embeds.shape[0] == 0:
-                return
-            emb = segment.embeds.to(m.device, m.llm_dtype)
-        n = emb.shape[0]
-        attn = torch.ones(1, self.length + n, dtype=torch.long, device=m.device)
-        pos = torch.arange(self.length, self.length + n, device=m.device)[None]
-        out = m.llm(inputs_embeds=emb[None], attention_mask=attn, position_ids=pos, past_key_values=self.past,
-                    use_cache=True)
-        self.past, self.length = out.past_key_values, self.length + n
-        self.logits = out.logits[0, -1]
+            emb = segment.embeds
+        self.decoder.extend(emb[None])
 
     @torch.no_grad()
     def answer(self, tokenizer, req: DecodeRequest, on_piece: Callable[[str], None] | None = None) -> DecodeOutput:
         """Decode from the cached prefix (``req.prefix`` is ignored: the cache is the prefix)."""
-        if self.logits is None:
+        if self.decoder is None:
             raise ValueError("the prefix is empty")
-        t0 = time.perf_counter()
-        eos = {tokenizer.eos_token_id} - {None}
-        row = _Row(req, tokenizer, self.model.device)
-        while True:
-            lg = self.logits.float()
-            bans = repeated_ngram_bans(row.tokens, req.no_repeat_ngram)
-            if bans:
-                lg = lg.index_fill(0, torch.tensor(sorted(bans), device=lg.device), float("-inf"))
-            t = pick_token(lg, req.temperature, req.top_p, row.generator)
-            if row.first_s is None:
-                row.first_s = time.perf_counter() - t0
-            if t in eos:
-                row.reason = "stop"
-                break
-            row.tokens.append(t)
-            piece = row.text.push(t)
-            if piece and on_piece:
-                on_piece(piece)
-            if row.text.stopped:
-                row.reason = "stop"
-                break
-            if len(row.tokens) >= req.max_new_tokens:
-                break
-            self.extend(TextSegment([t]))
-        tail = row.text.finish()
-        if tail and on_piece:
-            on_piece(tail)
-        total = time.perf_counter() - t0
-        return DecodeOutput(row.text.answer, list(row.text.ids), row.reason, row.first_s or total, total)
+        emit = (lambda _i, piece: on_piece(piece)) if on_piece is not None else None
+        return decode_batch(self.model, tokenizer, [req], emit, decoder=self.decoder)[0]

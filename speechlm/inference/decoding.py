@@ -27,6 +27,17 @@ def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def next_token(logits: torch.Tensor, history: Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None, no_repeat_ngram: int = 0) -> int:
+    """:func:`pick_token` from ``(V,)`` logits after banning every token that would repeat an n-gram of
+    ``history`` (the tokens generated so far; ``no_repeat_ngram`` 0: no bans)."""
+    logits = logits.float()
+    bans = repeated_ngram_bans(history, no_repeat_ngram)
+    if bans:
+        logits = logits.index_fill(0, torch.tensor(sorted(bans), device=logits.device), float("-inf"))
+    return pick_token(logits, temperature, top_p, generator)
+
+
 @torch.no_grad()
 def sample_tokens(model: SpeechLM, prefix: Sequence[Segment], temperature: float = 0.0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, no_repeat_ngram: int = 0) -> Iterator[int]:
@@ -36,11 +47,7 @@ def sample_tokens(model: SpeechLM, prefix: Sequence[Segment], temperature: float
     dec = model.decoder([list(prefix)])
     tokens: list[int] = []
     while True:
-        logits = dec.logits[0].float()
-        bans = repeated_ngram_bans(tokens, no_repeat_ngram)
-        if bans:
-            logits = logits.index_fill(0, torch.tensor(sorted(bans), device=logits.device), float("-inf"))
-        t = pick_token(logits, temperature, top_p, generator)
+        t = next_token(dec.logits[0], tokens, temperature, top_p, generator, no_repeat_ngram)
         tokens.append(t)
         yield t
         dec.advance(torch.tensor([t]))

@@ -326,15 +326,27 @@ class IncrementalDecoder:
         """(B, V) scores of the next token of every row."""
         return self._out.logits[:, -1]
 
+    @property
+    def length(self) -> int:
+        """Positions held (padding included): a single row's prefix length."""
+        return int(self.attn.shape[1])
+
     @torch.no_grad()
     def advance(self, ids: torch.Tensor) -> None:
         """Append ``ids`` (B,) (one token per row) and compute the next logits."""
         b = self.attn.shape[0]
-        self.attn = torch.cat([self.attn, torch.ones(b, 1, dtype=self.attn.dtype, device=self.attn.device)], 1)
-        self.pos = self.pos[:, -1:] + 1
-        ids = ids.to(self.model.device).view(b, 1)
-        self._out = self.model.llm(inputs_embeds=self.model.llm_embed(ids), attention_mask=self.attn,
-                                   position_ids=self.pos, past_key_values=self._out.past_key_values, use_cache=True)
+        self.extend(self.model.llm_embed(ids.to(self.model.device).view(b, 1)))
+
+    @torch.no_grad()
+    def extend(self, embeds: torch.Tensor) -> None:
+        """Append ``embeds`` (B, n, d_llm) (n positions to every row: speech vectors as they arrive, a text
+        segment's embeddings) and compute the next logits; only the new positions run, the cache holds the rest."""
+        b, n = embeds.shape[:2]
+        self.attn = torch.cat([self.attn, torch.ones(b, n, dtype=self.attn.dtype, device=self.attn.device)], 1)
+        self.pos = self.pos[:, -1:] + torch.arange(1, n + 1, device=self.pos.device)
+        self._out = self.model.llm(inputs_embeds=embeds.to(self.model.device, self.model.llm_dtype),
+                                   attention_mask=self.attn, position_ids=self.pos,
+                                   past_key_values=self._out.past_key_values, use_cache=True)
 
 
 def _untargeted(segments: list[Segment]) -> list[Segment]:
