@@ -110,6 +110,23 @@ class Speech:
         """True when no speech vector reaches the LLM (nothing detected, or nothing decoded from it)."""
         return int(self.segment.embeds.shape[0]) == 0
 
+    def to_dict(self) -> dict[str, Any]:
+        """What was heard, as JSON (the server's extras; :meth:`InferenceResult.to_dict` has the same fields)."""
+        return speech_fields(self.transcript, self.duration_s, self.tokens, self.chunks, self.speech_s,
+                             self.no_speech, self.regions, self.warnings)
+
+
+def speech_fields(transcript: str, duration_s: float, tokens: Sequence[TokenSpan], chunks: Sequence[tuple[float, float]],
+                  speech_s: float, no_speech: bool, regions: Sequence[tuple[float, float]],
+                  warnings: Sequence[str]) -> dict[str, Any]:
+    """The JSON of one clip's hearing: transcript, token times, windows, detected speech, warnings (rounded)."""
+    return {"transcript": transcript, "duration_s": round(duration_s, 3),
+            "tokens": [{"token": t.token, "id": t.id, "start_s": round(t.start_s, 3), "end_s": round(t.end_s, 3)}
+                       for t in tokens],
+            "chunks": [[round(a, 3), round(b, 3)] for a, b in chunks],
+            "speech_s": round(speech_s, 3), "no_speech": no_speech,
+            "speech_regions": [[round(a, 3), round(b, 3)] for a, b in regions], "warnings": list(warnings)}
+
 
 @dataclass
 class InferenceResult:
@@ -132,14 +149,10 @@ class InferenceResult:
         return [(t.start_s, t.end_s) for t in self.tokens]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "answer": self.answer, "transcript": self.transcript,
-                "duration_s": round(self.duration_s, 3),
-                "tokens": [{"token": t.token, "id": t.id, "start_s": round(t.start_s, 3), "end_s": round(t.end_s, 3)}
-                           for t in self.tokens],
-                "chunks": [[round(a, 3), round(b, 3)] for a, b in self.chunks],
-                "speech_s": round(self.speech_s, 3), "no_speech": self.no_speech,
-                "speech_regions": [[round(a, 3), round(b, 3)] for a, b in self.speech_regions],
-                "timings": {k: round(v, 4) for k, v in self.timings.items()}, "warnings": list(self.warnings)}
+        heard = speech_fields(self.transcript, self.duration_s, self.tokens, self.chunks, self.speech_s,
+                              self.no_speech, self.speech_regions, self.warnings)
+        return {"prompt": self.prompt, "answer": self.answer, **heard,
+                "timings": {k: round(v, 4) for k, v in self.timings.items()}}
 
 
 class GenerationStream:

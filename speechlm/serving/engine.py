@@ -3,8 +3,8 @@
 (:meth:`SpeechLMPipeline.prefix`), then all answers in one decode loop (:func:`decode_batch`). A request that
 asks for the Whisper cascade adds one more row: Whisper's transcript in place of the speech, the same LLM.
 
-A clip the pipeline flags as holding no speech (``no_speech``, when the pipeline's voice-activity check has
-it) gets an empty answer without decoding, flagged in the extras.
+A clip in which the pipeline's voice-activity detector finds no speech (``no_speech``) follows the pipeline's
+policy: ``refuse`` (the default) gets an empty answer without decoding, flagged in the extras.
 """
 
 from __future__ import annotations
@@ -41,24 +41,6 @@ def prompt_pieces(pipe: SpeechLMPipeline, prompt: str, chat: bool) -> tuple[Text
     builds them."""
     segs = pipe.prefix(prompt, empty_speech(pipe, 1), chat)
     return segs[0], segs[2] if len(segs) == 3 else TextSegment([])
-
-
-def speech_extras(speech: Any) -> dict[str, Any]:
-    """The extras of one clip: transcript, tokens, duration, timings, and speech_s / no_speech when the pipeline
-    reports them (its voice-activity check)."""
-    out = {"transcript": speech.transcript, "duration_s": round(speech.duration_s, 3),
-           "tokens": [{"token": t.token, "id": t.id, "start_s": round(t.start_s, 3), "end_s": round(t.end_s, 3)}
-                      for t in speech.tokens],
-           "chunks": [[round(a, 3), round(b, 3)] for a, b in speech.chunks],
-           "warnings": list(speech.warnings)}
-    for key in ("speech_s", "no_speech"):
-        value = getattr(speech, key, None)
-        if value is not None:
-            out[key] = round(value, 3) if isinstance(value, float) else value
-    regions = getattr(speech, "regions", None)
-    if regions is not None:
-        out["speech_regions"] = [[round(a, 3), round(b, 3)] for a, b in regions]
-    return out
 
 
 class PipelineEngine:
@@ -98,7 +80,7 @@ class PipelineEngine:
                         "stop": req.stop, "seed": req.seed, "no_repeat_ngram": req.no_repeat_ngram,
                         "cancelled": job.cancelled.is_set}
                 # no speech: the pipeline's policy ("refuse": an empty answer, no decoding; "answer": the prompt alone)
-                refuse = getattr(speech, "no_speech", False) and getattr(pipe, "no_speech", "refuse") == "refuse"
+                refuse = speech.no_speech and pipe.no_speech == "refuse"
                 st["refused"] = refuse
                 if not refuse:
                     rows.append(DecodeRequest(prefix, **opts))
@@ -132,7 +114,7 @@ class PipelineEngine:
                 continue
             speech = st["speech"]
             out = results.get((k, "ssr"))
-            extras = speech_extras(speech)
+            extras = speech.to_dict()
             extras["prompt"] = job.request.prompt
             timings = {**{n: round(v, 4) for n, v in speech.timings.items()},
                        "queue_s": round((job.started or t_dec) - job.arrived, 4),
