@@ -352,6 +352,14 @@ class SpeechLMPipeline:
                       {**timings, "vad_s": vad_s}, warnings, wave, time.perf_counter() - t0,
                       sum(e - s for s, e in regions), regions)
 
+    def free_align(self, features: torch.Tensor, lengths: torch.Tensor, label: str = "?") -> Any:
+        """The aligner in free mode on one window's encoder frames (1, L, T, D): its transcript's tokens and their
+        end frames at the connector's rate (an AlignmentResult); AlignmentError when it decodes nothing."""
+        [res] = self.aligner.align(features, lengths, [None], utt_ids=[label],
+                                   target_frame_rate_hz=self.model.connector.cfg.frame_rate_hz,
+                                   target_num_frames=[int(lengths[0])])
+        return res
+
     def _embed_window(self, wave: torch.Tensor, offset_s: float
                       ) -> tuple[torch.Tensor, list[int], list[TokenSpan], str, dict[str, float], list[str]]:
         """(vectors (N, d_llm), token ids, spans, transcript, timings, warnings) of one window."""
@@ -368,8 +376,7 @@ class SpeechLMPipeline:
         rate = model.connector.cfg.frame_rate_hz
         warnings = []
         try:
-            [res] = self.aligner.align(features, lengths, [None], utt_ids=[f"{offset_s:.2f}s"], target_frame_rate_hz=rate,
-                                       target_num_frames=[int(lengths[0])])
+            res = self.free_align(features, lengths, f"{offset_s:.2f}s")
         except AlignmentError as e:  # e.g. the aligner heard no speech: no vectors for this window
             res = None
             warnings.append(f"window at {offset_s:.2f} s: no speech decoded ({e})")

@@ -120,8 +120,7 @@ class StreamingSession:
 
     def _align(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[list[int], list[int]]:
         try:
-            [res] = self.pipe.aligner.align(features, lengths, [None], target_frame_rate_hz=self.rate,
-                                            target_num_frames=[int(lengths[0])])
+            res = self.pipe.free_align(features, lengths, "stream")
         except AlignmentError:  # nothing decoded yet
             return [], []
         return list(res.token_ids), list(res.token_boundaries)
