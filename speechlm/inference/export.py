@@ -23,7 +23,7 @@ from typing import Any
 from speechlm.atomic import atomic_path
 from speechlm.errors import CheckpointError, ModelError
 from speechlm.inference.pipeline import resolve_run
-from speechlm.inference.pretrained import CONFIG_FILE, DEFAULT_HUB_IDS, FORMAT, PICKLE_SUFFIXES, VERSION
+from speechlm.inference.pretrained import CONFIG_FILE, DEFAULT_HUB_IDS, FORMAT, VERSION, pickle_files
 
 #: Files of a run's model folders that are never exported (training state, not the model).
 SKIP_NAMES = ("speechlm_converted.json",)
@@ -31,7 +31,7 @@ SKIP_NAMES = ("speechlm_converted.json",)
 
 def _copy_folder(src: Path, dst: Path) -> list[str]:
     """Copy a model folder (recursively), refusing pickle-capable files; returns the copied names."""
-    bad = sorted(str(p) for p in src.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    bad = pickle_files(src)
     if bad:
         raise CheckpointError(f"{src}: holds pickle-capable files ({', '.join(bad)}); an export holds safetensors "
                               "only")
@@ -192,7 +192,7 @@ def export_run(run: str | Path, out: str | Path, *, connector: str | Path | None
         meta["files"] = files
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(meta, summary, run_dir, data_note), encoding="utf-8")
-        bad = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        bad = pickle_files(tmp)
         if bad:  # e.g. a tokenizer that saved a pickled file
             raise CheckpointError(f"{out}: the export would hold pickle-capable files ({', '.join(bad)})")
     return out

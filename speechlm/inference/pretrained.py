@@ -33,6 +33,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".
 DEFAULT_HUB_IDS = {"whisper-base": "openai/whisper-base", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
+def pickle_files(root: Path) -> list[str]:
+    """Files under ``root`` (relative paths, sorted) whose ending says they may hold pickled Python objects."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
 @dataclass
 class Pretrained:
     """What an exported folder loads into: the model, its aligner, and where each part came from."""
@@ -123,7 +128,7 @@ def load_pretrained(folder: str | Path, *, llm: str | Path | None = None, encode
 
     root = _local_folder(folder)
     meta = read_config(root)
-    bad = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    bad = pickle_files(root)
     if bad:
         raise CheckpointError(f"{root}: holds files that may be pickles ({', '.join(bad)}); refusing to load it")
     connector = root / meta["connector"]["folder"]
