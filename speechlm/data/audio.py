@@ -74,10 +74,11 @@ def audio_info(path: str | Path) -> tuple[int, float]:
     return info.samplerate, info.frames / info.samplerate
 
 
-def save_audio(path: str | Path, wave: torch.Tensor | np.ndarray, sample_rate: int) -> None:
-    """Write a mono waveform as 16-bit PCM WAV, atomically."""
+def save_audio(path: str | Path, wave: torch.Tensor | np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Write a waveform ((T,) mono, or (T, channels)) as WAV, 16-bit PCM unless ``subtype`` says otherwise (a
+    soundfile subtype, e.g. ``"FLOAT"``), atomically."""
     from speechlm.atomic import atomic_path
 
     arr = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), arr, sample_rate, subtype="PCM_16", format="WAV")
+        sf.write(str(tmp), arr, sample_rate, subtype=subtype, format="WAV")

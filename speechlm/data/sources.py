@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speechlm.atomic import atomic_path, atomic_write_bytes
+from speechlm.atomic import atomic_write_bytes
 from speechlm.errors import ManifestError
 from speechlm.paths import cache_dir
 
@@ -393,6 +393,8 @@ def _cut_samples(cut, path: Path, channels: list[int], where: str):
 def _lhotse_row(spec: SourceSpec, cut, where: str) -> dict:
     import soundfile as sf
 
+    from speechlm.data.audio import save_audio
+
     sups = sorted(getattr(cut, "supervisions", []) or [], key=lambda s: s.start)
     text = " ".join(s.text.strip() for s in sups if isinstance(s.text, str) and s.text.strip())
     if not text:
@@ -417,9 +419,7 @@ def _lhotse_row(spec: SourceSpec, cut, where: str) -> dict:
             audio = _clip_path(key, ".wav")
             if not audio.is_file():
                 samples = _cut_samples(cut, path, channels, where)
-                fmt = subtype if sf.check_format("WAV", subtype) else "FLOAT"
-                with atomic_path(audio) as tmp:
-                    sf.write(str(tmp), samples, sr, subtype=fmt, format="WAV")
+                save_audio(audio, samples, sr, subtype if sf.check_format("WAV", subtype) else "FLOAT")
             dur = round(cut.duration * sr) / sr
     else:  # URLs, commands, in-memory sources, transforms, mixes: Lhotse's own loading, stored as float WAV
         sr = int(cut.sampling_rate)
@@ -430,8 +430,7 @@ def _lhotse_row(spec: SourceSpec, cut, where: str) -> dict:
                 samples = cut.load_audio()
             except Exception as e:  # noqa: BLE001 -- any backend failure is this cut's bad audio
                 raise ManifestError(f"{where}: cannot read audio ({e})") from None
-            with atomic_path(audio) as tmp:
-                sf.write(str(tmp), samples.T, sr, subtype="FLOAT", format="WAV")
+            save_audio(audio, samples.T, sr, "FLOAT")
         dur = round(cut.duration * sr) / sr
     custom = cut.custom or {}
     split = spec.options.get("split") or custom.get("split") or "train"
