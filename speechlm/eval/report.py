@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from speechlm.atomic import atomic_write_text
@@ -104,8 +105,10 @@ class ResultRow:
     items: dict[str, bool] | None = None
     text_items: dict[str, bool] | None = None
 
+    @cached_property
     def paired(self) -> PairedComparison | None:
-        """This row against its text reference on the same items (None without per-item outcomes)."""
+        """This row against its text reference on the same items (None without per-item outcomes); computed once
+        (the JSON, the markdown table and the summary all show it)."""
         if not self.items or not self.text_items:
             return None
         return compare(self.items, self.text_items)
@@ -116,7 +119,7 @@ class ResultRow:
         d["text_accuracy"] = self.text.to_json() if self.text is not None else None
         ratio = parity(self.accuracy, self.text) if self.text is not None else None
         d["parity"] = round(ratio, 4) if ratio is not None else None
-        pair = self.paired()
+        pair = self.paired
         d["paired_vs_text"] = pair.to_json() if pair is not None else None
         d["items"] = {k: int(v) for k, v in self.items.items()} if self.items else None
         return d
@@ -129,7 +132,7 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     lines = []
     for r in rows:
         ratio = parity(r.accuracy, r.text) if r.text is not None else None
-        pair = r.paired()
+        pair = r.paired
         gap = "-"
         if pair is not None and pair.diff_ci95 is not None:
             lo, hi = pair.diff_ci95
@@ -209,13 +212,14 @@ def merge_summary(path: str | Path, key: str, values: dict) -> None:
     atomic_write_text(p, json.dumps(data, indent=2) + "\n")
 
 
-def headline_entry(row: ResultRow, prefix: str) -> dict:
+def headline_entry(row: ResultRow, prefix: str, acc_key: str = "") -> dict:
     """Summary figures of one headline row: ``<prefix>_acc``, ``<prefix>_n``, ``<prefix>_ci95`` (Wilson) and, when
     the row has per-item outcomes for itself and its text reference, ``<prefix>_vs_text``: the paired difference
-    from the text condition with its bootstrap interval and McNemar p (:class:`~speechlm.eval.paired.PairedComparison`)."""
-    out: dict = {f"{prefix}_acc": row.accuracy.value, f"{prefix}_n": row.accuracy.total,
+    from the text condition with its bootstrap interval and McNemar p (:class:`~speechlm.eval.paired.PairedComparison`).
+    ``acc_key`` names the accuracy otherwise (a summary key older than this scheme, e.g. ``speech_acc_0shot``)."""
+    out: dict = {acc_key or f"{prefix}_acc": row.accuracy.value, f"{prefix}_n": row.accuracy.total,
                  f"{prefix}_ci95": list(row.accuracy.ci95)}
-    pair = row.paired()
+    pair = row.paired
     if pair is not None:
         out[f"{prefix}_vs_text"] = pair.to_json()
     return out

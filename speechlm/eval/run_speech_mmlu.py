@@ -186,8 +186,7 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
                                  text_res[(method, k)], engines, by_engine)
                     log.info("%s %s %d-shot: %d/%d", connector_label(folder, cfg.connectors), method, k, total.correct, total.total)
                     if method == cfg.headline_method and folder == cfg.connectors[0]:
-                        summary |= headline_entry(r[0], f"speech_{k}shot")
-                        summary[f"speech_acc_{k}shot"] = summary.pop(f"speech_{k}shot_acc")  # the key runs always had
+                        summary |= headline_entry(r[0], f"speech_{k}shot", acc_key=f"speech_acc_{k}shot")
                         casc = [x for x in rows if (x.task, x.condition, x.connector, x.scoring)
                                 == (f"{TASK}/all", f"speech_{k}shot", CASCADE, method)]
                         if casc:  # the connector against the Whisper cascade on the same questions
