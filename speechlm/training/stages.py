@@ -24,14 +24,22 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(table.detach().clone().float(), requires_grad=False)
 
-    def forward(self, ids: torch.Tensor, query: torch.Tensor | None = None, query_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, tuple[int, int] | None]:
-        """Rows of ``ids`` (..., d); with ``query`` (B, N, d), also (correct, total) nearest-row accuracy."""
+    def forward(self, ids: torch.Tensor, query: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
+                contrast: tuple[torch.Tensor, int, float] | None = None
+                ) -> tuple[torch.Tensor, tuple[int, int] | None, tuple[torch.Tensor, dict] | None]:
+        """Rows of ``ids`` (..., d); with ``query`` (B, N, d), also (correct, total) nearest-row accuracy; with
+        ``contrast`` = (vectors (B, N, d), negatives, temperature), also the sampled-softmax loss of those vectors
+        against the table (:func:`losses.sampled_softmax_loss`, masked by ``query_mask``). Everything that reads
+        the table happens here, inside this module's forward, so that ZeRO-3 has gathered it."""
         rows = nn.functional.embedding(ids, self.weight)
         acc = None
         if query is not None:
             acc = losses.nearest_token_accuracy(query, self.weight, ids, query_mask)
-        return rows, acc
+        softmax = None
+        if contrast is not None:
+            vectors, negatives, temperature = contrast
+            softmax = losses.sampled_softmax_loss(vectors, self.weight, ids, query_mask, negatives, temperature)
+        return rows, acc, softmax
 
 
 def encode_in_module(batch: Batch, encoder: nn.Module | None, dtype: torch.dtype) -> Batch:
@@ -67,13 +75,15 @@ class Stage1Distill(nn.Module):
         out = self.connector(batch.features, batch.frame_lengths, batch.boundaries, batch.token_mask)
         mask = out.mask & batch.token_mask
         want_acc = not self.training
-        target, acc = self.embedding(batch.token_ids, out.embeds.detach() if want_acc else None, mask)
+        contrast = ((out.embeds, self.contrastive_negatives, self.contrastive_temperature)
+                    if self.contrastive_weight > 0 else None)
+        target, acc, softmax = self.embedding(batch.token_ids, out.embeds.detach() if want_acc else None, mask,
+                                              contrast)
         loss, parts = losses.distill_loss(out.embeds, target.to(out.embeds.dtype), mask, self.mse_weight,
                                           self.cosine_weight)
         metrics = {"mse": float(parts["mse"]), "cosine": float(parts["cosine"]), "tokens": int(mask.sum())}
-        if self.contrastive_weight > 0:
-            c_loss, c_parts = losses.sampled_softmax_loss(out.embeds, self.embedding.weight, batch.token_ids, mask,
-                                                          self.contrastive_negatives, self.contrastive_temperature)
+        if softmax is not None:
+            c_loss, c_parts = softmax
             loss = loss + self.contrastive_weight * c_loss
             metrics.update(contrastive=float(c_loss.detach()), sampled_acc=float(c_parts["sampled_acc"]))
         metrics["loss"] = float(loss.detach())
