@@ -126,6 +126,25 @@ def test_summary_table_shows_a_paired_comparison_on_one_line():
     assert len(lines) == 1 and "-25.0 points [" in lines[0] and "n=40" in lines[0] and "McNemar p=0.002 " in lines[0]
 
 
+def test_headline_puts_speech_cascade_and_text_side_by_side():
+    from speechlm.eval.summary import headline
+
+    text = {f"sc-{i}": i % 4 != 0 for i in range(40)}
+    entry = headline_entry(_row({k: i % 4 in (1, 2) for i, k in enumerate(text)}, text), "s2t")
+    entry["s2t_vs_cascade"] = {"acc_b": 0.7, "diff": -0.2}
+    top = headline({"storycloze": entry, "asr": {"wer": 0.5, "n": 9}, "corpus": {"whisper_wer_test": 0.125},
+                    "stage1": {"valid_token_acc": 0.4031, "valid_cosine": 0.612}})
+    rows = top.splitlines()
+    assert rows[0].startswith("| task | speech (SSR) | Whisper cascade | text (LLM alone)")
+    story = next(r for r in rows if r.startswith("| StoryCloze S->T (n 40)"))
+    # speech 50% (items 1, 2 of every 4), cascade 70%, text 75%, speech minus text -25 points, paired
+    assert "| 50.0% | 70.0% | 75.0% | -25.0 [" in story
+    assert any("50.0% | 12.5% (Whisper alone)" in r for r in rows)
+    assert any("0.403 / 0.612" in r for r in rows)
+    assert not any("Speech-MMLU" in r for r in rows)  # no figures, no row
+    assert headline({}) == ""
+
+
 def test_two_token_analyses_compare_token_by_token():
     a = {"connector": "runs/a/stage1/connector", "items": {f"u{i // 10}/{i % 10}": int(i < 60) for i in range(100)}}
     b = {"connector": "runs/b/stage1/connector", "items": {f"u{i // 10}/{i % 10}": int(i < 50) for i in range(100)}}

@@ -84,6 +84,8 @@ def test_export_loads_in_a_fresh_process_and_answers_like_from_run(tiny, tmp_pat
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: speechlm")
     assert "0.6123" in card and "stage1.valid_token_acc" in card and "0.961" in card  # the run's metrics
+    assert "| zero-shot ASR WER (n ?; lower is better) | 96.1% |" in card  # the headline table, then all figures
+    assert card.index("| task | speech (SSR) |") < card.index("<details>") < card.index("stage1.valid_token_acc")
     assert "data/train.jsonl" in card and "## Intended use" in card and "## Limits" in card
 
     pipe = SpeechLMPipeline.from_run(tiny["run"])

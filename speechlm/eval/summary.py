@@ -129,3 +129,45 @@ def table(summary: dict) -> str:
     lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _diff(node: dict | None) -> str:
+    if not node or node.get("diff") is None:
+        return "-"
+    ci = node.get("diff_ci95") or [float("nan")] * 2
+    return f"{100 * node['diff']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
+def headline(summary: dict) -> str:
+    """The few numbers a reader wants first, as a markdown table: StoryCloze S->T and Speech-MMLU 0-shot (speech,
+    the Whisper cascade and text on the same items, speech minus text paired, with 95% intervals), zero-shot ASR,
+    stage 1. Rows whose figures the summary lacks are left out; empty string when none is there."""
+    rows: list[str] = []
+    tasks = (("storycloze", "StoryCloze S->T", "s2t_acc", "s2t"),
+             ("speech_mmlu", "Speech-MMLU 0-shot", "speech_acc_0shot", "speech_0shot"))
+    for task, label, acc_key, cond in tasks:
+        s = summary.get(task) or {}
+        if s.get(acc_key) is None:
+            continue
+        cascade = (s.get(f"{cond}_vs_cascade") or {}).get("acc_b")
+        vs_text = s.get(f"{cond}_vs_text") or {}
+        text = s["text_acc"] if s.get("text_acc") is not None else vs_text.get("acc_b")
+        rows.append(f"| {label} (n {s.get(f'{cond}_n', '?')}) | {_pct(s[acc_key])} | {_pct(cascade)} | "
+                    f"{_pct(text)} | {_diff(vs_text)} |")
+    asr = summary.get("asr") or {}
+    if asr.get("wer") is not None:
+        whisper = (summary.get("corpus") or {}).get("whisper_wer_test")
+        rows.append(f"| zero-shot ASR WER (n {asr.get('n', '?')}; lower is better) | {_pct(asr['wer'])} | "
+                    f"{_pct(whisper)} (Whisper alone) | - | - |")
+    s1 = summary.get("stage1") or {}
+    if s1.get("valid_token_acc") is not None:
+        rows.append(f"| stage 1: nearest-row token accuracy / cosine (valid) | {s1['valid_token_acc']:.3f} / "
+                    f"{s1.get('valid_cosine', float('nan')):.3f} | - | - | - |")
+    if not rows:
+        return ""
+    return "\n".join(["| task | speech (SSR) | Whisper cascade | text (LLM alone) | speech minus text, paired (points) |",
+                      "|---|---|---|---|---|", *rows])

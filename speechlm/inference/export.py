@@ -98,7 +98,7 @@ rate (resampled to the encoder's), long clips cut into windows of at most 25 s.
 
 def model_card(meta: dict, summary: dict | None, run: Path, data_note: str = "") -> str:
     """The README.md of an export: YAML front matter for the Hub, then use, parts, data, metrics, limits."""
-    from speechlm.eval.summary import table
+    from speechlm.eval.summary import headline, table
 
     enc, llm, conn = meta["encoder"], meta["llm"], meta["connector"]
     bases = [m["hub_id"] for m in (enc, llm) if m.get("hub_id")]
@@ -128,7 +128,10 @@ def model_card(meta: dict, summary: dict | None, run: Path, data_note: str = "")
     if summary:
         shown = {k: v for k, v in summary.items() if k != "wall_time_s"}
         source = f"From the run's `summary.json` (`{meta['source']['run']}`; the numbers: speechlm's docs/PERFORMANCE.md)."
-        metrics = [source, "", table(shown)]
+        top = headline(summary)
+        metrics = [source, ""] + ([top, "", "Speech and text score the same items; intervals are 95%."] if top else [])
+        metrics += ["", "<details><summary>Every figure of the run's summary</summary>", "", table(shown), "",
+                    "</details>"]
     else:
         metrics = ["The run had no `summary.json` (`tools/summarize_run.py --run RUN` writes it): no metrics."]
     end = CARD_END
