@@ -135,6 +135,21 @@ def test_default_step_list_reaches_the_summary(wrapper, tmp_path):
         assert "large-30.0h" in proc.stdout and "limit=0" in proc.stdout and "cascade=true" in proc.stdout
 
 
+def test_scaling_recipe_runs_the_large_preset_at_each_amount_then_the_curve_and_the_comparison():
+    env = {k: v for k, v in os.environ.items() if k not in ("UNTIL", "FROM", "RUN", "HOURS")}
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / "run_scaling.sh")], capture_output=True, text=True,
+                          check=False, env={**env, "DRY_RUN": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for h in ("2.0", "5.0", "12.5"):  # the large preset's flow at each amount, into its own run folder
+        assert f"large-{h}h" in out and f"tools/summarize_run.py --run runs/scale-{h}h" in out
+    assert "tools/scaling_curve.py --runs runs/scale-2.0h runs/scale-5.0h runs/scale-12.5h" in out
+    comparisons = [line for line in out.splitlines() if "bench_quality.py" in line]
+    assert len(comparisons) == 2 and all("--seeds 0,1" in c and "--connectors ssr,stack,qformer" in c
+                                         and "--steps 500" in c for c in comparisons)
+    assert "--run runs/scale-5.0h" in comparisons[0] and "--hours 30.0" in comparisons[1]
+
+
 def test_until_stops_before_the_summary(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FROM"}
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "run_cpu.sh")], capture_output=True, text=True,

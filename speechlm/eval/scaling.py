@@ -1,0 +1,223 @@
+"""A scaling curve: how the method's figures move with hours of training speech (the command line:
+tools/scaling_curve.py; the runs: recipes/run_scaling.sh).
+
+Each point is one run's ``summary.json`` (``tools/summarize_run.py``) with its train hours (``corpus.hours.train``).
+The figures, each with its 95% interval where the run has one:
+
+* ``token_acc`` / ``cosine``: stage 1 on the valid split (the run's own voices, unseen sentences);
+* ``storycloze_parity`` / ``mmlu_parity``: speech accuracy over text accuracy on the same items (StoryCloze S->T,
+  Speech-MMLU 0-shot), the interval from the paired bootstrap of that ratio (``speechlm.eval.paired``);
+* ``asr_wer``: zero-shot ASR word error rate on the test split.
+
+Every figure is fitted by least squares as a straight line in log10(hours) (the usual shape of a learning curve
+over a few decades of data); the fit says how many hours it predicts for a target (parity 1.0, or the figure
+the caller gives) and the fewest hours of a run that met it, or why it predicts none (fewer than two points; a
+trend away from the target). A prediction
+far beyond the hours measured is an extrapolation and is marked as such (more than 10x the largest run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from speechlm.errors import SpeechLMError
+
+#: figure -> (label, higher is better, default target)
+FIGURES: dict[str, tuple[str, bool, float]] = {
+    "token_acc": ("stage-1 token accuracy (valid)", True, 0.60),
+    "cosine": ("stage-1 cosine (valid)", True, 0.80),
+    "storycloze_parity": ("StoryCloze S->T / text", True, 1.0),
+    "mmlu_parity": ("Speech-MMLU 0-shot / text", True, 1.0),
+    "asr_wer": ("zero-shot ASR WER", False, 0.5),
+}
+EXTRAPOLATION = 10.0  # a predicted hours figure beyond this many times the largest run is marked
+
+
+@dataclass
+class Point:
+    run: str
+    hours: float
+    values: dict[str, float] = field(default_factory=dict)
+    ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Fit:
+    figure: str
+    n: int
+    slope: float | None = None       # per decade of hours
+    intercept: float | None = None   # at 1 hour
+    target: float | None = None
+    hours_for_target: float | None = None  # where the fitted line crosses the target
+    reached_at: float | None = None        # the fewest hours of a run that met the target
+    note: str = ""
+
+    def predict(self, hours: float) -> float | None:
+        if self.slope is None or self.intercept is None:
+            return None
+        return self.intercept + self.slope * math.log10(hours)
+
+
+def _ratio(node: dict | None) -> tuple[float | None, tuple[float, float] | None]:
+    if not node or node.get("ratio") is None:
+        return None, None
+    ci = node.get("ratio_ci95")
+    return float(node["ratio"]), (float(ci[0]), float(ci[1])) if ci else None
+
+
+def point_from_summary(summary: dict, run: str) -> Point:
+    """The figures of one run's summary; refuses (SpeechLMError) a summary without train hours."""
+    hours = ((summary.get("corpus") or {}).get("hours") or {}).get("train")
+    if not hours or hours <= 0:
+        raise SpeechLMError(f"{run}: the summary has no corpus.hours.train (run tools/summarize_run.py with "
+                            "--corpus)")
+    p = Point(run=run, hours=float(hours))
+    s1 = summary.get("stage1") or {}
+    for key, name in (("valid_token_acc", "token_acc"), ("valid_cosine", "cosine")):
+        if s1.get(key) is not None:
+            p.values[name] = float(s1[key])
+    for task, node, name in (("storycloze", "s2t_vs_text", "storycloze_parity"),
+                             ("speech_mmlu", "speech_0shot_vs_text", "mmlu_parity")):
+        ratio, ci = _ratio((summary.get(task) or {}).get(node))
+        if ratio is not None:
+            p.values[name] = ratio
+            if ci:
+                p.ci95[name] = ci
+    asr = summary.get("asr") or {}
+    if asr.get("wer") is not None:
+        p.values["asr_wer"] = float(asr["wer"])
+    return p
+
+
+def load_points(runs: list[str | Path]) -> list[Point]:
+    """One point per run folder (its summary.json), sorted by hours; a missing or unreadable summary is named."""
+    points = []
+    for run in runs:
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise SpeechLMError(f"{run}: no summary.json (the run has not finished, or tools/summarize_run.py "
+                                "was not run)")
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SpeechLMError(f"{path}: not JSON ({e})") from e
+        points.append(point_from_summary(summary, str(run)))
+    return sorted(points, key=lambda p: p.hours)
+
+
+def fit(points: list[Point], figure: str, target: float | None = None) -> Fit:
+    """Least squares of ``figure`` on log10(hours) over the points that have it; hours predicted for ``target``
+    (default: the figure's own, :data:`FIGURES`)."""
+    _, higher, default = FIGURES[figure]
+    target = default if target is None else target
+    xs = [math.log10(p.hours) for p in points if figure in p.values]
+    ys = [p.values[figure] for p in points if figure in p.values]
+    out = Fit(figure, len(xs), target=target)
+    if len(set(xs)) < 2:
+        out.note = "fewer than two amounts of data: no trend"
+        return out
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    out.slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    out.intercept = my - out.slope * mx
+    if len(xs) == 2:
+        out.note = "two points: the line passes through both"
+    reached = [p.hours for p in points if figure in p.values and
+               (p.values[figure] >= target if higher else p.values[figure] <= target)]
+    if reached:
+        out.reached_at = min(reached)
+        out.note = (out.note + "; " if out.note else "") + f"a run reached the target at {out.reached_at:g} h"
+    if out.slope == 0 or (out.slope > 0) != higher:
+        out.note = (out.note + "; " if out.note else "") + "the trend moves away from the target: no prediction"
+        return out
+    out.hours_for_target = 10 ** ((target - out.intercept) / out.slope)
+    if out.hours_for_target > EXTRAPOLATION * max(p.hours for p in points) * (1 + 1e-9):
+        out.note = (out.note + "; " if out.note else "") + (
+            f"an extrapolation beyond {EXTRAPOLATION:g}x the largest run")
+    return out
+
+
+def fits(points: list[Point], targets: dict[str, float] | None = None) -> dict[str, Fit]:
+    targets = targets or {}
+    return {f: fit(points, f, targets.get(f)) for f in FIGURES if any(f in p.values for p in points)}
+
+
+def report(points: list[Point], fitted: dict[str, Fit]) -> dict[str, Any]:
+    return {"points": [{"run": p.run, "hours": p.hours, "values": p.values,
+                        "ci95": {k: list(v) for k, v in p.ci95.items()}} for p in points],
+            "fits": {k: {"n": f.n, "slope_per_decade": f.slope, "value_at_1h": f.intercept, "target": f.target,
+                         "hours_for_target": f.hours_for_target, "reached_at": f.reached_at,
+                         "note": f.note} for k, f in fitted.items()}}
+
+
+def markdown(points: list[Point], fitted: dict[str, Fit]) -> str:
+    """A table of the figures per run, then one line per fit."""
+    figs = list(fitted)
+    head = "| train hours | run | " + " | ".join(FIGURES[f][0] for f in figs) + " |"
+    lines = [head, "|" + "---|" * (len(figs) + 2)]
+    for p in points:
+        cells = []
+        for f in figs:
+            v = p.values.get(f)
+            ci = p.ci95.get(f)
+            cells.append("-" if v is None else f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        lines.append(f"| {p.hours:.1f} | `{p.run}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    for f, ft in fitted.items():
+        if ft.slope is None:
+            lines.append(f"- {FIGURES[f][0]}: {ft.note}")
+            continue
+        pred = "no prediction" if ft.hours_for_target is None else f"{ft.hours_for_target:,.0f} h"
+        lines.append(f"- {FIGURES[f][0]}: {ft.slope:+.3f} per tenfold hours; target {ft.target:g} -> {pred}"
+                     + (f" ({ft.note})" if ft.note else ""))
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], fitted: dict[str, Fit], out: str | Path) -> Path:
+    """One panel per figure: the runs (with their intervals), the fitted line, the target and its predicted hours;
+    written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from speechlm.atomic import atomic_path
+
+    figs = list(fitted)
+    fig, axes = plt.subplots(1, len(figs), figsize=(3.6 * len(figs), 3.4), squeeze=False)
+    hours = [p.hours for p in points]
+    for ax, f in zip(axes[0], figs):
+        label, _, _ = FIGURES[f]
+        xs = [p.hours for p in points if f in p.values]
+        ys = [p.values[f] for p in points if f in p.values]
+        err = [[y - p.ci95[f][0] if f in p.ci95 else 0 for p, y in zip([q for q in points if f in q.values], ys)],
+               [p.ci95[f][1] - y if f in p.ci95 else 0 for p, y in zip([q for q in points if f in q.values], ys)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, color="C0", label="runs")
+        ft = fitted[f]
+        hi = max(hours) * 3
+        if ft.hours_for_target and ft.hours_for_target > hi:
+            hi = min(ft.hours_for_target * 1.5, max(hours) * 1000)
+        if ft.slope is not None:
+            grid = [min(hours) * (hi / min(hours)) ** (i / 50) for i in range(51)]
+            ax.plot(grid, [ft.predict(h) for h in grid], "--", color="C1", label="fit (log hours)")
+        if ft.target is not None:
+            ax.axhline(ft.target, color="grey", lw=0.8)
+            if ft.hours_for_target:
+                ax.axvline(ft.hours_for_target, color="C2", lw=0.8)
+                ax.annotate(f"{ft.hours_for_target:,.0f} h", (ft.hours_for_target, ft.target), fontsize=8,
+                            textcoords="offset points", xytext=(4, 4), color="C2")
+        ax.set_xscale("log")
+        ax.set_xlabel("train hours of speech")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out
