@@ -1,5 +1,16 @@
 """Quality at equal budget: SSR against the baseline connectors, each trained by the stage recipes and scored by
-the evaluation recipes (tools/benchmarks/bench_quality.py); the table and plot of their reports."""
+the evaluation recipes (tools/benchmarks/bench_quality.py); the tables and plot of their reports.
+
+* :func:`train`: stage 2 (ssr-mid: the mid stage, then stage 2) for one connector and one seed (the stage config's
+  ``seed=``) into ``<out>/<name>-s<seed>``; a finished run there is reused only when its ``config.yaml`` records that
+  seed (a folder holding another seed's run is refused, never resumed or mixed);
+* :func:`evaluate`: StoryCloze S->T, Speech-MMLU cloze 0-shot and zero-shot ASR of every (connector, seed) in one go
+  (the same rendered audio for all);
+* :func:`collect`: one row per (connector, seed) from the reports, with each metric's per-item outcomes;
+* speechlm.perf.benchmarks.quality_paired: every connector minus SSR of the same seed on the same items (95%
+  interval, McNemar p, "inside the noise"), and each connector's mean accuracy over the seeds with its spread;
+* :func:`run`: all of it, ``<out>/bench_quality.json`` and ``.png``, the tables printed.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from speechlm.atomic import atomic_write_text
 from speechlm.errors import ConfigError
@@ -24,6 +37,13 @@ from speechlm.perf.bench import (
     save_figure,
     write_json,
 )
+from speechlm.perf.benchmarks.quality_paired import (
+    METRICS,
+    over_seeds,
+    paired_table,
+    paired_vs_ssr,
+    seeds_table,
+)
 
 #: name -> (connector config overrides, starts from the run's stage-1 connector)
 CONNECTORS: dict[str, tuple[dict[str, object], bool]] = {
@@ -36,6 +56,44 @@ CONNECTORS: dict[str, tuple[dict[str, object], bool]] = {
 }
 LABELS = {"ssr": "SSR (stage 1 + 2)", "ssr-scratch": "SSR (stage 2 only)", "ssr-mid": "SSR (stage 1 + mid + 2)", "stack": "stack k=8 (Ultravox)",
           "conv": "conv k=5 (SLAM-LLM)", "qformer": "window Q-Former (SALMONN)"}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1`` -> ``[0, 1]`` (distinct integers >= 0, in the order given); ConfigError otherwise."""
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"bench_quality --seeds: need comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"bench_quality --seeds: need distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+def run_name(name: str, seed: int) -> str:
+    """The folder (and report label) of one connector trained with one seed: ``<name>-s<seed>``."""
+    return f"{name}-s{seed}"
+
+
+def recorded_seed(folder: Path) -> int | None:
+    """The ``seed`` of the stage run in ``folder`` (its config.yaml, written when the run starts); None without
+    one."""
+    cfg = folder / "config.yaml"
+    if not cfg.is_file():
+        return None
+    data = yaml.safe_load(cfg.read_text()) or {}
+    if not isinstance(data, dict) or "seed" not in data:
+        raise ConfigError(f"bench_quality: {cfg} records no seed")
+    return int(data["seed"])
+
+
+def _reusable(name: str, folder: Path, steps: int, seed: int) -> bool:
+    """True when ``folder`` holds a finished run of ``steps`` with ``seed``; ConfigError when it holds a run (finished
+    or not) of another seed, which neither reuse nor a resume may mix in."""
+    got = recorded_seed(folder)
+    if got is not None and got != seed:
+        raise ConfigError(f"bench_quality: {folder} holds a {name} run with seed {got}, not {seed} (--retrain, or "
+                          "another --out)")
+    return got == seed and run_finished(folder, steps)
 
 
 def _paths(args: argparse.Namespace) -> dict[str, Path]:
@@ -75,16 +133,16 @@ def _launch(name: str, script: str, config: Path, keys: list[str], args: argpars
     return launch_recipe(name, script, config, keys, args, log, f"bench_quality: {script} for {name}")[0]
 
 
-def train_mid(args: argparse.Namespace, paths: dict[str, Path], out: Path) -> tuple[Path, dict]:
+def train_mid(args: argparse.Namespace, paths: dict[str, Path], out: Path, seed: int = 0) -> tuple[Path, dict]:
     """ssr-mid's first part: the supervised mid-training stage from the stage-1 connector for ``--mid-steps``
-    steps into ``<out>/mid`` (reused when finished); its connector folder and metrics."""
+    steps with ``seed`` into ``<out>/mid`` (reused when finished with that seed); its connector folder and metrics."""
     mid = out / "mid"
     wall = None
-    if not run_finished(mid, args.mid_steps):
+    if not _reusable("ssr-mid (mid stage)", mid, args.mid_steps, seed):
         mid.mkdir(parents=True, exist_ok=True)
-        keys = [*_data_keys(paths, mid, args.mid_steps), f"model.init_connector={paths['stage1']}"]
+        keys = [*_data_keys(paths, mid, args.mid_steps), f"model.init_connector={paths['stage1']}", f"seed={seed}"]
         wall = _launch("ssr-mid", "stage_mid_supervised.py", paths["mid_config"], keys, args,
-                       out.parent / "ssr-mid.log")
+                       out.parent / f"{out.name}.log")
     metrics = json.loads((mid / "metrics.json").read_text())
     if wall is not None:
         metrics["bench_wall_s"] = wall
@@ -92,9 +150,10 @@ def train_mid(args: argparse.Namespace, paths: dict[str, Path], out: Path) -> tu
     return mid / "connector", metrics
 
 
-def train(name: str, args: argparse.Namespace, paths: dict[str, Path], out: Path) -> dict:
-    """Stage 2 for one connector (the recipe, under the launcher); its metrics.json plus the wall time (ssr-mid:
-    the mid stage's metrics under ``mid`` and its wall time added)."""
+def train(name: str, args: argparse.Namespace, paths: dict[str, Path], out: Path, seed: int = 0) -> dict:
+    """Stage 2 for one connector with ``seed`` (the recipe, under the launcher) into ``out``, reused when a run of
+    that seed finished there; its metrics.json plus the wall time and ``seed`` (ssr-mid: the mid stage's metrics
+    under ``mid`` and its wall time added)."""
     overrides, from_stage1 = CONNECTORS[name]
     if from_stage1 and not paths["stage1"].is_dir():
         raise ConfigError(f"bench_quality: {name} starts from the stage-1 connector, not found: {paths['stage1']}")
@@ -106,11 +165,11 @@ def train(name: str, args: argparse.Namespace, paths: dict[str, Path], out: Path
         shutil.rmtree(out)
     start, mid_metrics = paths["stage1"], None
     if name == "ssr-mid":
-        start, mid_metrics = train_mid(args, paths, out)
+        start, mid_metrics = train_mid(args, paths, out, seed)
         steps = args.steps - args.mid_steps  # equal total steps: mid + stage 2 = --steps
     wall = None
-    if not run_finished(out, steps):
-        keys = _data_keys(paths, out, steps)
+    if not _reusable(name, out, steps, seed):
+        keys = [*_data_keys(paths, out, steps), f"seed={seed}"]
         if from_stage1:
             keys.append(f"model.init_connector={start}")
         else:
@@ -120,7 +179,7 @@ def train(name: str, args: argparse.Namespace, paths: dict[str, Path], out: Path
             else:  # SSR from scratch gets the run's stage-1 connector shape
                 keys += _ssr_shape(paths)
         out.mkdir(parents=True, exist_ok=True)
-        wall = _launch(name, "stage2_finetune.py", paths["config"], keys, args, out.parent / f"{name}.log")
+        wall = _launch(name, "stage2_finetune.py", paths["config"], keys, args, out.parent / f"{out.name}.log")
     metrics = json.loads((out / "metrics.json").read_text())
     if wall is not None:
         metrics["bench_wall_s"] = wall
@@ -129,7 +188,7 @@ def train(name: str, args: argparse.Namespace, paths: dict[str, Path], out: Path
         metrics = {**metrics, "mid": mid_metrics}
         if metrics.get("bench_wall_s") is not None and mid_metrics.get("bench_wall_s") is not None:
             metrics["bench_wall_s"] += mid_metrics["bench_wall_s"]
-    return metrics
+    return {**metrics, "seed": seed}
 
 
 def _ssr_shape(paths: dict[str, Path]) -> list[str]:
@@ -141,7 +200,9 @@ def _ssr_shape(paths: dict[str, Path]) -> list[str]:
 
 
 def evaluate(names: list[str], args: argparse.Namespace, paths: dict[str, Path], work: Path) -> dict[str, Path]:
-    """StoryCloze S->T, Speech-MMLU cloze and zero-shot ASR for every connector at once; the report paths."""
+    """StoryCloze S->T, Speech-MMLU cloze and zero-shot ASR for the connectors of the trained runs ``names``
+    (folders under ``work``) at once; the report paths. ``--stories``, ``--questions`` (per subject) and
+    ``--asr-utts`` are the recipes' ``limit``: the first N items, 0 = the whole set."""
     conns = "[" + ",".join(str(work / n / "connector") for n in names) + "]"
     common = [f"llm={paths['llm']}", f"aligner={paths['aligner']}", f"out_dir={work / 'eval'}",
               f"threads={args.threads}"]
@@ -172,27 +233,38 @@ def _row(results: list[dict], label: str, **want) -> dict | None:
     return None
 
 
-def collect(names: list[str], metrics: dict[str, dict], reports: dict[str, Path]) -> list[dict]:
+def _accuracy(r: dict | None) -> tuple[dict | None, dict[str, bool] | None]:
+    """A report row's accuracy (with its parity and text accuracy) and its per-item outcomes (None without)."""
+    if r is None:
+        return None, None
+    acc = {**r["accuracy"], "parity": r["parity"], "text": (r.get("text_accuracy") or {}).get("acc")}
+    items = {k: bool(v) for k, v in r["items"].items()} if r.get("items") else None
+    return acc, items
+
+
+def collect(runs: list[tuple[str, int]], metrics: dict[str, dict], reports: dict[str, Path]) -> list[dict]:
+    """One row per trained ``(connector, seed)`` of ``runs`` (``metrics`` keyed by :func:`run_name`), read from the
+    evaluation reports: its accuracies (None when a report lacks it: missing, not made up), ASR WER, validation loss,
+    and ``items``: ``{metric: {item id: right?}}`` for the paired comparisons (not written to the JSON)."""
     sc = json.loads(reports["storycloze"].read_text())["results"]
     mm = json.loads(reports["speech_mmlu"].read_text())["results"]
     asr = json.loads(reports["asr"].read_text())["results"]
     rows = []
-    for n in names:
-        label = f"{n}/connector"
-        m = metrics[n]
+    for n, seed in runs:
+        label = f"{run_name(n, seed)}/connector"
+        m = metrics[run_name(n, seed)]
         valid = m.get("final_valid", {})  # a stage's metrics.json: the last validation
         mid_steps = m["mid"]["steps"] if "mid" in m else 0
-        row = {"connector": n, "label": LABELS[n], "steps": m["steps"] + mid_steps, "mid_steps": mid_steps,
-               "valid_loss_speech": valid.get("loss_speech", m.get("valid_loss_speech")),
+        row = {"connector": n, "seed": seed, "label": LABELS[n], "steps": m["steps"] + mid_steps,
+               "mid_steps": mid_steps, "valid_loss_speech": valid.get("loss_speech", m.get("valid_loss_speech")),
                "valid_loss_text": valid.get("loss_text", m.get("valid_loss_text")),
-               "step_time_s": m.get("step_time_s_median"), "train_wall_s": m.get("bench_wall_s")}
+               "step_time_s": m.get("step_time_s_median"), "train_wall_s": m.get("bench_wall_s"), "items": {}}
         for style in ("adversarial", "random"):
-            r = _row(sc, label, task=f"storycloze/{style}", condition="s2t", scoring="summed")
-            row[f"storycloze_{style}"] = None if r is None else {**r["accuracy"], "parity": r["parity"],
-                                                                  "text": r["text_accuracy"]["acc"]}
-        r = _row(mm, label, task="speech_mmlu/all", condition="speech_0shot", scoring="cloze")
-        row["mmlu_0shot"] = None if r is None else {**r["accuracy"], "parity": r["parity"],
-                                                    "text": r["text_accuracy"]["acc"]}
+            key = f"storycloze_{style}"
+            row[key], row["items"][key] = _accuracy(
+                _row(sc, label, task=f"storycloze/{style}", condition="s2t", scoring="summed"))
+        row["mmlu_0shot"], row["items"]["mmlu_0shot"] = _accuracy(
+            _row(mm, label, task="speech_mmlu/all", condition="speech_0shot", scoring="cloze"))
         a = next((x for x in asr if x["system"] == label), None)
         row["asr_wer"] = None if a is None else a["wer"]
         rows.append(row)
@@ -203,29 +275,32 @@ def _acc(d: dict | None) -> str:
     if d is None:
         return "-"
     lo, hi = d["ci95"]
-    return f"{100 * d['acc']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] ({d['parity']:.2f})"
+    parity = "-" if d.get("parity") is None else f"{d['parity']:.2f}"  # None: no text accuracy, or text got 0
+    return f"{100 * d['acc']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] ({parity})"
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| connector | steps (mid + stage 2) | step s | valid loss (text) | ASR WER % | StoryCloze S->T adv. % (parity) "
-            "| S->T random % (parity) | MMLU cloze 0-shot % (parity) |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| connector | seed | steps (mid + stage 2) | step s | valid loss (text) | ASR WER % "
+            "| StoryCloze S->T adv. % (parity) | S->T random % (parity) | MMLU cloze 0-shot % (parity) |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         loss = "-" if r["valid_loss_speech"] is None else f"{r['valid_loss_speech']:.3f} ({r['valid_loss_text']:.3f})"
         wer = "-" if r["asr_wer"] is None else f"{100 * r['asr_wer']:.1f}"
         step = "-" if r["step_time_s"] is None else f"{r['step_time_s']:.2f}"
         steps = f"{r['mid_steps']} + {r['steps'] - r['mid_steps']}" if r.get("mid_steps") else str(r["steps"])
-        lines.append(f"| {r['label']} | {steps} | {step} | {loss} | {wer} | {_acc(r['storycloze_adversarial'])} "
+        lines.append(f"| {r['label']} | {r['seed']} | {steps} | {step} | {loss} | {wer} "
+                     f"| {_acc(r['storycloze_adversarial'])} "
                      f"| {_acc(r['storycloze_random'])} | {_acc(r['mmlu_0shot'])} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
-    keys = [("storycloze_adversarial", "StoryCloze S->T (adv.)"), ("storycloze_random", "StoryCloze S->T (random)"),
-            ("mmlu_0shot", "Speech-MMLU cloze 0-shot")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), sharey=True)
-    for ax, (key, title) in zip(axes, keys):
+    seeds = len({r["seed"] for r in rows})
+    ticks = [r["connector"] if seeds == 1 else f"{r['connector']}/s{r['seed']}" for r in rows]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(max(4.2, 0.45 * len(rows) + 1.5) * len(METRICS), 3.6),
+                             sharey=True)
+    for ax, (key, title) in zip(axes, METRICS):
         accs = [r[key] for r in rows]
         xs = range(len(rows))
         vals = [100 * a["acc"] if a else 0.0 for a in accs]
@@ -237,7 +312,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if text is not None:
             ax.axhline(100 * text, color="k", ls="--", lw=1, label="text (same LLM)")
             ax.legend(loc="lower right", fontsize=7)
-        ax.set_xticks(list(xs), [r["connector"] for r in rows], rotation=30, fontsize=8)
+        ax.set_xticks(list(xs), ticks, rotation=30, fontsize=8)
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("accuracy % (95% CI)")
     fig.suptitle(f"Quality at equal stage-2 budget ({rows[0]['steps']} steps)", fontsize=10)
@@ -246,24 +321,40 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train every connector of ``args.connectors`` (reused when finished), evaluate them all, write the report."""
+    """Train every connector of ``args.connectors`` once per seed of ``args.seeds`` (reused when finished), evaluate
+    them all in one go, compare each with SSR of its seed item by item, write the report."""
     names = pick_names(args.connectors, list(CONNECTORS), "bench_quality --connectors")
+    seeds = parse_seeds(args.seeds)
+    for opt in ("stories", "questions", "asr_utts"):
+        if getattr(args, opt) < 0:
+            raise ConfigError(f"bench_quality --{opt.replace('_', '-')}: need >= 0 (0 = the whole set), got "
+                              f"{getattr(args, opt)}")
     paths = _paths(args)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    metrics = {n: train(n, args, paths, work / n) for n in names}
+    runs = [(n, s) for s in seeds for n in names]
+    metrics = {run_name(n, s): train(n, args, paths, work / run_name(n, s), s) for n, s in runs}
     if args.skip_eval:
         return {"metrics": metrics}
-    reports = evaluate(names, args, paths, work)
-    rows = collect(names, metrics, reports)
+    reports = evaluate([run_name(n, s) for n, s in runs], args, paths, work)
+    rows = collect(runs, metrics, reports)
+    paired = paired_vs_ssr(rows)
+    summary = over_seeds(rows, paired)
+    rows = [{k: v for k, v in r.items() if k != "items"} for r in rows]  # the outcomes stay in the reports
     result = {
         "benchmark": "quality at equal stage-2 budget", "machine": machine(), "run": str(paths["run"]),
-        "steps": args.steps, "ranks": args.ranks, "stories": args.stories, "questions_per_subject": args.questions,
-        "asr_utts": args.asr_utts, "wall_s": time.perf_counter() - t0, "rows": rows,
+        "steps": args.steps, "ranks": args.ranks, "seeds": seeds, "stories": args.stories,
+        "questions_per_subject": args.questions, "asr_utts": args.asr_utts, "limits_note": "0 = the whole set",
+        "reports": {k: str(v) for k, v in reports.items()}, "wall_s": time.perf_counter() - t0, "rows": rows,
+        "paired_vs_ssr": paired, "over_seeds": summary,
     }
     write_json(work / "bench_quality.json", result)
     plot(rows, work / "bench_quality.png")
     print(table(rows))
+    print("\nMinus SSR of the same seed on the same items (paired bootstrap 95% CI, McNemar p):\n")
+    print(paired_table(paired, LABELS))
+    print(f"\nOver seeds {','.join(map(str, seeds))}:\n")
+    print(seeds_table(summary))
     print(f"\nwrote {work / 'bench_quality.json'} and {work / 'bench_quality.png'}")
     return result
