@@ -6,7 +6,8 @@
 # The training stages run with 2 CPU ranks through the deepspeed launcher, one torch thread each.
 # PRESET=tiny|small picks recipes/configs/{aligner,stage1,stage2}_$PRESET.yaml; the wrappers set the
 # rest. Knobs (environment): RUN HOURS ALIGNER_STEPS STAGE1_STEPS STAGE2_STEPS (empty = the config's)
-#   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..."
+#   RANKS=2 (1 = plain python, no launcher) EXTRA1="key=value ..." EXTRA2="key=value ..." (stage 1 / 2 overrides)
+#   EXTRA_ALIGNER="key=value ..." (aligner overrides, e.g. max_minutes=0)
 #   FROM=stage1 (start at this step, reusing the outputs of the earlier ones) UNTIL=stage1 (stop after this
 #   step: no later steps, no summary; unset = every step, then the summary) FORCE=1 (new corpus)
 #   DRY_RUN=1 (print each step's command and the summary command, run nothing)
@@ -159,7 +160,7 @@ step cache_features bash -c "for s in train valid test; do \
 step train_aligner "$PY" recipes/train_aligner.py --config "$CONFIGS/aligner_$PRESET.yaml" \
   train_manifest="$CORPUS/train.jsonl" valid_manifest="$CORPUS/valid.jsonl" \
   feature_cache_train="$FEATURES/train" feature_cache_valid="$FEATURES/valid" \
-  out_dir="$RUN/aligner" ${ALIGNER_STEPS:+steps=$ALIGNER_STEPS}
+  out_dir="$RUN/aligner" ${ALIGNER_STEPS:+steps=$ALIGNER_STEPS} ${EXTRA_ALIGNER:-}
 step eval_aligner "$PY" tools/eval_alignment.py --manifest "$CORPUS/test.jsonl" --aligner "$RUN/aligner" \
   --feature-cache "$FEATURES/test" --out "$RUN/aligner_eval.json" --modes forced free
 step align bash -c "for s in train valid; do \
