@@ -146,7 +146,7 @@ def test_scaling_recipe_runs_the_large_preset_at_each_amount_then_the_curve_and_
     assert "tools/scaling_curve.py --runs runs/scale-2.0h runs/scale-5.0h runs/scale-12.5h" in out
     comparisons = [line for line in out.splitlines() if "bench_quality.py" in line]
     assert len(comparisons) == 2 and all("--seeds 0,1" in c and "--connectors ssr,stack,qformer" in c
-                                         and "--steps 500" in c for c in comparisons)
+                                         and "--steps 400" in c for c in comparisons)
     assert "--run runs/scale-5.0h" in comparisons[0] and "--hours 30.0" in comparisons[1]
 
 
