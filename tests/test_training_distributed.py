@@ -1,5 +1,6 @@
 """The recipes under DeepSpeed: ZeRO-2/3 with 2 CPU ranks against plain PyTorch, crash + exact resume,
-frozen weights bit-identical, clear errors for corrupt or mismatched checkpoints.
+frozen weights bit-identical, clear errors for corrupt or mismatched checkpoints. The ZeRO-3 runs have stage 1's
+sampled-softmax term on (it reads the embedding table, which ZeRO-3 partitions across the ranks).
 
 Slow: each launcher run starts two Python processes (the first run on a machine also JIT-builds
 DeepSpeed's shared-memory comm op, ~90 s). Three launcher runs and three plain ones in all.
@@ -20,11 +21,15 @@ from speechlm.training import build
 from speechlm.training.configs import Stage1Config
 from speechlm.training.deepspeed_engine import frozen_fingerprint, param_groups
 from speechlm.training.distributed import DistInfo, seed_everything
+from speechlm.training.factory import stage1_module
 from speechlm.training.schedule import warmup_cosine
-from speechlm.training.stages import Stage1Distill, TokenEmbedding
+from speechlm.training.stages import TokenEmbedding
 
 pytestmark = pytest.mark.slow
 STEPS = 6
+# The sampled-softmax term with more random rows than the tiny vocabulary has: the candidates are then the whole
+# table whatever the draws, so the loss does not depend on the RNG and the ranks can be compared with one process.
+CONTRASTIVE = {"contrastive.weight": 1.0, "contrastive.negatives": 4096}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,8 @@ def plain_pytorch_losses(overrides: list[str], world_size: int) -> list[float]:
     seed_everything(cfg.seed, 0)  # the recipe's initialisation, call for call
     llm, tok = build.load_llm(cfg.model.llm)
     enc = build.encoder_facts(cfg.model, cfg.data)
-    model = Stage1Distill(build.make_connector(cfg.model, enc, llm), TokenEmbedding(llm.get_input_embeddings().weight),
-                          cfg.mse_weight, cfg.cosine_weight)
+    model = stage1_module(cfg, build.make_connector(cfg.model, enc, llm), llm.get_input_embeddings().weight)
+    assert model.contrastive_negatives > 20 * llm.get_input_embeddings().weight.shape[0] or not cfg.contrastive.weight
     e = cfg.engine
     opt = torch.optim.AdamW(param_groups(model, e.weight_decay), lr=e.lr, betas=tuple(e.betas),
                             weight_decay=e.weight_decay)
@@ -82,6 +87,12 @@ def reference(world, tmp_path_factory) -> list[float]:
     return plain_pytorch_losses(_overrides(world, tmp_path_factory.mktemp("ref")), world_size=2)
 
 
+@pytest.fixture(scope="module")
+def reference_contrastive(world, tmp_path_factory) -> list[float]:
+    torch.set_num_threads(1)
+    return plain_pytorch_losses(_overrides(world, tmp_path_factory.mktemp("refc"), **CONTRASTIVE), world_size=2)
+
+
 def _embedding_fingerprint(world) -> str:
     llm, _ = build.load_llm(world["llm"])
     return frozen_fingerprint(TokenEmbedding(llm.get_input_embeddings().weight))
@@ -108,7 +119,8 @@ def zero3_crashed(world, tmp_path_factory) -> Path:
     """A ZeRO-3 2-rank run that dies right after step 4 (last complete checkpoint: step 3)."""
     out = tmp_path_factory.mktemp("z3") / "run"
     proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml",
-                      _overrides(world, out, **{"engine.zero_stage": 3, "loop.crash_after": 4}), ranks=2)
+                      _overrides(world, out, **{"engine.zero_stage": 3, "loop.crash_after": 4, **CONTRASTIVE}),
+                      ranks=2)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert not leaked_shm_buffers(proc.master_port)  # not even by a rank that died without cleaning up
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
@@ -116,15 +128,19 @@ def zero3_crashed(world, tmp_path_factory) -> Path:
     return out
 
 
-def test_zero3_killed_and_resumed_equals_uninterrupted(world, reference, zero3_crashed, tmp_path):
+def test_zero3_killed_and_resumed_equals_uninterrupted(world, reference, reference_contrastive, zero3_crashed,
+                                                       tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(zero3_crashed, out)
-    _ok(run_recipe("stage1_distill.py", "stage1_tiny.yaml", _overrides(world, out, **{"engine.zero_stage": 3}),
-                   ranks=2))
+    _ok(run_recipe("stage1_distill.py", "stage1_tiny.yaml",
+                   _overrides(world, out, **{"engine.zero_stage": 3, **CONTRASTIVE}), ranks=2))
     m = _metrics(out)
     history = json.loads((out / "history.json").read_text())
     assert [r["step"] for r in history["train"]] == list(range(1, STEPS + 1))  # step 4 redone once, not twice
-    assert m["train_losses"] == pytest.approx(reference, rel=1e-6)
+    assert all(r["contrastive"] > 0 for r in history["train"])
+    # ZeRO-3 with the term = one process with it; and the term changed the losses (it is not silently off)
+    assert m["train_losses"] == pytest.approx(reference_contrastive, rel=1e-6)
+    assert abs(reference_contrastive[0] - reference[0]) > 0.1
     assert m["frozen_unchanged"] and m["frozen_sha256_start"] == _embedding_fingerprint(world)
 
 
@@ -135,7 +151,7 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(world, zero3_crash
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml", _overrides(world, corrupt))
+    proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml", _overrides(world, corrupt, **CONTRASTIVE))
     assert proc.returncode != 0
     assert "CheckpointError" in proc.stderr and victim.name in proc.stderr and "corrupt" in proc.stderr
 
@@ -150,7 +166,8 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(world, zero3_crash
     realigned = tmp_path / "realigned.jsonl"
     realigned.write_text("\n".join([json.dumps(first)] + rows[1:]) + "\n")
     proc = run_recipe("stage1_distill.py", "stage1_tiny.yaml",
-                      _overrides(world, other, **{"model.connector.d_model": 48, "data.train_manifest": realigned}))
+                      _overrides(world, other, **{"model.connector.d_model": 48, "data.train_manifest": realigned,
+                                                  **CONTRASTIVE}))
     assert proc.returncode != 0 and "CheckpointError" in proc.stderr
     for why in ("saved with 2 ranks", "ZeRO-3", "trainable parameters differ", "d_model", "train_data"):
         assert why in proc.stderr, proc.stderr[-3000:]
