@@ -4,7 +4,12 @@
         --task storycloze/adversarial --condition s2t --scoring summed
 
 Both reports must have scored the same items (same sets, same `limit`); rows are matched on task, condition,
-boundaries and scoring. A difference whose interval contains 0 is printed as inside the noise.
+boundaries and scoring. Two token analyses (tools/analyze_tokens.py) are compared token by token; with the
+spelling path one analysis holds several read-outs, compared with itself:
+
+    python tools/compare_evals.py runs/tiny/token_analysis.json runs/tiny/token_analysis.json \
+        --a-items items_mix --b-items items
+ A difference whose interval contains 0 is printed as inside the noise.
 How it works: speechlm/eval/paired.py.
 """
 
@@ -14,6 +19,7 @@ import argparse
 import json
 import sys
 
+from speechlm.errors import SpeechLMError
 from speechlm.eval.paired import compare_reports
 
 
@@ -25,11 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--condition", default="", help="e.g. s2t, s, speech_0shot")
     ap.add_argument("--scoring", default="", help="e.g. summed, length_norm, cloze")
     ap.add_argument("--same-connector", action="store_true", help="match rows on the connector name too")
+    ap.add_argument("--a-items", default="items", help="token analyses: A's item map (items, items_mix, "
+                    "items_speller)")
+    ap.add_argument("--b-items", default="items", help="token analyses: B's item map")
     ap.add_argument("--json", action="store_true", help="print JSON instead of lines")
     args = ap.parse_args(argv)
     with open(args.a) as fa, open(args.b) as fb:
-        found = compare_reports(json.load(fa), json.load(fb), args.task, args.condition, args.scoring,
-                                args.same_connector)
+        reports = json.load(fa), json.load(fb)
+    try:
+        found = compare_reports(*reports, args.task, args.condition, args.scoring, args.same_connector,
+                                items_a=args.a_items, items_b=args.b_items)
+    except SpeechLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not found:
         print("no matching rows with per-item outcomes in both reports", file=sys.stderr)
         return 1

@@ -151,7 +151,8 @@ def _row_key(row: Mapping) -> tuple[str, str, str, str, str]:
 
 
 def compare_reports(a: Mapping, b: Mapping, task: str = "", condition: str = "", scoring: str = "",
-                    same_connector: bool = False, resamples: int = 10000) -> list[tuple[str, PairedComparison]]:
+                    same_connector: bool = False, resamples: int = 10000, items_a: str = "items",
+                    items_b: str = "items") -> list[tuple[str, PairedComparison]]:
     """Rows of two evaluation reports (the JSON of :func:`speechlm.eval.report.write_report`) compared item by item.
 
     Rows are matched on task, condition, boundaries and scoring (and the connector too with ``same_connector``;
@@ -159,13 +160,18 @@ def compare_reports(a: Mapping, b: Mapping, task: str = "", condition: str = "",
     ``scoring`` filter them (a prefix of the task, e.g. ``storycloze/adversarial``). Rows without per-item
     outcomes (reports written before they were recorded) are skipped. Two stage-1 token analyses
     (speechlm.eval.token_analysis: a top-level ``items`` map, one entry per validation token) are compared token by
-    token. Returns ``[(label, comparison)]``.
+    token; ``items_a`` / ``items_b`` name another of their item maps (``items_mix``, ``items_speller``: the
+    spelling path's read-outs), so that one analysis can be compared with itself (the mix against SSR).
+    Returns ``[(label, comparison)]``.
     """
-    if isinstance(a.get("items"), Mapping) and isinstance(b.get("items"), Mapping):
-        label = (f"nearest-token accuracy: {a.get('connector', 'A')} vs {b.get('connector', 'B')} "
-                 "(interval: utterances resampled)")
-        return [(label, compare({k: bool(v) for k, v in a["items"].items()},
-                                {k: bool(v) for k, v in b["items"].items()}, resamples, cluster=True))]
+    if isinstance(a.get(items_a), Mapping) and isinstance(b.get(items_b), Mapping):
+        name_a = a.get("connector", "A") + ("" if items_a == "items" else f" [{items_a}]")
+        name_b = b.get("connector", "B") + ("" if items_b == "items" else f" [{items_b}]")
+        label = f"nearest-token accuracy: {name_a} vs {name_b} (interval: utterances resampled)"
+        return [(label, compare({k: bool(v) for k, v in a[items_a].items()},
+                                {k: bool(v) for k, v in b[items_b].items()}, resamples, cluster=True))]
+    if items_a != "items" or items_b != "items":
+        raise ConfigError(f"item maps {items_a!r} / {items_b!r}: not in both reports (token analyses only)")
     def wanted(r: Mapping) -> bool:
         return (r.get("items") is not None and r["task"].startswith(task)
                 and (not condition or r["condition"] == condition) and (not scoring or r["scoring"] == scoring))
