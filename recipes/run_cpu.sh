@@ -31,6 +31,7 @@ STORIES=${STORIES:-60}
 QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-8}
 ASR_UTTS=${ASR_UTTS:-40}
 WRONG_STYLES=${WRONG_STYLES:-[adversarial,random]}  # StoryCloze wrong endings (the first is the headline)
+MMLU_SHOTS=${MMLU_SHOTS:-[0,5]}  # Speech-MMLU: 0-shot (the headline) and 5-shot (5 spoken examples before each question)
 CASCADE=${CASCADE:-true}  # also evaluate the Whisper-base cascade (Whisper transcribes, the LLM reads)
 LIBRIVOX=${LIBRIVOX:-true}  # zero-shot ASR also on the 5 LibriVox clips of Debian's pocketsphinx-testdata
 VOICES=${VOICES:-natural}  # StoryCloze / Speech-MMLU voices: natural (held-out Festival ked + Piper joe) | hard
@@ -217,7 +218,7 @@ storycloze_hard() {
 }
 step eval_storycloze_hard storycloze_hard
 step eval_speech_mmlu "$PY" recipes/eval_speech_mmlu.py "${evals[@]}" connectors="[$RUN/stage2/connector]" \
-  methods="[cloze]" cascade="$CASCADE" limit="$QUESTIONS_PER_SUBJECT" voices="[$VOICES]"
+  methods="[cloze]" shots="$MMLU_SHOTS" cascade="$CASCADE" limit="$QUESTIONS_PER_SUBJECT" voices="[$VOICES]"
 step eval_asr "$PY" recipes/eval_asr.py "${evals[@]}" manifest="$CORPUS/test.jsonl" \
   connectors="[$RUN/stage1/connector]" whisper_baseline=true limit="$ASR_UTTS" librivox="$LIBRIVOX"
 

@@ -9,6 +9,7 @@ export PRESET=large
 export RUN=${RUN:-runs/large} HOURS=${HOURS:-30.0}
 export STORIES=${STORIES:-0} QUESTIONS_PER_SUBJECT=${QUESTIONS_PER_SUBJECT:-0} ASR_UTTS=${ASR_UTTS:-200}
 export WRONG_STYLES=${WRONG_STYLES:-[adversarial]}  # the headline style only: the whole set is the cost
+export MMLU_SHOTS=${MMLU_SHOTS:-[0]}  # 0-shot only: 5-shot prompts on the whole set took the budget's last half hour
 export CASCADE=${CASCADE:-true}  # the Whisper-base cascade beside SSR, paired on the same items
 export HARD_EVAL=${HARD_EVAL:-false}
 exec bash "$(dirname "$0")/run_cpu.sh"

@@ -133,6 +133,9 @@ def test_default_step_list_reaches_the_summary(wrapper, tmp_path):
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     if wrapper == "run_large.sh":  # 30 h and the whole evaluation sets (limit=0), the cascade beside SSR
         assert "large-30.0h" in proc.stdout and "limit=0" in proc.stdout and "cascade=true" in proc.stdout
+        assert "shots=[0] " in proc.stdout  # the headline 0-shot only on the whole Speech-MMLU set
+    else:
+        assert "shots=[0,5] " in proc.stdout
 
 
 def test_scaling_recipe_runs_the_large_preset_at_each_amount_then_the_curve_and_the_comparison():
