@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from tqdm import tqdm
 
 from alignment.aligner import Aligner
-from alignment.features import iter_feature_batches, open_frame_source
-from speechlm.data.manifest import read_manifest, write_manifest
+from alignment.features import by_length, iter_feature_batches, open_frame_source
+from speechlm.data.manifest import Utterance, read_manifest, write_manifest
 from speechlm.errors import AlignmentError
 
 
@@ -32,6 +32,8 @@ def align_manifest(manifest: str, aligner_folder: str, tokenizer: str, out: str,
     Forced mode aligns each row's transcript; ``free`` decodes the speech and replaces ``text`` by what was
     decoded (its reference word timings are dropped). The output is written atomically; with ``skip_bad`` rows
     that cannot be read or aligned are left out and listed in the result, else the first one raises.
+    Rows are batched shortest first (little padding for the aligner to attend over) and written in the
+    manifest's order.
     """
     from transformers import AutoTokenizer
 
@@ -41,9 +43,11 @@ def align_manifest(manifest: str, aligner_folder: str, tokenizer: str, out: str,
     bad: list[str] = []
     utts = read_manifest(manifest, skip_bad=skip_bad, bad_rows=bad)
     to_hz = target_frame_rate or aligner.frame_rate_hz
-    rows = []
+    position = {id(u): k for k, u in enumerate(utts)}
+    rows: dict[int, Utterance] = {}
     with tqdm(total=len(utts), desc="align", unit="utt") as bar:
-        for fb in iter_feature_batches(utts, batch_size, encoder=enc, cache=cache, skip_bad=skip_bad, bad_rows=bad):
+        for fb in iter_feature_batches([utts[i] for i in by_length(utts)], batch_size, encoder=enc, cache=cache,
+                                       skip_bad=skip_bad, bad_rows=bad):
             lp = aligner.frame_outputs(fb.features, fb.lengths)
             for k, utt in enumerate(fb.utts):
                 try:
@@ -55,7 +59,7 @@ def align_manifest(manifest: str, aligner_folder: str, tokenizer: str, out: str,
                     bad.append(f"{utt.id}: {e}")
                     continue
                 # free mode replaces the text, so the reference word timings no longer describe it
-                rows.append(replace(utt, text=res.text, token_boundaries=res.token_boundaries,
-                                    boundary_frame_rate_hz=res.frame_rate_hz, words=None if free else utt.words))
+                rows[position[id(utt)]] = replace(utt, text=res.text, token_boundaries=res.token_boundaries,
+                                    boundary_frame_rate_hz=res.frame_rate_hz, words=None if free else utt.words)
             bar.update(len(fb.utts))
-    return AlignedManifest(write_manifest(out, rows), to_hz, bad)
+    return AlignedManifest(write_manifest(out, [rows[k] for k in sorted(rows)]), to_hz, bad)

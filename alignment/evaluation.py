@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from alignment.aligner import MODES, Aligner
 from alignment.decoders import DECODERS
-from alignment.features import iter_feature_batches, open_frame_source
+from alignment.features import by_length, iter_feature_batches, open_frame_source
 from alignment.metrics import BoundaryErrors, SpeedMeter, character_error_rate, word_boundary_errors
 from speechlm.data.manifest import read_manifest
 from speechlm.data.tts import engine_of
@@ -57,6 +57,7 @@ def evaluate(opts: EvalOptions) -> dict:
     utts = [u for u in read_manifest(opts.manifest) if u.words]
     if opts.limit:
         utts = utts[: opts.limit]
+    utts = [utts[i] for i in by_length(utts)]  # batches of similar lengths: little padding
     runs = [(d, m) for m in opts.modes for d in opts.decoders]
     errors = {r: BoundaryErrors() for r in runs}
     # The same per synthesis engine of each row's speaker (held-out eSpeak voices: "espeak-hard").

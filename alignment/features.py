@@ -31,6 +31,12 @@ def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return out, lengths
 
 
+def by_length(utts: Sequence[Utterance]) -> list[int]:
+    """Indices of ``utts`` shortest first: batches of neighbours in this order carry almost no padding (rows in
+    a synthesized manifest's own order make batches about half padding, and the aligner's attention pays for it)."""
+    return sorted(range(len(utts)), key=lambda i: (utts[i].duration_s, i))
+
+
 def iter_feature_batches(utts: Sequence[Utterance], batch_size: int, encoder=None, cache=None,
                          skip_bad: bool = False, bad_rows: list[str] | None = None) -> Iterator[FeatureBatch]:
     """Batches of ``utts`` in order with their frames: from ``cache`` (a FeatureCache) when it has the row,

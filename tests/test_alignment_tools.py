@@ -110,6 +110,14 @@ def test_train_align_eval_round_trip(tmp_path, capsys):
                            skip_bad=True)
     assert again.rows == 2 and [b.split(":")[0] for b in again.bad] == ["short"]
     assert [r.token_boundaries for r in read_manifest(tmp_path / "again.jsonl")] == [r.token_boundaries for r in rows]
+    # rows are batched shortest first but written in the manifest's order, with the boundaries each row gets alone
+    longest_first = tmp_path / "longest_first.jsonl"
+    write_manifest(longest_first, read_manifest(train_m)[::-1])
+    batched, alone = tmp_path / "batched.jsonl", tmp_path / "alone.jsonl"
+    align_manifest(str(longest_first), str(out), str(tok_dir), str(batched), batch_size=3)
+    align_manifest(str(longest_first), str(out), str(tok_dir), str(alone), batch_size=1)
+    assert [r.id for r in read_manifest(batched)] == ["u3", "u2", "u1", "u0"]
+    assert [r.token_boundaries for r in read_manifest(batched)] == [r.token_boundaries for r in read_manifest(alone)]
     # without skip_bad the short row stops the run and nothing is written
     failed = tmp_path / "failed.jsonl"
     with pytest.raises(AlignmentError, match="short"):
