@@ -6,6 +6,8 @@
 #   HOURS_LIST="2.0 5.0 12.5"  the amounts run here, each into runs/scale-<h>h (30 h: runs/large, from make large)
 #   COMPARE_AT="runs/scale-5.0h runs/large"  runs whose connectors are compared with the baselines
 #   SEEDS=0,1  STEPS2=400 (the stage-2 budget of every connector in the comparison: the large preset's)
+#   CASCADE=false  the Whisper cascade is not evaluated at each amount: it reads no connector, so its answers
+#              are the same at every amount (make large reports it); the curve is SSR against text, paired
 #   DRY_RUN=1  print the commands (each run's steps too), run nothing
 # Each run costs what make large costs at its hours (synthesis and feature caching scale with hours; the
 # aligner, the stages and the evaluations do not): see docs/PERFORMANCE.md, "Learning per hour of speech".
@@ -16,6 +18,7 @@ COMPARE_AT=${COMPARE_AT:-"runs/scale-5.0h runs/large"}
 SEEDS=${SEEDS:-0,1}
 STEPS2=${STEPS2:-400}
 DRY_RUN=${DRY_RUN:-0}
+export CASCADE=${CASCADE:-false}
 PY=${VENV:-.venv}/bin/python
 run() { echo "=== $*"; [ "$DRY_RUN" = 1 ] || "$@"; }
 

@@ -146,6 +146,9 @@ def test_scaling_recipe_runs_the_large_preset_at_each_amount_then_the_curve_and_
     out = proc.stdout
     for h in ("2.0", "5.0", "12.5"):  # the large preset's flow at each amount, into its own run folder
         assert f"large-{h}h" in out and f"tools/summarize_run.py --run runs/scale-{h}h" in out
+    evals = [line for line in out.splitlines() if "recipes/eval_" in line and "runs/scale-" in line]
+    # the cascade reads no connector: evaluated once by make large, not again at every amount
+    assert len(evals) == 9 and all("cascade=false" in line for line in evals if "eval_asr" not in line)
     assert "tools/scaling_curve.py --runs runs/scale-2.0h runs/scale-5.0h runs/scale-12.5h" in out
     comparisons = [line for line in out.splitlines() if "bench_quality.py" in line]
     assert len(comparisons) == 2 and all("--seeds 0,1" in c and "--connectors ssr,stack,qformer" in c
