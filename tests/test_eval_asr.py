@@ -198,7 +198,7 @@ class FakeWhisper:
 
     heard: ClassVar[dict[int, str]] = {}
 
-    def __init__(self, folder, device):
+    def __init__(self, folder, device, transcripts=None):
         pass
 
     def transcribe(self, waves, batch_size):

@@ -94,7 +94,7 @@ def test_eval_configs_share_their_base_and_refuse_bad_values_on_load():
 
     base = {f.name for f in fields(EvalConfig)}
     spoken = {f.name for f in fields(SpokenEvalConfig)}
-    assert len(spoken) == 19 and base < spoken
+    assert len(spoken) == 20 and base < spoken
     for _, cls in RUNS.values():
         assert base <= {f.name for f in fields(cls)}
     assert run_storycloze.StoryClozeEvalConfig().name == "storycloze" and run_asr.ASREvalConfig().name == "asr"
@@ -129,7 +129,7 @@ def test_storycloze_cascade_transcribes_each_waveform_once(tmp_path, monkeypatch
     calls = []
 
     class FakeWhisper:  # "hears" each clip as its length in words, and counts what it is asked
-        def __init__(self, folder, device):
+        def __init__(self, folder, device, transcripts=None):
             pass
 
         def transcribe(self, waves, batch_size):
@@ -162,7 +162,7 @@ def test_asr_recipe_reports_wer_and_cer_per_system(tmp_path, monkeypatch):
     heard = {16000: "the cat sad", 24000: "a dog ran home"}  # one character wrong in the first clip
 
     class FakeWhisper:  # "hears" a fixed transcript per clip length
-        def __init__(self, folder, device):
+        def __init__(self, folder, device, transcripts=None):
             pass
 
         def transcribe(self, waves, batch_size):
@@ -229,7 +229,7 @@ def test_storycloze_reports_every_spoken_figure_per_engine(tmp_path, monkeypatch
     from speechlm.eval import asr
 
     class FakeWhisper:  # hears every clip as "tom was sad"
-        def __init__(self, folder, device):
+        def __init__(self, folder, device, transcripts=None):
             pass
 
         def transcribe(self, waves, batch_size):

@@ -277,9 +277,15 @@ def read_librivox_inputs(folder: str | Path = LIBRIVOX_DIR, sample_rate: int = 1
 
 
 class WhisperCascade:
-    """Whisper (a converted ``WhisperForConditionalGeneration`` folder) as the cascade's transcriber."""
+    """Whisper (a converted ``WhisperForConditionalGeneration`` folder) as the cascade's transcriber.
 
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
+    With ``transcripts`` (a folder) each clip's transcript is kept there by its samples and the model's files
+    (:mod:`speechlm.eval.transcripts`), and a clip heard before is not run through Whisper again."""
+
+    #: How it decodes (part of the transcript cache's key: change it when the decoding changes).
+    SETTINGS = "generate(language=en, task=transcribe, max_new_tokens=200, greedy)"
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", transcripts: str | Path | None = None):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         folder = Path(folder)
@@ -289,9 +295,20 @@ class WhisperCascade:
         self.model = WhisperForConditionalGeneration.from_pretrained(str(folder), torch_dtype=torch.float32)
         self.model.to(device).eval()
         self.sample_rate = int(self.processor.feature_extractor.sampling_rate)
+        self.cache = None
+        if transcripts:
+            from speechlm.eval.transcripts import TranscriptCache, model_key
+
+            self.cache = TranscriptCache(transcripts, model_key(folder, self.SETTINGS))
+
+    def transcribe(self, waves: Sequence[torch.Tensor], batch_size: int = 8) -> list[str]:
+        """Whisper's text of each clip (16 kHz mono), ``batch_size`` clips a forward pass."""
+        from speechlm.eval.transcripts import transcribe_cached
+
+        return transcribe_cached(lambda clips: self._transcribe(clips, batch_size), waves, self.cache)
 
     @torch.no_grad()
-    def transcribe(self, waves: Sequence[torch.Tensor], batch_size: int = 8) -> list[str]:
+    def _transcribe(self, waves: Sequence[torch.Tensor], batch_size: int) -> list[str]:
         out: list[str] = []
         for k in range(0, len(waves), batch_size):
             chunk = [w.cpu().numpy() for w in waves[k:k + batch_size]]

@@ -28,6 +28,8 @@ class EvalConfig:
     boundaries: str = "free"  # "free" (honest test-time) | "forced" (reference transcript aligned)
     limit: int = 0  # first N items only (0 = all)
     whisper: str = ""  # Whisper folder for the cascade / baseline ("" = embedded whisper-base)
+    # Whisper's transcripts kept by clip and model ("" = <cache>/transcripts; "none" = transcribe every time)
+    transcripts: str = ""
     batch_size: int = 8
     threads: int = 0  # torch threads (0 = leave as is)
     device: str = "cpu"
@@ -81,7 +83,16 @@ def load_whisper(cfg: EvalConfig) -> Any:
     from speechlm.paths import WHISPER_BASE, default_model
 
     # looked up on the module at call time, so a test can put a stand-in there
-    return asr.WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device)
+    return asr.WhisperCascade(cfg.whisper or default_model(WHISPER_BASE), cfg.device, transcripts=transcripts_dir(cfg))
+
+
+def transcripts_dir(cfg: EvalConfig) -> Path | None:
+    """Where the cascade's transcripts are kept (None: nowhere)."""
+    from speechlm.paths import cache_dir
+
+    if cfg.transcripts == "none":
+        return None
+    return Path(cfg.transcripts).expanduser() if cfg.transcripts else cache_dir() / "transcripts"
 
 
 def config_path(cfg: EvalConfig) -> Path:
