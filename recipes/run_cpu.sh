@@ -66,7 +66,9 @@ if [ -n "$UNTIL" ]; then
 fi
 if [ "$DRY_RUN" != 1 ]; then
   mkdir -p "$RUN"
-  rm -f "$RUN/summary.json"
+  # the summary describes this run's models: started before the evaluations, it is written anew; started at a
+  # later evaluation (FROM=eval_speech_mmlu) it keeps the figures of the evaluations before it
+  [ "$(index "$FROM")" -le "$(index eval_storycloze)" ] && rm -f "$RUN/summary.json"
   [ "$FROM" = prepare_models ] && rm -f "$RUN/times.json"
 fi
 skipping=1

@@ -164,3 +164,22 @@ def test_until_stops_before_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stopping after [stage1]" in proc.stdout
     assert "[summary]" not in proc.stdout and "[stage2]" not in proc.stdout
+
+
+def test_a_run_started_at_a_later_evaluation_keeps_the_earlier_evaluations_figures(tmp_path):
+    """FROM=eval_speech_mmlu (say, after an interrupted evaluation) keeps the StoryCloze entry of summary.json;
+    a run that evaluates from the start writes it anew. Each step's command is a no-op Python here."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text("#!/bin/sh\nexit 0\n")
+    (venv / "python").chmod(0o755)
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("FROM", "UNTIL", "DRY_RUN")}
+    env.update(VENV=str(tmp_path / "venv"), RUN=str(run))
+    for start, kept in (("eval_speech_mmlu", True), ("eval_storycloze", False)):
+        (run / "summary.json").write_text('{"storycloze": {"s2t_acc": 0.6}}')
+        proc = subprocess.run(["bash", str(ROOT / "recipes" / "run_cpu.sh")], capture_output=True, text=True,
+                              check=False, env={**env, "FROM": start, "UNTIL": start}, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"=== [{start}]" in proc.stdout and (run / "summary.json").exists() == kept, start
