@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from speechlm.errors import SpeechLMError
-from speechlm.eval.scaling import fit, fits, load_points, markdown, point_from_summary
+from speechlm.eval.scaling import fit, fits, hours_text, load_points, markdown, point_from_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,7 @@ def test_points_fit_and_predicted_hours(tmp_path):
     table = markdown(points, fits(points))
     assert "| 2.0 |" in table and "100 h" in table and "0.700 [0.60, 0.80]" in table
     assert "mmlu" not in table.lower()  # no run has it: no column
+    assert hours_text(168762.4) == "168,762 h" and hours_text(4.1e17) == "4.1e+17 h"  # a nearly flat line's hours
 
 
 def test_no_prediction_without_a_trend_towards_the_target(tmp_path):

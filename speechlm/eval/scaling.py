@@ -154,6 +154,11 @@ def report(points: list[Point], fitted: dict[str, Fit]) -> dict[str, Any]:
                          "note": f.note} for k, f in fitted.items()}}
 
 
+def hours_text(hours: float) -> str:
+    """Hours as people read them: 640 h, 168,762 h; beyond a million in powers of ten (4.1e+17 h)."""
+    return f"{hours:,.0f} h" if hours < 1e6 else f"{hours:.1e} h"
+
+
 def markdown(points: list[Point], fitted: dict[str, Fit]) -> str:
     """A table of the figures per run, then one line per fit."""
     figs = list(fitted)
@@ -171,7 +176,7 @@ def markdown(points: list[Point], fitted: dict[str, Fit]) -> str:
         if ft.slope is None:
             lines.append(f"- {FIGURES[f][0]}: {ft.note}")
             continue
-        pred = "no prediction" if ft.hours_for_target is None else f"{ft.hours_for_target:,.0f} h"
+        pred = "no prediction" if ft.hours_for_target is None else hours_text(ft.hours_for_target)
         lines.append(f"- {FIGURES[f][0]}: {ft.slope:+.3f} per tenfold hours; target {ft.target:g} -> {pred}"
                      + (f" ({ft.note})" if ft.note else ""))
     return "\n".join(lines)
@@ -181,6 +186,7 @@ def plot(points: list[Point], fitted: dict[str, Fit], out: str | Path) -> Path:
     """One panel per figure: the runs (with their intervals), the fitted line, the target and its predicted hours;
     written atomically as a PNG."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,19 +204,26 @@ def plot(points: list[Point], fitted: dict[str, Fit], out: str | Path) -> Path:
                [p.ci95[f][1] - y if f in p.ci95 else 0 for p, y in zip([q for q in points if f in q.values], ys)]]
         ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, color="C0", label="runs")
         ft = fitted[f]
+        # the axis runs to 3x the largest run, or to the predicted hours when they are within 1000x of it
         hi = max(hours) * 3
-        if ft.hours_for_target and ft.hours_for_target > hi:
-            hi = min(ft.hours_for_target * 1.5, max(hours) * 1000)
+        pred = ft.hours_for_target
+        on_chart = pred is not None and pred <= max(hours) * 1000
+        if on_chart and pred * 1.5 > hi:
+            hi = pred * 1.5
         if ft.slope is not None:
             grid = [min(hours) * (hi / min(hours)) ** (i / 50) for i in range(51)]
             ax.plot(grid, [ft.predict(h) for h in grid], "--", color="C1", label="fit (log hours)")
         if ft.target is not None:
             ax.axhline(ft.target, color="grey", lw=0.8)
-            if ft.hours_for_target:
-                ax.axvline(ft.hours_for_target, color="C2", lw=0.8)
-                ax.annotate(f"{ft.hours_for_target:,.0f} h", (ft.hours_for_target, ft.target), fontsize=8,
-                            textcoords="offset points", xytext=(4, 4), color="C2")
+            if on_chart:
+                ax.axvline(pred, color="C2", lw=0.8)
+                ax.annotate(hours_text(pred), (pred, ft.target), fontsize=8, textcoords="offset points",
+                            xytext=(4, 4), color="C2")
+            elif pred is not None:
+                ax.text(0.98, 0.03, f"target at {hours_text(pred)}\n(off the chart)", transform=ax.transAxes,
+                        fontsize=7, ha="right", va="bottom", color="C2")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("train hours of speech")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
