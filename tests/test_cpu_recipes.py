@@ -138,22 +138,42 @@ def test_default_step_list_reaches_the_summary(wrapper, tmp_path):
         assert "shots=[0,5] " in proc.stdout
 
 
-def test_scaling_recipe_runs_the_large_preset_at_each_amount_then_the_curve_and_the_comparison():
-    env = {k: v for k, v in os.environ.items() if k not in ("UNTIL", "FROM", "RUN", "HOURS")}
+def _scaling_dry_run(runs: Path, **extra: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("UNTIL", "FROM", "RUN", "HOURS", "COMPARE_AT")}
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "run_scaling.sh")], capture_output=True, text=True,
-                          check=False, env={**env, "DRY_RUN": "1"}, timeout=300)
+                          check=False, env={**env, "DRY_RUN": "1", "RUNS": str(runs), **extra}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_scaling_recipe_runs_the_large_preset_at_each_amount_then_the_curve_and_the_comparison(tmp_path):
+    out = _scaling_dry_run(tmp_path)
     for h in ("2.0", "5.0", "12.5"):  # the large preset's flow at each amount, into its own run folder
-        assert f"large-{h}h" in out and f"tools/summarize_run.py --run runs/scale-{h}h" in out
-    evals = [line for line in out.splitlines() if "recipes/eval_" in line and "runs/scale-" in line]
+        assert f"large-{h}h" in out and f"tools/summarize_run.py --run {tmp_path}/scale-{h}h" in out
+    evals = [line for line in out.splitlines() if "recipes/eval_" in line and "/scale-" in line]
     # the cascade reads no connector: evaluated once by make large, not again at every amount
     assert len(evals) == 9 and all("cascade=false" in line for line in evals if "eval_asr" not in line)
-    assert "tools/scaling_curve.py --runs runs/scale-2.0h runs/scale-5.0h runs/scale-12.5h" in out
+    assert f"tools/scaling_curve.py --runs {tmp_path}/scale-2.0h {tmp_path}/scale-5.0h {tmp_path}/scale-12.5h " in out
+    assert "has no summary.json (make large)" in out
     comparisons = [line for line in out.splitlines() if "bench_quality.py" in line]
     assert len(comparisons) == 2 and all("--seeds 0,1" in c and "--connectors ssr,stack,qformer" in c
                                          and "--steps 400" in c for c in comparisons)
-    assert "--run runs/scale-5.0h" in comparisons[0] and "--hours 30.0" in comparisons[1]
+    assert f"--run {tmp_path}/scale-5.0h --preset large --hours 5.0" in comparisons[0]
+    assert "--hours 30.0" in comparisons[1]
+
+
+def test_scaling_recipe_keeps_the_amounts_already_run(tmp_path):
+    """An amount with its summary is not run again; the curve takes it with the others and make large's run."""
+    for r in ("scale-5.0h", "large"):
+        (tmp_path / r).mkdir()
+        (tmp_path / r / "summary.json").write_text("{}")
+    out = _scaling_dry_run(tmp_path, HOURS_LIST="2.0 5.0", COMPARE_AT="")
+    assert f"{tmp_path}/scale-5.0h has its summary.json: not run again" in out
+    assert f"--run {tmp_path}/scale-5.0h" not in out and f"tools/summarize_run.py --run {tmp_path}/scale-2.0h" in out
+    assert f"--runs {tmp_path}/scale-5.0h {tmp_path}/scale-2.0h {tmp_path}/large " in out
+    assert "bench_quality.py" not in out  # COMPARE_AT="": no comparison
+    assert f"tools/summarize_run.py --run {tmp_path}/scale-5.0h" in _scaling_dry_run(tmp_path, HOURS_LIST="5.0",
+                                                                                      RERUN="1")
 
 
 def test_until_stops_before_the_summary(tmp_path):
