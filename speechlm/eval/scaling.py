@@ -130,7 +130,7 @@ def fit(points: list[Point], figure: str, target: float | None = None) -> Fit:
                (p.values[figure] >= target if higher else p.values[figure] <= target)]
     if reached:
         out.reached_at = min(reached)
-        out.note = (out.note + "; " if out.note else "") + f"a run reached the target at {out.reached_at:g} h"
+        out.note = (out.note + "; " if out.note else "") + f"a run reached the target at {out.reached_at:.3g} h"
     if out.slope == 0 or (out.slope > 0) != higher:
         out.note = (out.note + "; " if out.note else "") + "the trend moves away from the target: no prediction"
         return out
