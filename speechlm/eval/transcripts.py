@@ -105,7 +105,7 @@ def transcribe_cached(transcribe, waves: Sequence[torch.Tensor], cache: Transcri
         texts = list(transcribe(clips[i:i + chunk]))
         cache.put(clips[i:i + chunk], texts)
         heard.update(zip(keys[i:i + chunk], texts))
-    if todo or waves:
+    if waves:
         log.info("transcripts: %d of %d clips from %s", len(waves) - sum(t is None for t in kept), len(waves),
                  cache.path)
     return [t if t is not None else heard[audio_key(w)] for w, t in zip(waves, kept)]
