@@ -142,6 +142,14 @@ def test_headline_puts_speech_cascade_and_text_side_by_side():
     assert any("50.0% | 12.5% (Whisper alone)" in r for r in rows)
     assert any("0.403 / 0.612" in r for r in rows)
     assert not any("Speech-MMLU" in r for r in rows)  # no figures, no row
+    assert not any("endings alone" in r for r in rows)
+    entry |= {"endings_acc": 0.55, "s2t_vs_endings": {"diff": -0.05, "diff_ci95": [-0.15, 0.05]}}
+    [floor] = [r for r in headline({"storycloze": entry}).splitlines() if "endings alone" in r]
+    assert "| -5.0 [-15.0, +5.0] | - | 55.0% |" in floor
+    mmlu = {"speech_acc_0shot": 0.3, "noquestion_acc": 0.28, "speech_0shot_vs_noquestion": {"diff": 0.02,
+                                                                                            "diff_ci95": [-0.01, 0.05]}}
+    [floor] = [r for r in headline({"speech_mmlu": mmlu}).splitlines() if "options alone" in r]
+    assert "| +2.0 [-1.0, +5.0] | - | 28.0% |" in floor
     assert headline({}) == ""
 
 

@@ -66,12 +66,16 @@ def test_storycloze_recipe_text_only(tmp_path):
     summary.write_text(json.dumps({"asr": {"wer": 0.5}}))
     out = run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "text_only=true", "wrong_styles=[adversarial]",
                                           f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
-    assert out["summary"] == text_entry(2, 2)
-    assert json.loads(summary.read_text()) == {"asr": {"wer": 0.5}, "storycloze": text_entry(2, 2)}
+    # the text condition, and the endings alone (the unigram LLM prefers "sad" with or without the context)
+    floor = {k: v for k, v in out["summary"].items() if k.startswith("endings_")}
+    assert {k: v for k, v in out["summary"].items() if k not in floor} == text_entry(2, 2)
+    assert (floor["endings_acc"], floor["endings_n"], floor["endings_vs_text"]["diff"]) == (1.0, 2, 0.0)
+    assert json.loads(summary.read_text()) == {"asr": {"wer": 0.5}, "storycloze": out["summary"]}
     report = json.loads((tmp_path / "out" / "storycloze.json").read_text())
     assert {r["scoring"] for r in report["results"]} == {"summed", "length_norm"}
+    assert {r["condition"] for r in report["results"]} == {"text", "endings"}
     assert all(r["accuracy"]["n"] == 2 for r in report["results"])
-    assert (tmp_path / "out" / "storycloze.md").read_text().count("| storycloze/adversarial |") == 2
+    assert (tmp_path / "out" / "storycloze.md").read_text().count("| storycloze/adversarial |") == 4
 
 
 def test_storycloze_recipe_script_runs_text_only(tmp_path):
@@ -83,7 +87,9 @@ def test_storycloze_recipe_script_runs_text_only(tmp_path):
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| storycloze/adversarial | text | llm |" in done.stdout
-    assert json.loads((tmp_path / "summary.json").read_text()) == {"storycloze": text_entry(1, 1)}
+    assert "| storycloze/adversarial | endings | llm |" in done.stdout
+    got = json.loads((tmp_path / "summary.json").read_text())["storycloze"]
+    assert {k: v for k, v in got.items() if not k.startswith("endings_")} == text_entry(1, 1)
     assert (tmp_path / "out" / "storycloze.config.yaml").is_file()
 
 
@@ -114,9 +120,16 @@ def test_speech_mmlu_recipe_text_only(tmp_path):
             "what is two plus four ?,five,six,three,seven,B\nwhat color is the sky ?,red,green,blue,x,C\n")
     out = run_recipe("eval_speech_mmlu", [f"llm={llm}", f"data={tmp_path / 'mmlu'}", "text_only=true", "shots=[0,1]",
                                            f"out_dir={tmp_path / 'out'}", f"summary={tmp_path / 's.json'}"])
-    assert out["summary"] == text_entry(2, 2)
+    floor = {k: v for k, v in out["summary"].items() if k.startswith("noquestion_")}
+    assert {k: v for k, v in out["summary"].items() if k not in floor} == text_entry(2, 2)
+    # the options alone: the rigged LLM prefers "six" and "blue" without the question too
+    assert (floor["noquestion_acc"], floor["noquestion_n"], floor["noquestion_vs_text"]["diff"]) == (1.0, 2, 0.0)
     tasks = {(r["task"], r["condition"], r["scoring"]) for r in out["rows"]}
     assert ("speech_mmlu/all", "text_1shot", "letter") in tasks and ("speech_mmlu/maths", "text_0shot", "cloze") in tasks
+    assert {("speech_mmlu/all", f"noquestion_{k}shot", m) for k in (0, 1) for m in ("cloze", "letter")} <= tasks
+    out = run_recipe("eval_speech_mmlu", [f"llm={llm}", f"data={tmp_path / 'mmlu'}", "text_only=true", "shots=[0]",
+                                           "no_question=false", f"out_dir={tmp_path / 'o2'}"])
+    assert out["summary"] == text_entry(2, 2)
 
 
 def test_storycloze_cascade_transcribes_each_waveform_once(tmp_path, monkeypatch):
@@ -200,7 +213,7 @@ def test_eval_dtype_choice():
 def test_storycloze_text_only_in_bf16_picks_the_same_endings(tmp_path):
     llm, data = one_story(tmp_path)
     out = run_recipe("eval_storycloze", [f"llm={llm}", f"data={data}", "text_only=true", "dtype=bf16",
-                                          "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}"])
+                                          "conditions=[text]", "wrong_styles=[adversarial]", f"out_dir={tmp_path / 'out'}"])
     assert out["summary"] == text_entry(1, 1)
 
 
@@ -325,7 +338,9 @@ def test_speech_mmlu_spoken_set_carries_its_own_texts(tmp_path, monkeypatch):
                               "festival": {"n": 2, "text_acc": 0.5, "speech_acc_0shot": 0.5}}
     assert "n/a" not in (tmp_path / "out" / "speech_mmlu.md").read_text()
     # text only: the spoken set's texts, no audio needed
-    out = run_recipe("eval_speech_mmlu", common + ["text_only=true", "shots=[0]", f"out_dir={tmp_path / 'o2'}"])
+    assert s["speech_0shot_vs_noquestion"]["diff"] == 0.0  # the unigram LLM ignores the question, spoken or not
+    out = run_recipe("eval_speech_mmlu", common + ["text_only=true", "shots=[0]", "no_question=false",
+                                                   f"out_dir={tmp_path / 'o2'}"])
     assert out["summary"] == text_entry(2, 3)
     # a listed subject missing from both the spoken set and the CSVs: an error naming it
     with pytest.raises(ManifestError, match="subject\\(s\\) art, geo: in neither"):

@@ -43,6 +43,30 @@ def test_text_scores_cover_exactly_the_ending_tokens():
         torch.testing.assert_close(lp, uni[ids], atol=1e-5, rtol=0)
 
 
+def test_endings_condition_scores_the_same_tokens_without_the_context():
+    """``endings``: the ending tokens after the start token alone; the written context changes the scores."""
+    tok = word_tokenizer()
+    llm = tiny_llm(len(tok), seed=5)
+    items = [item(0), item(1, right="a dog ran home .", wrong="the cat was blue .")]
+    alone = sc.score_text_condition(llm, tok, items, context=False)
+    text = sc.score_text_condition(llm, tok, items)
+    for it, a, t in zip(items, alone, text):
+        for ending, lp, with_ctx in ((it.right_ending, a.right, t.right), (it.wrong_ending, a.wrong, t.wrong)):
+            ids = text_ids(tok, " " + ending)
+            want = score_text(llm, [start_ids(tok)], [ids], batch_size=1)[0]
+            torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
+            assert lp.shape == with_ctx.shape and not torch.allclose(lp, with_ctx)
+
+
+def test_storycloze_config_rejects_an_unknown_condition():
+    from speechlm.errors import ConfigError
+    from speechlm.eval.run_storycloze import StoryClozeEvalConfig
+
+    assert "endings" in StoryClozeEvalConfig().conditions
+    with pytest.raises(ConfigError, match="conditions must be among"):
+        StoryClozeEvalConfig(conditions=["text", "ending"])
+
+
 def test_score_text_matches_full_sequence_and_batching():
     tok = word_tokenizer()
     llm = tiny_llm(len(tok))

@@ -5,7 +5,7 @@ accuracy per connector and of the Whisper cascade, 0/k-shot, letter and cloze, p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from speechlm.config import save_config
@@ -41,6 +41,9 @@ class SpeechMMLUEvalConfig(SpokenEvalConfig):
     methods: list[str] = field(default_factory=lambda: ["cloze", "letter"])
     shots: list[int] = field(default_factory=lambda: [0, 5])
     headline_method: str = "cloze"  # which method goes into the summary
+    # also each method with the question left out ("Question:" then "Answer:"): the options' own likelihood, the
+    # floor a spoken question is measured from (the LLM alone, cheap)
+    no_question: bool = True
     name: str = "speech_mmlu"  # report file stem and summary key
 
 
@@ -159,6 +162,7 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
     engines = {s: [engine_of(x.voice) for x in v] for s, v in spoken.items()}
     summary: dict = {}
     text_res: dict[tuple[str, int], dict[str, list[bool]]] = {}
+    floors: dict[tuple[str, int], ResultRow] = {}  # (method, shots) -> the all-subjects row without the question
     for method in cfg.methods:
         for k in cfg.shots:
             res = mm.eval_text(llm, tok, test, dev, method, k, cfg.batch_size)
@@ -170,6 +174,15 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
             log.info("text %s %d-shot: %d/%d", method, k, total.correct, total.total)
             if method == cfg.headline_method and k == cfg.shots[0]:
                 summary |= headline_entry(r[0], "text")
+            if cfg.no_question:
+                blank = {subject: [replace(it, question="") for it in items] for subject, items in test.items()}
+                floor, floor_total = per_subject_rows(TASK, f"noquestion_{k}shot", LLM_ALONE, "none", method,
+                                                      mm.eval_text(llm, tok, blank, dev, method, k, cfg.batch_size), res)
+                rows += floor
+                floors[(method, k)] = floor[0]
+                log.info("no question %s %d-shot: %d/%d", method, k, floor_total.correct, floor_total.total)
+                if method == cfg.headline_method and k == cfg.shots[0]:
+                    summary |= headline_entry(floor[0], "noquestion")
 
     if spoken:
         if cfg.cascade:
@@ -191,6 +204,9 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
                                 == (f"{TASK}/all", f"speech_{k}shot", CASCADE, method)]
                         if casc:  # the connector against the Whisper cascade on the same questions
                             summary[f"speech_{k}shot_vs_cascade"] = compare(r[0].items, casc[0].items).to_json()
+                        if (method, k) in floors:  # what the spoken question adds over no question
+                            summary[f"speech_{k}shot_vs_noquestion"] = compare(r[0].items,
+                                                                               floors[(method, k)].items).to_json()
 
     meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
             "split": cfg.split, "headline_method": cfg.headline_method}

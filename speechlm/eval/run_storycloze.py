@@ -34,7 +34,8 @@ log = logging.getLogger("eval_storycloze")
 class StoryClozeEvalConfig(SpokenEvalConfig):
     wrong_styles: list[str] = field(default_factory=lambda: ["adversarial", "random"])
     release: str = ""  # optional TWIST sStoryCloze/tStoryCloze folder (whole-story S condition)
-    conditions: list[str] = field(default_factory=lambda: ["text", "s2t", "s"])
+    # endings: the endings alone, no context (the floor every context is measured from; the LLM alone, cheap)
+    conditions: list[str] = field(default_factory=lambda: ["text", "endings", "s2t", "s"])
     headline_scoring: str = "summed"  # which scoring goes into the summary
     name: str = "storycloze"  # report file stem and summary key (e.g. storycloze_hard for voices=[hard])
 
@@ -42,6 +43,8 @@ class StoryClozeEvalConfig(SpokenEvalConfig):
         super().__post_init__()
         if any(style not in sc.WRONG_STYLES for style in self.wrong_styles):
             raise ConfigError(f"wrong_styles must be among {sc.WRONG_STYLES}, got {self.wrong_styles}")
+        if any(cond not in sc.CONDITIONS for cond in self.conditions):
+            raise ConfigError(f"conditions must be among {sc.CONDITIONS}, got {self.conditions}")
 
 
 def rows_for(task: str, cond: str, connector: str, bnd: str, scores: list[sc.PairScores],
@@ -98,8 +101,15 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
         text = sc.score_text_condition(llm, tok, items, cfg.batch_size)
         rows += rows_for(task, "text", LLM_ALONE, "none", text, None)
         log.info("%s text: %s", task, sc.accuracy_counts(text))
+        endings = None
+        if "endings" in cfg.conditions:
+            endings = sc.score_text_condition(llm, tok, items, cfg.batch_size, context=False)
+            rows += rows_for(task, "endings", LLM_ALONE, "none", endings, text)
+            log.info("%s endings alone: %s", task, sc.accuracy_counts(endings))
         if style == cfg.wrong_styles[0]:
             summary |= headline_entry(_row_of(rows, task, "text", cfg.headline_scoring), "text")
+            if endings is not None:
+                summary |= headline_entry(_row_of(rows, task, "endings", cfg.headline_scoring), "endings")
         if cfg.text_only:
             continue
         stories = reuse_audio(items, spoken_cache) if spoken_cache else sc.speak_items(items, voices, cfg.rate_wpm)
@@ -119,6 +129,9 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
                 if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
                     row = _row_of(rows, task, cond, cfg.headline_scoring)
                     summary |= headline_entry(row, cond)
+                    if endings is not None:  # what the spoken context adds over no context, same stories
+                        alone = _row_of(rows, task, "endings", cfg.headline_scoring)
+                        summary[f"{cond}_vs_endings"] = compare(row.items, alone.items).to_json()
                     if cfg.cascade:  # the connector against the Whisper cascade on the same stories
                         casc = next(r for r in rows if (r.task, r.condition, r.connector, r.scoring)
                                     == (task, cond, CASCADE, cfg.headline_scoring))

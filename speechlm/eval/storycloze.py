@@ -38,7 +38,7 @@ from speechlm.eval.scoring import (
 )
 
 WRONG_STYLES = ("adversarial", "random")
-CONDITIONS = ("text", "s2t", "s")
+CONDITIONS = ("text", "endings", "s2t", "s")  # endings: no context at all (score_text_condition)
 log = logging.getLogger(__name__)
 
 
@@ -285,12 +285,16 @@ def speak_items(items: Sequence[StoryItem], voices: Sequence[str] | None = None,
 
 # -------------------------------------------------------------------------------------- conditions
 def score_text_condition(llm: torch.nn.Module, tokenizer: Any, items: Sequence[StoryItem],
-                         batch_size: int = 16) -> list[PairScores]:
-    """``text``: both endings scored by the LLM alone after the written context."""
+                         batch_size: int = 16, context: bool = True) -> list[PairScores]:
+    """``text``: both endings scored by the LLM alone after the written context.
+
+    ``context=False`` is the ``endings`` condition: the same ending tokens after the start token alone, the
+    accuracy an LLM gets from the endings' own likelihood; what a condition adds over it is what its context
+    (written, transcribed or spoken) contributes."""
     start = start_ids(tokenizer)
     prefixes, conts = [], []
     for it in items:
-        ctx = start + text_ids(tokenizer, it.context_text)
+        ctx = start + text_ids(tokenizer, it.context_text) if context else start
         for ending in it.endings:
             prefixes.append(ctx)
             conts.append(text_ids(tokenizer, " " + ending))

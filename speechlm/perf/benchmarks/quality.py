@@ -209,7 +209,7 @@ def evaluate(names: list[str], args: argparse.Namespace, paths: dict[str, Path],
     py = sys.executable
     runs = {
         "storycloze": [py, "recipes/eval_storycloze.py", *common, f"connectors={conns}", "cascade=false",
-                       f"limit={args.stories}", "conditions=[text,s2t]", "voices=[natural]"],
+                       f"limit={args.stories}", "conditions=[text,endings,s2t]", "voices=[natural]"],
         "speech_mmlu": [py, "recipes/eval_speech_mmlu.py", *common, f"connectors={conns}", "methods=[cloze]",
                         "cascade=false", f"limit={args.questions}", "voices=[natural]"],
         "asr": [py, "recipes/eval_asr.py", *common, f"connectors={conns}", f"manifest={paths['test']}",
