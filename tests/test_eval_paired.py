@@ -117,6 +117,25 @@ def test_compare_reports_and_the_command_line(tmp_path):
     assert bad.returncode == 1 and "no matching rows" in bad.stderr
 
 
+def test_compare_reports_across_two_conditions(tmp_path):
+    """A connector's s2t against the LLM's endings alone (another condition, another connector, no boundaries)."""
+    text = {f"sc-{i}": i % 4 != 0 for i in range(200)}
+    floor = {k: i < 110 for i, k in enumerate(text)}
+    rows = [_row(text, None, "text", "llm"), _row(floor, text, "endings", "llm"),
+            _row({k: i < 120 for i, k in enumerate(text)}, text)]
+    ja, _ = write_report(rows, tmp_path / "a", "storycloze")
+    rep = json.loads(ja.read_text())
+    [(label, pair)] = compare_reports(rep, rep, condition="s2t", condition_b="endings")
+    assert label == "storycloze/adversarial summed: ssr s2t vs llm endings"
+    assert (pair.n, pair.a_only, pair.b_only) == (200, 10, 0) and pair.diff == pytest.approx(0.05)
+    assert compare_reports(rep, rep, condition="s2t", condition_b="endings", same_connector=True) == []
+    with pytest.raises(ConfigError, match="needs A's condition"):
+        compare_reports(rep, rep, condition_b="endings")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_evals.py"), str(ja), str(ja), "--condition",
+                          "s2t", "--b-condition", "endings"], capture_output=True, text=True, check=True).stdout
+    assert "ssr s2t vs llm endings" in out and "+5.0 points" in out
+
+
 def test_summary_table_shows_a_paired_comparison_on_one_line():
     from speechlm.eval.summary import table
 

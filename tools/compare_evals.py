@@ -9,7 +9,13 @@ spelling path one analysis holds several read-outs, compared with itself:
 
     python tools/compare_evals.py runs/tiny/token_analysis.json runs/tiny/token_analysis.json \
         --a-items items_mix --b-items items
- A difference whose interval contains 0 is printed as inside the noise.
+
+A connector against another condition, e.g. StoryCloze S->T against the LLM on the endings alone (no context):
+
+    python tools/compare_evals.py runs/large/eval/storycloze.json runs/large/eval/storycloze.json \
+        --task storycloze/adversarial --condition s2t --b-condition endings --scoring summed
+
+A difference whose interval contains 0 is printed as inside the noise.
 How it works: speechlm/eval/paired.py.
 """
 
@@ -29,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("b", help="report JSON of system B")
     ap.add_argument("--task", default="", help="task prefix, e.g. storycloze/adversarial or speech_mmlu/all")
     ap.add_argument("--condition", default="", help="e.g. s2t, s, speech_0shot")
+    ap.add_argument("--b-condition", default="", help="B's rows of another condition, matched on task and scoring "
+                    "(e.g. --condition s2t --b-condition endings: a connector against the endings alone)")
     ap.add_argument("--scoring", default="", help="e.g. summed, length_norm, cloze")
     ap.add_argument("--same-connector", action="store_true", help="match rows on the connector name too")
     ap.add_argument("--a-items", default="items", help="token analyses: A's item map (items, items_mix, "
@@ -40,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         reports = json.load(fa), json.load(fb)
     try:
         found = compare_reports(*reports, args.task, args.condition, args.scoring, args.same_connector,
-                                items_a=args.a_items, items_b=args.b_items)
+                                items_a=args.a_items, items_b=args.b_items, condition_b=args.b_condition)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

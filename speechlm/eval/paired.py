@@ -152,7 +152,7 @@ def _row_key(row: Mapping) -> tuple[str, str, str, str, str]:
 
 def compare_reports(a: Mapping, b: Mapping, task: str = "", condition: str = "", scoring: str = "",
                     same_connector: bool = False, resamples: int = 10000, items_a: str = "items",
-                    items_b: str = "items") -> list[tuple[str, PairedComparison]]:
+                    items_b: str = "items", condition_b: str = "") -> list[tuple[str, PairedComparison]]:
     """Rows of two evaluation reports (the JSON of :func:`speechlm.eval.report.write_report`) compared item by item.
 
     Rows are matched on task, condition, boundaries and scoring (and the connector too with ``same_connector``;
@@ -162,6 +162,8 @@ def compare_reports(a: Mapping, b: Mapping, task: str = "", condition: str = "",
     (speechlm.eval.token_analysis: a top-level ``items`` map, one entry per validation token) are compared token by
     token; ``items_a`` / ``items_b`` name another of their item maps (``items_mix``, ``items_speller``: the
     spelling path's read-outs), so that one analysis can be compared with itself (the mix against SSR).
+    ``condition_b`` compares A's ``condition`` with another condition of B's, matched on task and scoring only
+    (e.g. a connector's ``s2t`` against the LLM's ``endings`` alone: what the spoken context adds over none).
     Returns ``[(label, comparison)]``.
     """
     if isinstance(a.get(items_a), Mapping) and isinstance(b.get(items_b), Mapping):
@@ -172,26 +174,37 @@ def compare_reports(a: Mapping, b: Mapping, task: str = "", condition: str = "",
                                 {k: bool(v) for k, v in b[items_b].items()}, resamples, cluster=True))]
     if items_a != "items" or items_b != "items":
         raise ConfigError(f"item maps {items_a!r} / {items_b!r}: not in both reports (token analyses only)")
-    def wanted(r: Mapping) -> bool:
+    across = bool(condition_b) and condition_b != condition
+    if across and not condition:
+        raise ConfigError(f"condition_b {condition_b!r} needs A's condition too")
+
+    def wanted(r: Mapping, cond: str = condition) -> bool:
         return (r.get("items") is not None and r["task"].startswith(task)
-                and (not condition or r["condition"] == condition) and (not scoring or r["scoring"] == scoring))
+                and (not cond or r["condition"] == cond) and (not scoring or r["scoring"] == scoring))
 
     def key(r: Mapping) -> tuple:
         k = _row_key(r)
+        if across:  # two conditions: the same task and scoring; any connector and boundaries
+            return k[0], k[4]
         return k if same_connector else k[:2] + k[3:]
 
     rows_b: dict[tuple, list[Mapping]] = {}
     for r in b.get("results", []):
-        if wanted(r):
+        if wanted(r, condition_b or condition):
             rows_b.setdefault(key(r), []).append(r)
     out = []
     for r in a.get("results", []):
         if not wanted(r):
             continue
         for other in rows_b.get(key(r), []):
-            if not same_connector and (r["connector"] == "llm") != (other["connector"] == "llm"):
+            if across and same_connector and r["connector"] != other["connector"]:
+                continue
+            if not across and not same_connector and (r["connector"] == "llm") != (other["connector"] == "llm"):
                 continue  # the LLM alone is compared with the LLM alone, a connector with a connector
             label = f"{r['task']} {r['condition']} {r['scoring']}: {r['connector']} vs {other['connector']}"
+            if across:
+                label = f"{r['task']} {r['scoring']}: {r['connector']} {r['condition']} vs {other['connector']} " \
+                        f"{other['condition']}"
             items_a = {k: bool(v) for k, v in r["items"].items()}
             items_b = {k: bool(v) for k, v in other["items"].items()}
             out.append((label, compare(items_a, items_b, resamples)))
