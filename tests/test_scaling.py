@@ -96,3 +96,39 @@ def test_command_line_writes_the_png_and_the_json(tmp_path):
     missing = _cli("--runs", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "no summary.json" in missing.stderr
     assert _cli("--runs", *runs, "--target", "nonsense=1").returncode == 2
+
+
+def test_share_of_the_context_from_the_summary_and_from_reports(tmp_path):
+    """(speech - floor) / (text - floor): 0 for a connector at the no-context floor, whatever its parity."""
+    from speechlm.eval.report import Accuracy, ResultRow, write_report
+
+    at_floor = {"corpus": {"hours": {"train": 2.0}},
+                "storycloze": {"text_acc": 0.70, "endings_acc": 0.60, "s2t_vs_text": {"ratio": 0.857},
+                               "s2t_vs_endings": {"diff": 0.0, "diff_ci95": [-0.04, 0.04]}},
+                "speech_mmlu": {"text_acc": 0.65, "noquestion_acc": 0.25,
+                                "speech_0shot_vs_noquestion": {"diff": 0.10, "diff_ci95": [0.04, 0.16]}}}
+    p = point_from_summary(at_floor, "a")
+    from speechlm.eval.scaling import shares_from_summary
+
+    shares_from_summary(p, at_floor)
+    assert p.values["storycloze_parity"] == pytest.approx(0.857) and p.values["storycloze_context"] == pytest.approx(0)
+    assert p.ci95["storycloze_context"] == pytest.approx((-0.4, 0.4))
+    assert p.values["mmlu_question"] == pytest.approx(0.25) and p.ci95["mmlu_question"] == pytest.approx((0.1, 0.4))
+    # the same figure from an older run's reports and a floors report (text-only evaluation of the same items)
+    ids = [f"s{i}" for i in range(100)]
+    text = {k: i < 70 for i, k in enumerate(ids)}
+    floor = {k: i < 60 for i, k in enumerate(ids)}
+    speech = {k: i < 55 or 60 <= i < 65 for i, k in enumerate(ids)}  # 60 right, 5 of them where the floor is wrong
+    row = lambda cond, conn, items: ResultRow("storycloze/adversarial", cond, conn, "none", "summed",  # noqa: E731
+                                              Accuracy.of(list(items.values())), None, items, None)
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"corpus": {"hours": {"train": 3.0}}}))
+    write_report([row("text", "llm", text), row("s2t", "cascade-whisper", text), row("s2t", "stage2/connector", speech)],
+                 run / "eval", "storycloze")
+    write_report([row("text", "llm", text), row("endings", "llm", floor)], tmp_path / "floors", "storycloze")
+    assert "storycloze_context" not in load_points([run])[0].values  # no floors, no share
+    [q] = load_points([run], tmp_path / "floors")
+    assert q.values["storycloze_context"] == pytest.approx(0.0)  # 60 vs 60, the connector's row, not the cascade's
+    lo, hi = q.ci95["storycloze_context"]
+    assert lo < 0 < hi

@@ -24,6 +24,8 @@ from speechlm.eval.scaling import FIGURES, fits, load_points, markdown, plot, re
 def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="run folders, each with a summary.json")
+    ap.add_argument("--floors", default="", help="a text-only evaluation folder (storycloze.json, speech_mmlu.json "
+                    "with the endings / no-question conditions) for the share figures of runs whose summaries lack them")
     ap.add_argument("--png", default="", help="write the curves here (PNG)")
     ap.add_argument("--out", default="", help="write the points and fits here (JSON)")
     ap.add_argument("--target", action="append", default=[], metavar="FIGURE=VALUE",
@@ -36,7 +38,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             ap.error(f"--target {t!r}: expected FIGURE=VALUE with FIGURE one of {', '.join(FIGURES)}")
         targets[name] = float(value)
     try:
-        points = load_points(args.runs)
+        points = load_points(args.runs, args.floors or None)
     except SpeechLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

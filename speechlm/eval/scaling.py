@@ -7,7 +7,15 @@ The figures, each with its 95% interval where the run has one:
 * ``token_acc`` / ``cosine``: stage 1 on the valid split (the run's own voices, unseen sentences);
 * ``storycloze_parity`` / ``mmlu_parity``: speech accuracy over text accuracy on the same items (StoryCloze S->T,
   Speech-MMLU 0-shot), the interval from the paired bootstrap of that ratio (``speechlm.eval.paired``);
-* ``asr_wer``: zero-shot ASR word error rate on the test split.
+* ``asr_wer``: zero-shot ASR word error rate on the test split;
+* ``storycloze_context`` / ``mmlu_question``: the share of what the written context (the question) adds over none
+  that the spoken one adds: (speech - floor) / (text - floor) on the same items, the floor being the LLM on the
+  endings alone (the options alone). A parity can look high when the floor is (StoryCloze's endings alone get most
+  of the text's accuracy); the share starts at 0 for a connector that carries nothing. Its interval is the paired
+  interval of speech minus floor over the (fixed) text gain. Read from the run's summary when it holds the floor
+  (``endings_acc`` / ``noquestion_acc`` and the paired gain), else from its evaluation reports and a floors
+  report (``floors``: a folder with ``storycloze.json`` / ``speech_mmlu.json`` of a text-only evaluation of the
+  same items).
 
 Every figure is fitted by least squares as a straight line in log10(hours) (the usual shape of a learning curve
 over a few decades of data); the fit says how many hours it predicts for a target (parity 1.0, or the figure
@@ -33,6 +41,13 @@ FIGURES: dict[str, tuple[str, bool, float]] = {
     "storycloze_parity": ("StoryCloze S->T / text", True, 1.0),
     "mmlu_parity": ("Speech-MMLU 0-shot / text", True, 1.0),
     "asr_wer": ("zero-shot ASR WER", False, 0.5),
+    "storycloze_context": ("StoryCloze: share of the context's gain", True, 1.0),
+    "mmlu_question": ("Speech-MMLU: share of the question's gain", True, 1.0),
+}
+#: share figure -> (summary key and report stem, task, speech condition, floor condition, text condition, scoring)
+SHARES: dict[str, tuple[str, str, str, str, str, str]] = {
+    "storycloze_context": ("storycloze", "storycloze/adversarial", "s2t", "endings", "text", "summed"),
+    "mmlu_question": ("speech_mmlu", "speech_mmlu/all", "speech_0shot", "noquestion_0shot", "text_0shot", "cloze"),
 }
 EXTRAPOLATION = 10.0  # a predicted hours figure beyond this many times the largest run is marked
 
@@ -93,8 +108,56 @@ def point_from_summary(summary: dict, run: str) -> Point:
     return p
 
 
-def load_points(runs: list[str | Path]) -> list[Point]:
-    """One point per run folder (its summary.json), sorted by hours; a missing or unreadable summary is named."""
+def _share(p: Point, name: str, gain: float | None, ci: list[float] | None, text_gain: float) -> None:
+    if gain is None or text_gain <= 0:
+        return
+    p.values[name] = gain / text_gain
+    if ci:
+        p.ci95[name] = (ci[0] / text_gain, ci[1] / text_gain)
+
+
+def shares_from_summary(p: Point, summary: dict) -> None:
+    """The share figures of a summary that holds the floors (evaluations since the floors were added)."""
+    for name, (key, _, cond, floor, _, _) in SHARES.items():
+        s = summary.get(key) or {}
+        floor_acc, text_acc = s.get(f"{floor.split('_')[0]}_acc"), s.get("text_acc")
+        node = s.get(f"{cond}_vs_{floor.split('_')[0]}") or {}
+        if floor_acc is not None and text_acc is not None and node.get("diff") is not None:
+            _share(p, name, float(node["diff"]), node.get("diff_ci95"), float(text_acc) - float(floor_acc))
+
+
+def _report_row(rows: list[dict], task: str, cond: str, scoring: str, connector: bool) -> dict | None:
+    from speechlm.eval.report import CASCADE, LLM_ALONE
+
+    for r in rows:
+        if (r["task"], r["condition"], r["scoring"]) == (task, cond, scoring) and r.get("items") is not None and \
+                (r["connector"] not in (LLM_ALONE, CASCADE)) == connector:
+            return r
+    return None
+
+
+def shares_from_reports(p: Point, eval_dir: Path, floors: Path) -> None:
+    """The share figures from the run's evaluation reports (its first connector) and a floors report."""
+    from speechlm.eval.paired import compare
+
+    for name, (stem, task, cond, floor, text, scoring) in SHARES.items():
+        if name in p.values or not (eval_dir / f"{stem}.json").is_file() or not (floors / f"{stem}.json").is_file():
+            continue
+        run_rows = json.loads((eval_dir / f"{stem}.json").read_text(encoding="utf-8"))["results"]
+        floor_rows = json.loads((floors / f"{stem}.json").read_text(encoding="utf-8"))["results"]
+        speech = _report_row(run_rows, task, cond, scoring, connector=True)
+        alone = _report_row(floor_rows, task, floor, scoring, connector=False)
+        written = _report_row(floor_rows, task, text, scoring, connector=False)
+        if speech is None or alone is None or written is None:
+            continue
+        pair = compare({k: bool(v) for k, v in speech["items"].items()}, {k: bool(v) for k, v in alone["items"].items()})
+        acc = lambda r: r["accuracy"]["correct"] / r["accuracy"]["n"]
+        _share(p, name, pair.diff, list(pair.diff_ci95), acc(written) - acc(alone))
+
+
+def load_points(runs: list[str | Path], floors: str | Path | None = None) -> list[Point]:
+    """One point per run folder (its summary.json), sorted by hours; a missing or unreadable summary is named.
+    ``floors``: a text-only evaluation's folder for the share figures of runs whose summaries lack the floors."""
     points = []
     for run in runs:
         path = Path(run) / "summary.json"
@@ -105,7 +168,11 @@ def load_points(runs: list[str | Path]) -> list[Point]:
             summary = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise SpeechLMError(f"{path}: not JSON ({e})") from e
-        points.append(point_from_summary(summary, str(run)))
+        point = point_from_summary(summary, str(run))
+        shares_from_summary(point, summary)
+        if floors:
+            shares_from_reports(point, Path(run) / "eval", Path(floors))
+        points.append(point)
     return sorted(points, key=lambda p: p.hours)
 
 
