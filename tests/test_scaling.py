@@ -119,7 +119,7 @@ def test_share_of_the_context_from_the_summary_and_from_reports(tmp_path):
     text = {k: i < 70 for i, k in enumerate(ids)}
     floor = {k: i < 60 for i, k in enumerate(ids)}
     speech = {k: i < 55 or 60 <= i < 65 for i, k in enumerate(ids)}  # 60 right, 5 of them where the floor is wrong
-    row = lambda cond, conn, items: ResultRow("storycloze/adversarial", cond, conn, "none", "summed",  # noqa: E731
+    row = lambda cond, conn, items: ResultRow("storycloze/adversarial", cond, conn, "none", "summed",
                                               Accuracy.of(list(items.values())), None, items, None)
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
