@@ -261,9 +261,13 @@ def plot(points: list[Point], fitted: dict[str, Fit], out: str | Path) -> Path:
     from speechlm.atomic import atomic_path
 
     figs = list(fitted)
-    fig, axes = plt.subplots(1, len(figs), figsize=(3.6 * len(figs), 3.4), squeeze=False)
+    cols = min(4, len(figs))  # at most four panels a row
+    rows = math.ceil(len(figs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(figs):]:
+        ax.set_visible(False)
     hours = [p.hours for p in points]
-    for ax, f in zip(axes[0], figs):
+    for ax, f in zip(axes.flat, figs):
         label, _, _ = FIGURES[f]
         xs = [p.hours for p in points if f in p.values]
         ys = [p.values[f] for p in points if f in p.values]
