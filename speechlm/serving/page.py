@@ -84,10 +84,12 @@ PAGE = r"""<!doctype html>
 <body>
 <h1>SpeechLM demo</h1>
 <div class="muted" id="runinfo">loading…</div>
-<p class="muted" id="expect">What to expect: a connector trained on a few hours of synthetic speech (the CPU
-  presets) gets about 4 in 10 tokens right and none it never heard in training, so its transcripts and answers are
-  mostly wrong; the Whisper cascade beside it (Whisper's text into the same LLM) shows what the LLM answers when it
-  hears the words. The run's <code>summary.json</code> has the measured numbers.</p>
+<p class="muted" id="expect">What to expect: a connector trained on a few hours of synthetic speech (the tiny and
+  small presets) gets about 4 in 10 tokens right and none it never heard in training, so its transcripts and answers
+  are mostly wrong; the 30-hour preset gets 2 in 3, enough to carry what a sentence is about but not what it says
+  (its spoken stories add nothing to StoryCloze over the endings alone). The Whisper cascade beside it (Whisper's
+  text into the same LLM) shows what the LLM answers when it hears the words. The run's <code>summary.json</code>
+  has the measured numbers.</p>
 <form id="form">
   <fieldset>
     <legend>Speech</legend>
