@@ -103,6 +103,8 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     sc = []
     for style in ("adversarial", "random"):
         sc.append(ResultRow(f"storycloze/{style}", "text", "llm", "none", "summed", text))
+        if style == "adversarial":  # the endings alone: the floor line, where the report has it
+            sc.append(ResultRow(f"storycloze/{style}", "endings", "llm", "none", "summed", Accuracy(6, 10), text))
         sc.append(ResultRow(f"storycloze/{style}", "s2t", "ssr-s0/connector", "free", "summed", Accuracy(6, 10), text))
         sc.append(ResultRow(f"storycloze/{style}", "s2t", "ssr-s0/connector", "free", "length_norm", Accuracy(1, 10),
                             text))
@@ -130,6 +132,8 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     assert mid["storycloze_adversarial"] is None and mid["asr_wer"] is None  # no reports for it: missing, not made up
     assert ssr["storycloze_adversarial"]["acc"] == 0.6 and ssr["storycloze_adversarial"]["parity"] == pytest.approx(6 / 7, abs=1e-4)
     assert ssr["storycloze_random"]["text"] == 0.7
+    assert ssr["storycloze_adversarial"]["floor"] == 0.6 and stack["storycloze_adversarial"]["floor"] == 0.6
+    assert "floor" not in ssr["storycloze_random"] and "floor" not in ssr["mmlu_0shot"]  # not in the reports
     assert ssr["mmlu_0shot"]["acc"] == 0.375 and ssr["asr_wer"] == 0.25
     assert ssr["mmlu_0shot"]["text"] == 0.75  # the text line of the Speech-MMLU panel
     assert stack["storycloze_adversarial"]["acc"] == 0.5 and stack["asr_wer"] == 0.5

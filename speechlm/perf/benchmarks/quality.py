@@ -249,6 +249,10 @@ def collect(runs: list[tuple[str, int]], metrics: dict[str, dict], reports: dict
     sc = json.loads(reports["storycloze"].read_text())["results"]
     mm = json.loads(reports["speech_mmlu"].read_text())["results"]
     asr = json.loads(reports["asr"].read_text())["results"]
+    # the LLM without the spoken part (endings alone / options alone), where the reports have it
+    floors = {f"storycloze_{style}": _row(sc, "llm", task=f"storycloze/{style}", condition="endings", scoring="summed")
+              for style in ("adversarial", "random")}
+    floors["mmlu_0shot"] = _row(mm, "llm", task="speech_mmlu/all", condition="noquestion_0shot", scoring="cloze")
     rows = []
     for n, seed in runs:
         label = f"{run_name(n, seed)}/connector"
@@ -265,6 +269,9 @@ def collect(runs: list[tuple[str, int]], metrics: dict[str, dict], reports: dict
                 _row(sc, label, task=f"storycloze/{style}", condition="s2t", scoring="summed"))
         row["mmlu_0shot"], row["items"]["mmlu_0shot"] = _accuracy(
             _row(mm, label, task="speech_mmlu/all", condition="speech_0shot", scoring="cloze"))
+        for key, floor in floors.items():
+            if row[key] is not None and floor is not None:
+                row[key]["floor"] = floor["accuracy"]["acc"]
         a = next((x for x in asr if x["system"] == label), None)
         row["asr_wer"] = None if a is None else a["wer"]
         rows.append(row)
@@ -309,8 +316,12 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar(xs, vals, yerr=err, capsize=3, color=["#1f77b4" if r["connector"].startswith("ssr") else "#999999"
                                                       for r in rows])
         text = next((a.get("text") for a in accs if a and a.get("text") is not None), None)
+        floor = next((a.get("floor") for a in accs if a and a.get("floor") is not None), None)
         if text is not None:
             ax.axhline(100 * text, color="k", ls="--", lw=1, label="text (same LLM)")
+        if floor is not None:
+            ax.axhline(100 * floor, color="C3", ls=":", lw=1.2, label="no context (same LLM)")
+        if text is not None or floor is not None:
             ax.legend(loc="lower right", fontsize=7)
         ax.set_xticks(list(xs), ticks, rotation=30, fontsize=8)
         ax.set_title(title, fontsize=9)
