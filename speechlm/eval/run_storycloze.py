@@ -129,7 +129,7 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
                 if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
                     row = _row_of(rows, task, cond, cfg.headline_scoring)
                     summary |= headline_entry(row, cond)
-                    if endings is not None:  # what the spoken context adds over no context, same stories
+                    if endings is not None and cond == "s2t":  # what the spoken context adds over none
                         alone = _row_of(rows, task, "endings", cfg.headline_scoring)
                         summary[f"{cond}_vs_endings"] = compare(row.items, alone.items).to_json()
                     if cfg.cascade:  # the connector against the Whisper cascade on the same stories
