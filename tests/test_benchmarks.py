@@ -136,12 +136,14 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
     assert "floor" not in ssr["storycloze_random"] and "floor" not in ssr["mmlu_0shot"]  # not in the reports
     assert ssr["mmlu_0shot"]["acc"] == 0.375 and ssr["asr_wer"] == 0.25
     assert ssr["mmlu_0shot"]["text"] == 0.75  # the text line of the Speech-MMLU panel
+    assert ssr["mmlu_5shot"]["acc"] == 1.0 and stack["mmlu_5shot"] is None  # 5-shot: its own row
     assert stack["storycloze_adversarial"]["acc"] == 0.5 and stack["asr_wer"] == 0.5
     assert ssr["valid_loss_speech"] == 5.0 and ssr["valid_loss_text"] == 4.0
     assert stack["mmlu_0shot"] is None  # only a per-subject row: the overall one is missing, not made up
     table = bench_quality.table(rows)
     assert "| SSR (stage 1 + 2) | 0 | 100 | 1.00 | 5.000 (4.000) |" in table and "60.0 [31, 83] (0.86)" in table
     assert "| SSR (stage 1 + mid + 2) | 0 | 40 + 60 | 1.00 |" in table
+    assert "| 37.5 [14, 69] (0.50) | 100.0 [68, 100] (1.33) |" in table  # MMLU 0-shot, 5-shot
     assert ssr["seed"] == 0 and ssr["items"]["storycloze_adversarial"] is None  # rows written without outcomes
     bench_quality.plot(rows, tmp_path / "q.png")
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"

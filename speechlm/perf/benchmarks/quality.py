@@ -252,7 +252,9 @@ def collect(runs: list[tuple[str, int]], metrics: dict[str, dict], reports: dict
     # the LLM without the spoken part (endings alone / options alone), where the reports have it
     floors = {f"storycloze_{style}": _row(sc, "llm", task=f"storycloze/{style}", condition="endings", scoring="summed")
               for style in ("adversarial", "random")}
-    floors["mmlu_0shot"] = _row(mm, "llm", task="speech_mmlu/all", condition="noquestion_0shot", scoring="cloze")
+    for shots in (0, 5):
+        floors[f"mmlu_{shots}shot"] = _row(mm, "llm", task="speech_mmlu/all", condition=f"noquestion_{shots}shot",
+                                           scoring="cloze")
     rows = []
     for n, seed in runs:
         label = f"{run_name(n, seed)}/connector"
@@ -267,8 +269,9 @@ def collect(runs: list[tuple[str, int]], metrics: dict[str, dict], reports: dict
             key = f"storycloze_{style}"
             row[key], row["items"][key] = _accuracy(
                 _row(sc, label, task=f"storycloze/{style}", condition="s2t", scoring="summed"))
-        row["mmlu_0shot"], row["items"]["mmlu_0shot"] = _accuracy(
-            _row(mm, label, task="speech_mmlu/all", condition="speech_0shot", scoring="cloze"))
+        for shots in (0, 5):  # 5-shot: the text exemplars before the spoken question (the recipe's default shots)
+            row[f"mmlu_{shots}shot"], row["items"][f"mmlu_{shots}shot"] = _accuracy(
+                _row(mm, label, task="speech_mmlu/all", condition=f"speech_{shots}shot", scoring="cloze"))
         for key, floor in floors.items():
             if row[key] is not None and floor is not None:
                 row[key]["floor"] = floor["accuracy"]["acc"]
@@ -288,8 +291,9 @@ def _acc(d: dict | None) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| connector | seed | steps (mid + stage 2) | step s | valid loss (text) | ASR WER % "
-            "| StoryCloze S->T adv. % (parity) | S->T random % (parity) | MMLU cloze 0-shot % (parity) |")
-    lines = [head, "|" + "---|" * 9]
+            "| StoryCloze S->T adv. % (parity) | S->T random % (parity) | MMLU cloze 0-shot % (parity) "
+            "| 5-shot % (parity) |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         loss = "-" if r["valid_loss_speech"] is None else f"{r['valid_loss_speech']:.3f} ({r['valid_loss_text']:.3f})"
         wer = "-" if r["asr_wer"] is None else f"{100 * r['asr_wer']:.1f}"
@@ -297,7 +301,7 @@ def table(rows: list[dict]) -> str:
         steps = f"{r['mid_steps']} + {r['steps'] - r['mid_steps']}" if r.get("mid_steps") else str(r["steps"])
         lines.append(f"| {r['label']} | {r['seed']} | {steps} | {step} | {loss} | {wer} "
                      f"| {_acc(r['storycloze_adversarial'])} "
-                     f"| {_acc(r['storycloze_random'])} | {_acc(r['mmlu_0shot'])} |")
+                     f"| {_acc(r['storycloze_random'])} | {_acc(r['mmlu_0shot'])} | {_acc(r.get('mmlu_5shot'))} |")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("storycloze_adversarial", "StoryCloze S->T adv."),
     ("storycloze_random", "StoryCloze S->T random"),
     ("mmlu_0shot", "Speech-MMLU cloze 0-shot"),
+    ("mmlu_5shot", "Speech-MMLU cloze 5-shot"),
 )
 REFERENCE = "ssr"
 
