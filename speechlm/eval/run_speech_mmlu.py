@@ -163,6 +163,7 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
     summary: dict = {}
     text_res: dict[tuple[str, int], dict[str, list[bool]]] = {}
     floors: dict[tuple[str, int], ResultRow] = {}  # (method, shots) -> the all-subjects row without the question
+    blank = {subject: [replace(it, question="") for it in items] for subject, items in test.items()}
     for method in cfg.methods:
         for k in cfg.shots:
             res = mm.eval_text(llm, tok, test, dev, method, k, cfg.batch_size)
@@ -175,7 +176,6 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
             if method == cfg.headline_method and k == cfg.shots[0]:
                 summary |= headline_entry(r[0], "text")
             if cfg.no_question:
-                blank = {subject: [replace(it, question="") for it in items] for subject, items in test.items()}
                 floor, floor_total = per_subject_rows(TASK, f"noquestion_{k}shot", LLM_ALONE, "none", method,
                                                       mm.eval_text(llm, tok, blank, dev, method, k, cfg.batch_size), res)
                 rows += floor

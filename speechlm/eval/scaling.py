@@ -44,10 +44,13 @@ FIGURES: dict[str, tuple[str, bool, float]] = {
     "storycloze_context": ("StoryCloze: share of the context's gain", True, 1.0),
     "mmlu_question": ("Speech-MMLU: share of the question's gain", True, 1.0),
 }
-#: share figure -> (summary key and report stem, task, speech condition, floor condition, text condition, scoring)
-SHARES: dict[str, tuple[str, str, str, str, str, str]] = {
-    "storycloze_context": ("storycloze", "storycloze/adversarial", "s2t", "endings", "text", "summed"),
-    "mmlu_question": ("speech_mmlu", "speech_mmlu/all", "speech_0shot", "noquestion_0shot", "text_0shot", "cloze"),
+#: share figure -> (summary key and report stem, its floor's and its gain's summary keys; in the reports: task,
+#: speech condition, floor condition, text condition, scoring)
+SHARES: dict[str, tuple[str, str, str, str, str, str, str, str]] = {
+    "storycloze_context": ("storycloze", "endings_acc", "s2t_vs_endings",
+                           "storycloze/adversarial", "s2t", "endings", "text", "summed"),
+    "mmlu_question": ("speech_mmlu", "noquestion_acc", "speech_0shot_vs_noquestion",
+                      "speech_mmlu/all", "speech_0shot", "noquestion_0shot", "text_0shot", "cloze"),
 }
 EXTRAPOLATION = 10.0  # a predicted hours figure beyond this many times the largest run is marked
 
@@ -118,10 +121,10 @@ def _share(p: Point, name: str, gain: float | None, ci: list[float] | None, text
 
 def shares_from_summary(p: Point, summary: dict) -> None:
     """The share figures of a summary that holds the floors (evaluations since the floors were added)."""
-    for name, (key, _, cond, floor, _, _) in SHARES.items():
+    for name, (key, floor_key, gain_key, *_) in SHARES.items():
         s = summary.get(key) or {}
-        floor_acc, text_acc = s.get(f"{floor.split('_')[0]}_acc"), s.get("text_acc")
-        node = s.get(f"{cond}_vs_{floor.split('_')[0]}") or {}
+        floor_acc, text_acc = s.get(floor_key), s.get("text_acc")
+        node = s.get(gain_key) or {}
         if floor_acc is not None and text_acc is not None and node.get("diff") is not None:
             _share(p, name, float(node["diff"]), node.get("diff_ci95"), float(text_acc) - float(floor_acc))
 
@@ -140,7 +143,7 @@ def shares_from_reports(p: Point, eval_dir: Path, floors: Path) -> None:
     """The share figures from the run's evaluation reports (its first connector) and a floors report."""
     from speechlm.eval.paired import compare
 
-    for name, (stem, task, cond, floor, text, scoring) in SHARES.items():
+    for name, (stem, _, _, task, cond, floor, text, scoring) in SHARES.items():
         if name in p.values or not (eval_dir / f"{stem}.json").is_file() or not (floors / f"{stem}.json").is_file():
             continue
         run_rows = json.loads((eval_dir / f"{stem}.json").read_text(encoding="utf-8"))["results"]

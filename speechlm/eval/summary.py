@@ -158,12 +158,12 @@ def headline(summary: dict) -> str:
         text = s["text_acc"] if s.get("text_acc") is not None else vs_text.get("acc_b")
         rows.append(f"| {label} (n {s.get(f'{cond}_n', '?')}) | {_pct(s[acc_key])} | {_pct(cascade)} | "
                     f"{_pct(text)} | {_diff(vs_text)} |")
-    floors = (("storycloze", "StoryCloze, endings alone (no context", "endings_acc", "s2t_vs_endings"),
-              ("speech_mmlu", "Speech-MMLU, options alone (no question", "noquestion_acc", "speech_0shot_vs_noquestion"))
+    floors = (("storycloze", "StoryCloze, endings alone (no context)", "endings_acc", "s2t_vs_endings"),
+              ("speech_mmlu", "Speech-MMLU, options alone (no question)", "noquestion_acc", "speech_0shot_vs_noquestion"))
     for task, label, acc_key, gain_key in floors:  # the LLM without the spoken part; speech's gain over it
         s = summary.get(task) or {}
         if s.get(acc_key) is not None:
-            rows.append(f"| {label}; speech's gain over it, points) | {_diff(s.get(gain_key))} | - | "
+            rows.append(f"| {label}: speech's gain over it, points | {_diff(s.get(gain_key))} | - | "
                         f"{_pct(s[acc_key])} | - |")
     asr = summary.get("asr") or {}
     if asr.get("wer") is not None:

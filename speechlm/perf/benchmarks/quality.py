@@ -301,7 +301,7 @@ def table(rows: list[dict]) -> str:
         steps = f"{r['mid_steps']} + {r['steps'] - r['mid_steps']}" if r.get("mid_steps") else str(r["steps"])
         lines.append(f"| {r['label']} | {r['seed']} | {steps} | {step} | {loss} | {wer} "
                      f"| {_acc(r['storycloze_adversarial'])} "
-                     f"| {_acc(r['storycloze_random'])} | {_acc(r['mmlu_0shot'])} | {_acc(r.get('mmlu_5shot'))} |")
+                     f"| {_acc(r['storycloze_random'])} | {_acc(r['mmlu_0shot'])} | {_acc(r['mmlu_5shot'])} |")
     return "\n".join(lines)
 
 
