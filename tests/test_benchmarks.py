@@ -126,7 +126,7 @@ def test_quality_collect_reads_the_evaluation_reports(tmp_path):
                            "step_time_s_median": 1.0} for n in names}  # as a stage's metrics.json has them
     metrics["ssr-mid-s0"] = {**metrics["ssr-mid-s0"], "steps": 60, "mid": {"steps": 40}}  # what train() returns
     reports = {k: tmp_path / f"{k}.json" for k in ("storycloze", "speech_mmlu", "asr")}
-    rows = bench_quality.collect([(n, 0) for n in names], metrics, reports)
+    rows = bench_quality.collect([(n, 0) for n in names], metrics, {f"{n}-s0": reports for n in names})
     ssr, stack, mid = rows
     assert mid["steps"] == 100 and mid["mid_steps"] == 40 and ssr["mid_steps"] == 0
     assert mid["storycloze_adversarial"] is None and mid["asr_wer"] is None  # no reports for it: missing, not made up
@@ -206,7 +206,7 @@ def test_quality_pairs_each_connector_with_ssr_of_its_seed_item_by_item(tmp_path
     runs = [("ssr", 0), ("stack", 0), ("qformer", 0), ("ssr", 1), ("stack", 1)]
     metrics = {f"{n}-s{s}": {"steps": 10} for n, s in runs}
     reports = {k: tmp_path / f"{k}.json" for k in ("storycloze", "speech_mmlu", "asr")}
-    rows = bench_quality.collect(runs, metrics, reports)
+    rows = bench_quality.collect(runs, metrics, {f"{n}-s{s}": reports for n, s in runs if n != "qformer"})
     assert [(r["connector"], r["seed"]) for r in rows] == runs
     assert rows[1]["items"]["storycloze_adversarial"] == stack0  # read back from the report as booleans
 
@@ -309,7 +309,7 @@ def test_quality_trains_each_seed_apart_and_reuses_only_that_seed(tmp_path, monk
         _report(work / "eval", "storycloze", rows)
         _report(work / "eval", "speech_mmlu", [])
         (work / "eval" / "asr.json").write_text(json.dumps({"results": []}))
-        return {k: work / "eval" / f"{k}.json" for k in ("storycloze", "speech_mmlu", "asr")}
+        return {n: {k: work / "eval" / f"{k}.json" for k in ("storycloze", "speech_mmlu", "asr")} for n in names}
 
     monkeypatch.setattr(bench_quality, "evaluate", evaluate)
     result = bench_quality.run(argparse.Namespace(**{**vars(args), "skip_eval": False, "ranks": 1}))
@@ -348,3 +348,82 @@ def test_quality_seeds_and_limits_are_checked():
     args = argparse.Namespace(connectors="ssr", seeds="0", stories=-1, questions=0, asr_utts=0)
     with pytest.raises(ConfigError, match=r"--stories: need >= 0 \(0 = the whole set\)"):
         bench_quality.run(args)
+
+
+def test_quality_evaluates_each_run_once_and_reuses_its_reports(tmp_path, monkeypatch):
+    """Only runs without reports of the same settings (or with a connector newer than them) are evaluated, together;
+    the index says which reports hold each run; a pre-index folder's reports are adopted."""
+    import os
+
+    from speechlm.perf.benchmarks import quality_eval
+
+    work = tmp_path / "bench"
+    batches: list[tuple[str, list[str]]] = []
+
+    def call(cmd, stdout, stderr, cwd, env):  # the evaluation recipes' stand-in: one report naming its connectors
+        opts = dict(a.split("=", 1) for a in cmd[2:])
+        key = {"eval_storycloze.py": "storycloze", "eval_speech_mmlu.py": "speech_mmlu", "eval_asr.py": "asr"}[
+            Path(cmd[1]).name]
+        runs = [Path(c).parent.name for c in opts["connectors"].strip("[]").split(",")]
+        out = Path(opts["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{key}.json").write_text(json.dumps({"results": runs, "limit": opts["limit"]}))
+        batches.append((key, runs))
+        return 0
+
+    monkeypatch.setattr(quality_eval.subprocess, "call", call)
+    paths = {"llm": tmp_path / "llm", "aligner": tmp_path / "aligner", "test": tmp_path / "test.jsonl"}
+    args = argparse.Namespace(out=str(work), stories=0, questions=0, asr_utts=100, asr_max_tokens=96, threads=1)
+
+    def trained(*runs):
+        for n in runs:
+            (work / n / "connector").mkdir(parents=True, exist_ok=True)
+            (work / n / "connector" / "model.safetensors").write_bytes(b"w")
+            os.utime(work / n / "connector" / "model.safetensors", (1e9, 1e9))  # trained long before any report
+
+    def evaluated(names, **changed):
+        batches.clear()
+        got = quality_eval.evaluate(names, argparse.Namespace(**{**vars(args), **changed}), paths, work)
+        assert list(got) == names
+        return got, sorted({tuple(r) for _, r in batches})
+
+    trained("ssr-s0", "stack-s0", "ssr-s1")
+    got, runs = evaluated(["ssr-s0", "stack-s0"])
+    assert runs == [("ssr-s0", "stack-s0")] and len(batches) == 3  # one go: all three evaluations, both runs
+    assert got["ssr-s0"]["asr"] == work / "eval" / "ssr-s0+stack-s0" / "asr.json"
+    index = json.loads((work / "eval" / "index.json").read_text())["runs"]
+    assert index["stack-s0"]["reports"]["storycloze"] == "eval/ssr-s0+stack-s0/storycloze.json"
+    assert index["stack-s0"]["settings"]["asr_utts"] == 100
+
+    got, runs = evaluated(["ssr-s0", "stack-s0", "ssr-s1"])  # a new seed: only it is evaluated
+    assert runs == [("ssr-s1",)] and got["ssr-s0"]["asr"].parent.name == "ssr-s0+stack-s0"
+    assert got["ssr-s1"]["asr"] == work / "eval" / "ssr-s1" / "asr.json"
+    assert evaluated(["ssr-s0", "stack-s0", "ssr-s1"])[1] == []  # nothing new: nothing evaluated
+
+    (work / "stack-s0" / "connector" / "model.safetensors").write_bytes(b"retrained")  # newer than its reports
+    assert evaluated(["ssr-s0", "stack-s0", "ssr-s1"])[1] == [("stack-s0",)]
+    assert evaluated(["ssr-s0", "ssr-s1"], stories=40)[1] == [("ssr-s0", "ssr-s1")]  # other settings: again
+    assert json.loads((work / "eval" / "ssr-s0+ssr-s1" / "storycloze.json").read_text())["limit"] == "40"
+    assert evaluated(["ssr-s0"], reevaluate=True)[1] == [("ssr-s0",)]
+
+    # a folder from before the index: one report set for all the runs in its bench_quality.json, adopted
+    old = tmp_path / "old"
+    for n in ("ssr-s0", "stack-s0"):
+        (old / n / "connector").mkdir(parents=True)
+        (old / n / "connector" / "w").write_bytes(b"w")
+        os.utime(old / n / "connector" / "w", (1e9, 1e9))
+    (old / "eval").mkdir()
+    for key in quality_eval.KEYS:
+        (old / "eval" / f"{key}.json").write_text(json.dumps({"meta": {"llm": str(paths["llm"])}, "results": []}))
+    (old / "bench_quality.json").write_text(json.dumps({
+        "stories": 0, "questions_per_subject": 0, "asr_utts": 100,
+        "reports": {k: str(old / "eval" / f"{k}.json") for k in quality_eval.KEYS},
+        "rows": [{"connector": "ssr", "seed": 0}, {"connector": "stack", "seed": 0}]}))
+    batches.clear()
+    got = quality_eval.evaluate(["ssr-s0", "stack-s0"], argparse.Namespace(**{**vars(args), "out": str(old)}),
+                                paths, old)
+    assert batches == [] and got["stack-s0"]["speech_mmlu"] == old / "eval" / "speech_mmlu.json"
+    batches.clear()  # adopted with the limits it recorded: other limits evaluate again
+    quality_eval.evaluate(["ssr-s0"], argparse.Namespace(**{**vars(args), "out": str(old), "asr_utts": 50}), paths,
+                          old)
+    assert sorted({tuple(r) for _, r in batches}) == [("ssr-s0",)]

@@ -16,8 +16,8 @@ recipe's own launcher (``deepspeed``, ``--ranks`` CPU ranks), once per seed of `
   SALMONN, ~3 Hz): from fresh connectors, trained with the speech as a prefix of the transcript (all of its
   tokens targets) and ``distill_weight=0``.
 
-Then the same evaluations for every (connector, seed) in one go, on the same rendered audio (held-out natural
-voices, free boundaries for SSR): spoken StoryCloze S->T (adversarial and random wrong endings; ``--stories``),
+Then the same evaluations for every (connector, seed) not evaluated yet, in one go, on the same rendered audio
+(held-out natural voices, free boundaries for SSR): spoken StoryCloze S->T (adversarial and random wrong endings; ``--stories``),
 Speech-MMLU cloze 0-shot (``--questions`` per subject), zero-shot ASR (WER; ``--asr-utts``) of the stage-2
 connectors, and the stage-2 validation loss on the transcript tokens 1..N-1 (the targets every connector and the
 text scoring share). ``--stories 0 --questions 0 --asr-utts 0`` evaluate the whole sets.
@@ -33,7 +33,10 @@ Prints three tables and writes them to ``<out>/bench_quality.json`` (with ``<out
 
 For the data sizes, run it on runs of different sizes (``--run``/``--hours``, e.g. 5 h and 30 h) with the same
 ``--steps``. Trained connectors are reused when a run of that seed already reached ``--steps`` (a folder holding
-another seed's run is refused; ``--retrain`` trains them again); the evaluations always run.
+another seed's run is refused; ``--retrain`` trains them again), and so are a run's evaluation reports when they
+were made with the same ``--stories``/``--questions``/``--asr-utts``/``--asr-max-tokens`` and LLM after its connector
+was trained (``<out>/eval/index.json`` says which; ``--reevaluate`` evaluates every run again): adding a seed trains
+and evaluates only that seed's connectors.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--asr-max-tokens", type=int, default=96, help="cap on a baseline's read-out (SSR: its N)")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--skip-eval", action="store_true", help="train only")
+    ap.add_argument("--reevaluate", action="store_true", help="evaluate every run again, not reusing its reports")
     args = ap.parse_args(argv)
     return run(args)
 

@@ -4,8 +4,9 @@ the evaluation recipes (tools/benchmarks/bench_quality.py); the tables and plot 
 * :func:`train`: stage 2 (ssr-mid: the mid stage, then stage 2) for one connector and one seed (the stage config's
   ``seed=``) into ``<out>/<name>-s<seed>``; a finished run there is reused only when its ``config.yaml`` records that
   seed (a folder holding another seed's run is refused, never resumed or mixed);
-* :func:`evaluate`: StoryCloze S->T, Speech-MMLU cloze 0-shot and zero-shot ASR of every (connector, seed) in one go
-  (the same rendered audio for all);
+* speechlm.perf.benchmarks.quality_eval: StoryCloze S->T, Speech-MMLU cloze and zero-shot ASR of the (connector,
+  seed) runs not evaluated yet with the same settings, in one go (the same rendered audio for all); the others'
+  reports are reused;
 * :func:`collect`: one row per (connector, seed) from the reports, with each metric's per-item outcomes;
 * speechlm.perf.benchmarks.quality_paired: every connector minus SSR of the same seed on the same items (95%
   interval, McNemar p, "inside the noise"), and each connector's mean accuracy over the seeds with its spread;
@@ -17,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,11 +31,12 @@ from speechlm.perf.bench import (
     machine,
     pick_names,
     pyplot,
-    recipe_env,
     run_finished,
     save_figure,
     write_json,
 )
+from speechlm.perf.benchmarks.quality_eval import KEYS as EVAL_KEYS
+from speechlm.perf.benchmarks.quality_eval import evaluate
 from speechlm.perf.benchmarks.quality_paired import (
     METRICS,
     over_seeds,
@@ -199,33 +199,6 @@ def _ssr_shape(paths: dict[str, Path]) -> list[str]:
             for k in keep if k in cfg]
 
 
-def evaluate(names: list[str], args: argparse.Namespace, paths: dict[str, Path], work: Path) -> dict[str, Path]:
-    """StoryCloze S->T, Speech-MMLU cloze and zero-shot ASR for the connectors of the trained runs ``names``
-    (folders under ``work``) at once; the report paths. ``--stories``, ``--questions`` (per subject) and
-    ``--asr-utts`` are the recipes' ``limit``: the first N items, 0 = the whole set."""
-    conns = "[" + ",".join(str(work / n / "connector") for n in names) + "]"
-    common = [f"llm={paths['llm']}", f"aligner={paths['aligner']}", f"out_dir={work / 'eval'}",
-              f"threads={args.threads}"]
-    py = sys.executable
-    runs = {
-        "storycloze": [py, "recipes/eval_storycloze.py", *common, f"connectors={conns}", "cascade=false",
-                       f"limit={args.stories}", "conditions=[text,endings,s2t]", "voices=[natural]"],
-        "speech_mmlu": [py, "recipes/eval_speech_mmlu.py", *common, f"connectors={conns}", "methods=[cloze]",
-                        "cascade=false", f"limit={args.questions}", "voices=[natural]"],
-        "asr": [py, "recipes/eval_asr.py", *common, f"connectors={conns}", f"manifest={paths['test']}",
-                f"limit={args.asr_utts}", f"max_new_tokens={args.asr_max_tokens}", "text_oracle=false"],
-    }
-    reports = {}
-    for key, cmd in runs.items():
-        print(f"[eval] {key}", flush=True)
-        with open(work / f"eval_{key}.log", "w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=recipe_env())
-        if rc != 0:
-            raise RuntimeError(f"bench_quality: {key} evaluation failed (exit {rc}); see {work / f'eval_{key}.log'}")
-        reports[key] = work / "eval" / f"{key}.json"
-    return reports
-
-
 def _row(results: list[dict], label: str, **want) -> dict | None:
     for r in results:
         if r["connector"] == label and all(r.get(k) == v for k, v in want.items()):
@@ -242,23 +215,35 @@ def _accuracy(r: dict | None) -> tuple[dict | None, dict[str, bool] | None]:
     return acc, items
 
 
-def collect(runs: list[tuple[str, int]], metrics: dict[str, dict], reports: dict[str, Path]) -> list[dict]:
-    """One row per trained ``(connector, seed)`` of ``runs`` (``metrics`` keyed by :func:`run_name`), read from the
-    evaluation reports: its accuracies (None when a report lacks it: missing, not made up), ASR WER, validation loss,
-    and ``items``: ``{metric: {item id: right?}}`` for the paired comparisons (not written to the JSON)."""
-    sc = json.loads(reports["storycloze"].read_text())["results"]
-    mm = json.loads(reports["speech_mmlu"].read_text())["results"]
-    asr = json.loads(reports["asr"].read_text())["results"]
-    # the LLM without the spoken part (endings alone / options alone), where the reports have it
-    floors = {f"storycloze_{style}": _row(sc, "llm", task=f"storycloze/{style}", condition="endings", scoring="summed")
-              for style in ("adversarial", "random")}
-    for shots in (0, 5):
-        floors[f"mmlu_{shots}shot"] = _row(mm, "llm", task="speech_mmlu/all", condition=f"noquestion_{shots}shot",
-                                           scoring="cloze")
+def _results(path: Path, cache: dict[Path, list]) -> list[dict]:
+    if path not in cache:
+        cache[path] = json.loads(path.read_text())["results"]
+    return cache[path]
+
+
+def collect(runs: list[tuple[str, int]], metrics: dict[str, dict], reports: dict[str, dict[str, Path]]) -> list[dict]:
+    """One row per trained ``(connector, seed)`` of ``runs`` (``metrics`` keyed by :func:`run_name`), read from its
+    evaluation reports (``reports[run][key]``; a run without reports gets None for all): its accuracies (None when a
+    report lacks it: missing, not made up), ASR WER, validation loss, and ``items``: ``{metric: {item id: right?}}``
+    for the paired comparisons (not written to the JSON). The floors (the LLM without the spoken part: endings alone,
+    options alone) are the same items for every report; they are read from the first report that has them."""
+    cache: dict[Path, list] = {}
+    floors: dict[str, dict | None] = {f"storycloze_{s}": None for s in ("adversarial", "random")}
+    floors |= {f"mmlu_{shots}shot": None for shots in (0, 5)}
+    for rep in reports.values():
+        sc, mm = _results(rep["storycloze"], cache), _results(rep["speech_mmlu"], cache)
+        for style in ("adversarial", "random"):
+            floors[f"storycloze_{style}"] = floors[f"storycloze_{style}"] or _row(
+                sc, "llm", task=f"storycloze/{style}", condition="endings", scoring="summed")
+        for shots in (0, 5):
+            floors[f"mmlu_{shots}shot"] = floors[f"mmlu_{shots}shot"] or _row(
+                mm, "llm", task="speech_mmlu/all", condition=f"noquestion_{shots}shot", scoring="cloze")
     rows = []
     for n, seed in runs:
         label = f"{run_name(n, seed)}/connector"
         m = metrics[run_name(n, seed)]
+        rep = reports.get(run_name(n, seed))
+        sc, mm, asr = ([], [], []) if rep is None else [_results(rep[k], cache) for k in EVAL_KEYS]
         valid = m.get("final_valid", {})  # a stage's metrics.json: the last validation
         mid_steps = m["mid"]["steps"] if "mid" in m else 0
         row = {"connector": n, "seed": seed, "label": LABELS[n], "steps": m["steps"] + mid_steps,
@@ -361,7 +346,8 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "quality at equal stage-2 budget", "machine": machine(), "run": str(paths["run"]),
         "steps": args.steps, "ranks": args.ranks, "seeds": seeds, "stories": args.stories,
         "questions_per_subject": args.questions, "asr_utts": args.asr_utts, "limits_note": "0 = the whole set",
-        "reports": {k: str(v) for k, v in reports.items()}, "wall_s": time.perf_counter() - t0, "rows": rows,
+        "reports": {n: {k: str(p) for k, p in rep.items()} for n, rep in reports.items()},
+        "wall_s": time.perf_counter() - t0, "rows": rows,
         "paired_vs_ssr": paired, "over_seeds": summary,
     }
     write_json(work / "bench_quality.json", result)
