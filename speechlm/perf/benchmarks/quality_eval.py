@@ -45,12 +45,15 @@ def _legacy(work: Path) -> dict[str, dict]:
     if not isinstance(reports, dict) or set(reports) != set(KEYS) or not all(isinstance(v, str) for v in
                                                                             reports.values()):
         return {}
-    meta = json.loads(Path(reports["storycloze"]).read_text()).get("meta", {}) if Path(
-        reports["storycloze"]).is_file() else {}
+    storycloze = Path(reports["storycloze"])
+    meta = json.loads(storycloze.read_text()).get("meta", {}) if storycloze.is_file() else {}
     stamp = {"stories": data.get("stories"), "questions": data.get("questions_per_subject"),
              "asr_utts": data.get("asr_utts"), "asr_max_tokens": LEGACY_ASR_MAX_TOKENS, "llm": meta.get("llm")}
-    rel = {k: str(Path(v).resolve().relative_to(work.resolve())) if Path(v).resolve().is_relative_to(work.resolve())
-           else str(Path(v).resolve()) for k, v in reports.items()}
+    root = work.resolve()
+    rel = {}
+    for key, value in reports.items():  # relative to the folder where they lie in it, as the index keeps them
+        path = Path(value).resolve()
+        rel[key] = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
     return {f"{r['connector']}-s{r['seed']}": {"reports": rel, "settings": stamp} for r in data.get("rows", [])}
 
 
