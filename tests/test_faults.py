@@ -181,6 +181,39 @@ def test_train_loop_keeps_its_signature_and_reads_the_drill_from_the_environment
     assert result["nonfinite_steps"] == 1 and result["optimizer_updates"] == 1
 
 
+def test_a_checkpoint_missing_a_ranks_file_is_never_committed_nor_resumed(tmp_path):
+    """Every rank's files must be in a checkpoint before it is called complete (a folder removed under a rank that
+    was still saving left one with rank 1's optimizer partition and the module states gone), and a checkpoint
+    without them is refused on resume with what it lacks, not DeepSpeed's bare assertion."""
+    from speechlm.errors import CheckpointError, CheckpointWriteError
+    from speechlm.training.checkpoint import load_checkpoint, missing_files, save_checkpoint
+
+    zero2 = ["trainer_state_rank0.pt", "trainer_state_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert missing_files(zero2, 2, 2) == ["mp_rank_*_model_states.pt", "*zero_pp_rank_1_mp_rank_*_optim_states.pt"]
+    zero3 = [f"trainer_state_rank{r}.pt" for r in range(12)] + [
+        f"{pre}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(12) for pre, kind in (("", "model"),
+                                                                                                 ("bf16_", "optim"))]
+    assert missing_files(zero3, 12, 3) == []
+    assert missing_files([n for n in zero3 if n != "zero_pp_rank_1_mp_rank_00_model_states.pt"], 12, 3) == [
+        "zero_pp_rank_1_mp_rank_*_model_states.pt"]  # rank 10's and 11's files do not stand in for rank 1's
+    assert missing_files(["trainer_state_rank0.pt", "mp_rank_00_model_states.pt"], 1, 0) == []
+
+    engine, ckpts = fake_engine(), tmp_path / "checkpoints"
+    first = save_checkpoint(engine, ckpts, 1, {"run": "fake"}, {})
+    engine.ds.save_checkpoint = lambda folder, tag, **kwargs: None  # DeepSpeed's files vanish before the commit
+    with pytest.raises(CheckpointWriteError, match=r"incomplete: no mp_rank_\*_model_states\.pt"):
+        save_checkpoint(engine, ckpts, 2, {"run": "fake"}, {})
+    assert (ckpts / "latest").read_text().strip() == first.name
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", first.name]  # no step 2, no temporary left
+
+    meta = json.loads((first / "meta.json").read_text())  # a checkpoint committed without them (older code)
+    del meta["files"]["mp_rank_00_model_states.pt"]
+    (first / "meta.json").write_text(json.dumps(meta))
+    (first / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=f"{first}: incomplete checkpoint, no mp_rank_"):
+        load_checkpoint(engine, ckpts, {"run": "fake"})
+
+
 def test_out_of_memory_is_recognised_and_described():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "

@@ -163,7 +163,7 @@ class FakeDeepSpeed:
         return 0
 
     def save_checkpoint(self, folder: str, tag: str, **kwargs: object) -> None:
-        torch.save(self.module.state_dict(), Path(folder) / tag / "model.pt")
+        torch.save(self.module.state_dict(), Path(folder) / tag / "mp_rank_00_model_states.pt")
 
 
 def fake_engine(seed: int = 0):

@@ -20,4 +20,5 @@ def run_recipe(config_cls: type, run: Callable[[Any], dict], argv: list[str] | N
     args = parser.parse_args(argv)
     cfg = load_config(config_cls, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("ctc_segmentation").setLevel(logging.WARNING)  # one INFO line per utterance otherwise
     return run(cfg)

@@ -9,23 +9,24 @@ Checkpoint layout (``ckpt_dir``)::
     latest           name of the newest COMPLETE checkpoint, replaced atomically after meta.json
 
 A checkpoint is written into ``.step-00000100.tmp/`` and renamed to ``step-00000100/`` once every rank's
-files and meta.json are there; ``latest`` is replaced last. A failed write (a full disk, an I/O error on
-any rank) is agreed on by all ranks, removes the temporary folder and raises :class:`CheckpointWriteError`
-on every rank naming the folder, the space the checkpoint needs and the space free: the previous
-checkpoint and ``latest`` are left as they were, so a restart resumes from there. Weights that are not
-finite are never saved or exported (:class:`NonFiniteError` instead).
-"""
+files (checked by name: :func:`missing_files`) and meta.json are there; ``latest`` is replaced last. A failed
+write (a full disk, an I/O error on any rank, a rank's file gone) is agreed on by all ranks, removes the temporary
+folder and raises :class:`CheckpointWriteError` on every rank naming the folder, the space the checkpoint needs
+and the space free: the previous checkpoint and ``latest`` are left as they were, so a restart resumes from there.
+Weights that are not finite are never saved or exported (:class:`NonFiniteError` instead)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
+import fnmatch
 import hashlib
 import json
 import os
 import pickle
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -56,6 +57,22 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def missing_files(names: Iterable[str], world_size: int, zero_stage: int) -> list[str]:
+    """What a checkpoint of ``world_size`` ranks under ZeRO-``zero_stage`` lacks among its files ``names``: every
+    rank's trainer state and DeepSpeed's files (the module states, one per rank under ZeRO-3; each rank's optimizer
+    partition under ZeRO-1 to 3), as name patterns (DeepSpeed prefixes some with its precision)."""
+    names = list(names)
+    ranks = range(world_size)
+    want = [f"trainer_state_rank{r}.pt" for r in ranks]
+    if zero_stage == 3:
+        want += [f"zero_pp_rank_{r}_mp_rank_*_model_states.pt" for r in ranks]
+    else:
+        want.append("mp_rank_*_model_states.pt")
+    if zero_stage >= 1:
+        want += [f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt" for r in ranks]
+    return [w for w in want if not fnmatch.filter(names, w)]
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -168,6 +185,9 @@ def save_checkpoint(engine: Engine, ckpt_dir: str | Path, step: int, identity: d
         try:
             files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p, fsync=True)}
                      for p in sorted(tmp.iterdir()) if p.is_file()}
+            lacking = missing_files(files, engine.info.world_size, engine.ds.zero_optimization_stage())
+            if lacking:  # a rank's write vanished (the folder removed under it): never call this complete
+                raise CheckpointError(f"incomplete: no {', '.join(lacking)} in {tmp}")
             meta = {"format": CKPT_FORMAT, "step": step, "world_size": engine.info.world_size,
                     "zero_stage": engine.ds.zero_optimization_stage(), "identity": identity,
                     "trainable": trainable_shapes(engine.module), "files": files}
@@ -231,6 +251,10 @@ def _check_meta(path: Path, engine: Engine, identity: dict) -> dict:
         p = path / name
         if not p.is_file() or p.stat().st_size != f["size"] or _sha256(p) != f["sha256"]:
             raise CheckpointError(f"{p}: checkpoint file missing or corrupt (size/sha256 differ from {meta_path})")
+    lacking = missing_files(meta["files"], meta["world_size"], meta["zero_stage"])
+    if lacking:
+        raise CheckpointError(f"{path}: incomplete checkpoint, no {', '.join(lacking)} (remove it to resume from an "
+                              "earlier one, or use another out_dir or loop.resume=false)")
     problems = []
     if meta["world_size"] != engine.info.world_size:
         problems.append(f"saved with {meta['world_size']} ranks, resuming with {engine.info.world_size} "
