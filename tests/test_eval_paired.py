@@ -27,6 +27,13 @@ def test_mcnemar_exact_values():
     assert mcnemar_p(0, 0) == 1.0
     # 3 vs 12 of 15, by hand: 2 * sum_{i<=3} C(15, i) / 2^15 = 2 * 576 / 32768.
     assert mcnemar_p(3, 12) == pytest.approx(2 * (1 + 15 + 105 + 455) / 2**15)
+    # thousands of discordant tokens (token-level comparisons): no float overflow, the same p as in logs
+    b, c = 1480, 2530
+    log_tail = [math.lgamma(b + c + 1) - math.lgamma(i + 1) - math.lgamma(b + c - i + 1) for i in range(b + 1)]
+    top = max(log_tail)
+    expected = 2 * math.exp(top + math.log(sum(math.exp(x - top) for x in log_tail)) - (b + c) * math.log(2))
+    assert mcnemar_p(b, c) == pytest.approx(expected, rel=1e-9) and 0 < mcnemar_p(b, c) < 1e-50
+    assert mcnemar_p(20000, 20000) == 1.0 and mcnemar_p(1, 5000) == 0.0  # below the smallest float: 0, not an error
     with pytest.raises(ValueError):
         mcnemar_p(-1, 2)
 

@@ -18,7 +18,6 @@ A difference whose interval contains 0 is inside the noise at 95% and is reporte
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -35,9 +34,14 @@ def mcnemar_p(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     k = min(b, c)
-    # P(X <= k) for X ~ Binomial(n, 1/2), doubled (the distribution is symmetric), capped at 1.
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    # P(X <= k) for X ~ Binomial(n, 1/2), doubled (the distribution is symmetric), capped at 1. In integers: 2.0**n
+    # overflows a float past n = 1023 (token-level comparisons have thousands of discordant tokens), and an int
+    # divided by an int is rounded once, correctly, even when the quotient underflows.
+    term = total = 1
+    for i in range(k):
+        term = term * (n - i) // (i + 1)  # C(n, i + 1)
+        total += term
+    return min(1.0, 2 * total / (1 << n))
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0,
