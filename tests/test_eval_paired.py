@@ -27,7 +27,7 @@ def test_mcnemar_exact_values():
     assert mcnemar_p(0, 0) == 1.0
     # 3 vs 12 of 15, by hand: 2 * sum_{i<=3} C(15, i) / 2^15 = 2 * 576 / 32768.
     assert mcnemar_p(3, 12) == pytest.approx(2 * (1 + 15 + 105 + 455) / 2**15)
-    # thousands of discordant tokens (token-level comparisons): no float overflow, the same p as in logs
+    # thousands of discordant tokens (token-level comparisons): no float overflow, the p computed in log space
     b, c = 1480, 2530
     log_tail = [math.lgamma(b + c + 1) - math.lgamma(i + 1) - math.lgamma(b + c - i + 1) for i in range(b + 1)]
     top = max(log_tail)
