@@ -376,3 +376,47 @@ def test_spoken_mmlu_reader_rejects_an_empty_subject(tmp_path):
     (speech / "test" / "empty.jsonl").write_text("\n")
     with pytest.raises(ManifestError, match="empty.jsonl: no questions"):
         mm.read_speech_mmlu_items(speech / "test")
+
+
+def test_storycloze_control_with_another_storys_speech_is_reported_and_paired(tmp_path, monkeypatch):
+    """conditions=[..., s2t_other]: rows for the connector, and the summary's paired gain of the right story's
+    speech over another story's (here the bigram LLM is right only after its own story's last word)."""
+    from tests.eval_helpers import bigram_llm
+
+    tok = word_tokenizer()
+    folder = tmp_path / "llm"
+    bigram_llm(tok, {"cat": "sad", "dog": "happy"}).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ctx = ["tom was late .", "he ran to the bus .", "the bus had left ."]
+    rows = []
+    for k, (animal, right, wrong) in enumerate((("cat", "sad .", "happy ."), ("dog", "happy .", "sad ."))):
+        audio = {f"{part}_audio": silent_wav(tmp_path / f"s{k}-{part}.wav") for part in ("context", "right", "wrong")}
+        rows.append({"id": animal, "context": ctx + [f"tom walked home to the {animal}"], "right_ending": right,
+                     "wrong_ending": wrong, "speaker": "en-us+m3/r175/p50", **audio})
+    data = tmp_path / "spoken.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = tmp_path / "summary.json"
+    mod = recipe("eval_storycloze")
+    fake_front_end(monkeypatch, mod)
+    from speechlm.eval import asr
+
+    class FakeWhisper:  # the cascade beside the connector: the control has no cascade row to compare with
+        def __init__(self, folder, device, transcripts=None):
+            pass
+
+        def transcribe(self, waves, batch_size):
+            return ["tom was late ."] * len(waves)
+
+    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    run_recipe("eval_storycloze", [f"llm={folder}", f"data={data}", "connectors=[x/conn]", "wrong_styles=[adversarial]",
+                                   "conditions=[text,endings,s2t,s2t_other]", "cascade=true", "whisper=unused",
+                                   f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
+    s = json.loads(summary.read_text())["storycloze"]
+    assert (s["s2t_acc"], s["s2t_other_acc"], s["s2t_other_n"]) == (1.0, 0.0, 2)
+    assert s["s2t_vs_s2t_other"]["diff"] == 1.0 and s["s2t_vs_s2t_other"]["n"] == 2
+    assert s["s2t_other_vs_endings"]["n"] == 2
+    report = json.loads((tmp_path / "out" / "storycloze.json").read_text())
+    assert {(r["condition"], r["connector"]) for r in report["results"]} == {
+        ("text", "llm"), ("endings", "llm"), ("s2t", "x/conn"), ("s2t_other", "x/conn"), ("s2t", "cascade-whisper"),
+        ("s", "cascade-whisper")}
+    assert "s2t_other_vs_cascade" not in s and s["s2t_vs_cascade"]["n"] == 2

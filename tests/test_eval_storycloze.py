@@ -295,3 +295,32 @@ def test_front_end_survives_an_utterance_without_boundaries():
     lp = model.score_speech(pre, [segs[0], segs[1]])
     pair = sc.PairScores("x", lp[0], lp[1])
     assert pair.correct("summed") and not sc.PairScores("y", lp[1], lp[1]).correct("length_norm")
+
+
+def cue_stories():
+    """Two stories whose right ending is told by the context's last word: a bigram LLM follows "cat" with
+    "sad" and "dog" with "happy", so only the story's own context picks its right ending."""
+    ctx = ["tom was late .", "he ran to the bus .", "the bus had left ."]
+    return [sc.StoryItem("cat", ctx + ["tom walked home to the cat"], "sad .", "happy ."),
+            sc.StoryItem("dog", ctx + ["tom walked home to the dog"], "happy .", "sad .")]
+
+
+def test_another_storys_spoken_context_is_the_control_for_what_the_story_adds():
+    from tests.eval_helpers import bigram_llm
+
+    tok = word_tokenizer()
+    model = speech_model(bigram_llm(tok, {"cat": "sad", "dog": "happy"}), tok)
+    stories = [spoken(it) for it in cue_stories()]
+    others = sc.other_story_contexts(stories)
+    assert [o.item.id for o in others] == ["cat", "dog"]  # the items and their endings stay
+    assert [o.context.text for o in others] == [stories[1].context.text, stories[0].context.text]
+    assert all(o.right is s.right and o.wrong is s.wrong for o, s in zip(others, stories))
+    front = OracleFrontEnd(model)
+    own = sc.score_speech_conditions(model, front, stories, ["s2t"])["s2t"]
+    other = sc.score_speech_conditions(model, front, others, ["s2t"])["s2t"]
+    assert sc.accuracy_counts(own)["summed"] == (2, 2) and sc.accuracy_counts(other)["summed"] == (0, 2)
+    three = [spoken(it) for it in cue_stories() + [item(2)]]  # every story gets another's context
+    assert [o.context for o in sc.other_story_contexts(three)] == [three[1].context, three[2].context,
+                                                                  three[0].context]
+    with pytest.raises(ValueError, match="at least two stories"):
+        sc.other_story_contexts(stories[:1])

@@ -34,7 +34,8 @@ log = logging.getLogger("eval_storycloze")
 class StoryClozeEvalConfig(SpokenEvalConfig):
     wrong_styles: list[str] = field(default_factory=lambda: ["adversarial", "random"])
     release: str = ""  # optional TWIST sStoryCloze/tStoryCloze folder (whole-story S condition)
-    # endings: the endings alone, no context (the floor every context is measured from; the LLM alone, cheap)
+    # endings: the endings alone, no context (the floor every context is measured from; the LLM alone, cheap);
+    # s2t_other (not by default): s2t with another story's spoken context, the control for what the story adds
     conditions: list[str] = field(default_factory=lambda: ["text", "endings", "s2t", "s"])
     headline_scoring: str = "summed"  # which scoring goes into the summary
     name: str = "storycloze"  # report file stem and summary key (e.g. storycloze_hard for voices=[hard])
@@ -121,7 +122,10 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
         for folder in cfg.connectors:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
             conds = [c for c in cfg.conditions if c in ("s2t", "s") and (c != "s" or front.uses_boundaries)]
-            res = sc.score_speech_conditions(model, front, stories, conds, cfg.batch_size)
+            res = sc.score_speech_conditions(model, front, stories, conds, cfg.batch_size) if conds else {}
+            if "s2t_other" in cfg.conditions:
+                others = sc.other_story_contexts(stories)
+                res["s2t_other"] = sc.score_speech_conditions(model, front, others, ["s2t"], cfg.batch_size)["s2t"]
             for cond, scores in res.items():
                 rows += rows_for(task, cond, connector_label(folder, cfg.connectors), front.label, scores, text)
                 engine_rows_for(task, cond, connector_label(folder, cfg.connectors), front.label, scores, text, engines, by_engine)
@@ -129,10 +133,13 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
                 if style == cfg.wrong_styles[0] and folder == cfg.connectors[0]:
                     row = _row_of(rows, task, cond, cfg.headline_scoring)
                     summary |= headline_entry(row, cond)
-                    if endings is not None and cond == "s2t":  # what the spoken context adds over none
+                    if endings is not None and cond in ("s2t", "s2t_other"):  # what a spoken context adds over none
                         alone = _row_of(rows, task, "endings", cfg.headline_scoring)
                         summary[f"{cond}_vs_endings"] = compare(row.items, alone.items).to_json()
-                    if cfg.cascade:  # the connector against the Whisper cascade on the same stories
+                    if cond == "s2t_other" and "s2t" in res:  # what the right story adds over another's
+                        summary["s2t_vs_s2t_other"] = compare(_row_of(rows, task, "s2t", cfg.headline_scoring).items,
+                                                              row.items).to_json()
+                    if cfg.cascade and cond != "s2t_other":  # the connector against the Whisper cascade
                         casc = next(r for r in rows if (r.task, r.condition, r.connector, r.scoring)
                                     == (task, cond, CASCADE, cfg.headline_scoring))
                         summary[f"{cond}_vs_cascade"] = compare(row.items, casc.items).to_json()

@@ -7,6 +7,10 @@ Conditions (the ending with the higher score wins; ``summed`` and ``length_norm`
 * ``s``:    all speech: ``[BOS] + speech(context)`` then ``speech(ending)``, scoring the ending's
   transcript tokens (the aligner's tokens: decoded in free mode) predicted from speech positions.
 
+Two controls say what a spoken context adds: ``endings`` (no context: the endings' own likelihood) and
+``s2t_other`` (``s2t`` with *another* story's spoken context, see :func:`other_story_contexts`). A connector
+that carries the story is above both; one that is above the first only changes how the LLM reads the endings.
+
 The TWIST release (sStoryCloze / tStoryCloze) holds one wav per *whole* story and ending (context and
 ending spoken together, no transcripts), so only the whole-story ``s`` condition applies to it.
 """
@@ -38,7 +42,8 @@ from speechlm.eval.scoring import (
 )
 
 WRONG_STYLES = ("adversarial", "random")
-CONDITIONS = ("text", "endings", "s2t", "s")  # endings: no context at all (score_text_condition)
+CONDITIONS = ("text", "endings", "s2t", "s", "s2t_other")  # endings: no context at all (score_text_condition);
+# s2t_other: another story's spoken context (other_story_contexts)
 log = logging.getLogger(__name__)
 
 
@@ -335,6 +340,21 @@ def score_speech_conditions(model: Any, front: SpeechFrontEnd, stories: Sequence
                 dec = {"right_tokens": len(right[k].ids), "wrong_tokens": len(wrong[k].ids)}
                 out["s"].append(PairScores(s.item.id, lp[k], lp[n + k], dec))
     return out
+
+
+def other_story_contexts(stories: Sequence[SpokenStory]) -> list[SpokenStory]:
+    """Each story with the spoken context of the story half the set away, its own endings kept.
+
+    The ``s2t_other`` control: speech of the same kind (voices, lengths, the connector's own vectors) that says
+    nothing about these endings. ``s2t`` minus ``s2t_other`` on the same items is what the *right* story's
+    speech adds; a connector whose gain over the endings alone survives the wrong story is not hearing the story.
+    Every story gets another's context (a fixed rotation by ``n // 2``: deterministic, and away from neighbours
+    in the set's order, which may share a topic)."""
+    n = len(stories)
+    if n < 2:
+        raise ValueError(f"another story's context needs at least two stories, got {n}")
+    return [SpokenStory(s.item, stories[(k + n // 2) % n].context, s.right, s.wrong, s.voice)
+            for k, s in enumerate(stories)]
 
 
 def score_release(model: Any, front: SpeechFrontEnd, pairs: Sequence[ReleasePair], sample_rate: int = 16000,
