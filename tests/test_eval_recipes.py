@@ -389,7 +389,7 @@ def test_storycloze_control_with_another_storys_speech_is_reported_and_paired(tm
     tok.save_pretrained(folder)
     ctx = ["tom was late .", "he ran to the bus .", "the bus had left ."]
     rows = []
-    for k, (animal, right, wrong) in enumerate((("cat", "sad .", "happy ."), ("dog", "happy .", "sad ."))):
+    for k, (animal, right, wrong) in enumerate((("cat", "sad .", "happy ."), ("dog", "happy ?", "sad ?"))):
         audio = {f"{part}_audio": silent_wav(tmp_path / f"s{k}-{part}.wav") for part in ("context", "right", "wrong")}
         rows.append({"id": animal, "context": ctx + [f"tom walked home to the {animal}"], "right_ending": right,
                      "wrong_ending": wrong, "speaker": "en-us+m3/r175/p50", **audio})

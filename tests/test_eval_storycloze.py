@@ -302,7 +302,7 @@ def cue_stories():
     "sad" and "dog" with "happy", so only the story's own context picks its right ending."""
     ctx = ["tom was late .", "he ran to the bus .", "the bus had left ."]
     return [sc.StoryItem("cat", ctx + ["tom walked home to the cat"], "sad .", "happy ."),
-            sc.StoryItem("dog", ctx + ["tom walked home to the dog"], "happy .", "sad .")]
+            sc.StoryItem("dog", ctx + ["tom walked home to the dog"], "happy ?", "sad ?")]
 
 
 def test_another_storys_spoken_context_is_the_control_for_what_the_story_adds():
@@ -324,3 +324,12 @@ def test_another_storys_spoken_context_is_the_control_for_what_the_story_adds():
                                                                   three[0].context]
     with pytest.raises(ValueError, match="at least two stories"):
         sc.other_story_contexts(stories[:1])
+    # random wrong endings, each taken from the story n // 2 further on: that story's context would argue for the
+    # wrong ending, so every story gets the next one's instead
+    rights = [f"tom was {w} ." for w in ("sad", "happy", "late", "very sad")]
+    four = [spoken(item(k, right=rights[k], wrong=rights[(k + 2) % 4])) for k in range(4)]
+    assert [o.context for o in sc.other_story_contexts(four)] == [four[3].context, four[0].context,
+                                                                 four[1].context, four[2].context]
+    pair = sc.random_wrong_endings([item(0), item(1, right="tom was happy .")])
+    with pytest.raises(ValueError, match="every other story's right ending is its wrong ending"):
+        sc.other_story_contexts([spoken(it) for it in pair])

@@ -348,13 +348,20 @@ def other_story_contexts(stories: Sequence[SpokenStory]) -> list[SpokenStory]:
     The ``s2t_other`` control: speech of the same kind (voices, lengths, the connector's own vectors) that says
     nothing about these endings. ``s2t`` minus ``s2t_other`` on the same items is what the *right* story's
     speech adds; a connector whose gain over the endings alone survives the wrong story is not hearing the story.
-    Every story gets another's context (a fixed rotation by ``n // 2``: deterministic, and away from neighbours
-    in the set's order, which may share a topic)."""
+    Every story gets another's context: the story ``n // 2`` further on (deterministic, and away from neighbours
+    in the set's order, which may share a topic), or the next one after it whose right ending is not this
+    story's wrong ending (with random wrong endings that story's context would argue *for* the wrong ending)."""
     n = len(stories)
     if n < 2:
         raise ValueError(f"another story's context needs at least two stories, got {n}")
-    return [SpokenStory(s.item, stories[(k + n // 2) % n].context, s.right, s.wrong, s.voice)
-            for k, s in enumerate(stories)]
+    out = []
+    for k, s in enumerate(stories):
+        partners = (stories[j % n] for j in range(k + n // 2, k + n // 2 + n) if j % n != k)
+        other = next((o for o in partners if o.item.right_ending != s.item.wrong_ending), None)
+        if other is None:
+            raise ValueError(f"story {s.item.id}: every other story's right ending is its wrong ending")
+        out.append(SpokenStory(s.item, other.context, s.right, s.wrong, s.voice))
+    return out
 
 
 def score_release(model: Any, front: SpeechFrontEnd, pairs: Sequence[ReleasePair], sample_rate: int = 16000,
