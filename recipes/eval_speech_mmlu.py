@@ -23,6 +23,11 @@ per TTS engine of the item's voice (:func:`speechlm.data.tts.engine_of`), over a
 ``by_engine`` in the JSON report, a second markdown table, and ``speech_mmlu.by_engine`` in the summary
 (``{engine: {n, text_acc, speech_acc_<k>shot, cascade_acc_<k>shot}}``, headline method, first connector).
 
+``other_question=true`` adds the control for what the question's content adds: each connector again with every
+item's options after another item's spoken question (``speech_other_<k>shot`` rows; in the summary
+``speech_other_acc_<k>shot``, its gain over no question and ``speech_<k>shot_vs_speech_other``, paired on the same
+items). Every question and option is embedded once per connector, whatever the methods, shots and control.
+
 The run: speechlm/eval/run_speech_mmlu.py (config fields shared by all three: speechlm/eval/config.py).
 """
 

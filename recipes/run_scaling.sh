@@ -4,14 +4,18 @@
 # the amounts, SSR against the stack-8 and Q-Former baselines with the same stage-2 budget and two seeds, paired
 # on the same items (tools/benchmarks/bench_quality.py).
 #   HOURS_LIST="2.0 5.0 12.5"  the amounts run here, each into runs/scale-<h>h (30 h: runs/large, from make large);
-#              an amount whose run has its summary.json is not run again (RERUN=1 runs it again); the curve takes
-#              every runs/scale-<h>h with a summary, so amounts run at different times join one curve
+#              an amount whose run has its summary.json, or a point in REPORT, is not run again (RERUN=1 runs it
+#              again); the curve takes every runs/scale-<h>h with a summary and REPORT's points, so amounts run at
+#              different times, on different machines, join one curve
 #   COMPARE_AT="runs/scale-5.0h runs/large"  runs whose connectors are compared with the baselines ("" = none)
 #   SEEDS=0,1  STEPS2=400 (the stage-2 budget of every connector in the comparison: the large preset's)
 #   CASCADE=false  the Whisper cascade is not evaluated at each amount: it reads no connector, so its answers
 #              are the same at every amount (make large reports it); the curve is SSR against text, paired
 #   RUNS=runs  the folder of the runs
 #   DRY_RUN=1  print the commands (each run's steps too), run nothing
+#   REPORT=docs/bench/scaling.json  the curve's points, kept in the repository: amounts measured before (their run
+#              folders gone) are read back from it and join the runs here; the curve writes every point it draws
+#              back into it (a run folder here replaces its recorded point)
 # Each run costs what make large costs at its hours (synthesis and feature caching scale with hours; the
 # aligner, the stages and the evaluations do not): see docs/PERFORMANCE.md, "Learning per hour of speech".
 set -euo pipefail
@@ -23,14 +27,19 @@ SEEDS=${SEEDS:-0,1}
 STEPS2=${STEPS2:-400}
 DRY_RUN=${DRY_RUN:-0}
 RERUN=${RERUN:-0}
+REPORT=${REPORT:-docs/bench/scaling.json}
 export CASCADE=${CASCADE:-false}
 PY=${VENV:-.venv}/bin/python
 run() { echo "=== $*"; [ "$DRY_RUN" = 1 ] || "$@"; }
+recorded() { [ -f "$REPORT" ] && grep -q "\"run\": \"$1\"" "$REPORT"; }  # REPORT holds the point of run $1
 
 for h in $HOURS_LIST; do
   r="$RUNS/scale-${h}h"
   if [ -f "$r/summary.json" ] && [ "$RERUN" != 1 ]; then
     echo "=== $r has its summary.json: not run again (RERUN=1 runs it)"; continue
+  fi
+  if [ "$RERUN" != 1 ] && recorded "$r"; then
+    echo "=== $r has its point in $REPORT: not run again (RERUN=1 runs it)"; continue
   fi
   echo "=== $r: RUN=$r HOURS=$h bash recipes/run_large.sh"
   RUN="$r" HOURS="$h" bash recipes/run_large.sh  # DRY_RUN=1 reaches it: it prints its steps
@@ -42,12 +51,15 @@ for r in "$RUNS"/scale-*h; do
 done
 if [ "$DRY_RUN" = 1 ]; then
   for h in $HOURS_LIST; do
-    if [ ! -f "$RUNS/scale-${h}h/summary.json" ]; then runs+=("$RUNS/scale-${h}h"); fi
+    r="$RUNS/scale-${h}h"
+    if [ ! -f "$r/summary.json" ] && { [ "$RERUN" = 1 ] || ! recorded "$r"; }; then runs+=("$r"); fi
   done
 fi
 if [ -f "$RUNS/large/summary.json" ]; then runs+=("$RUNS/large")
-else echo "=== $RUNS/large has no summary.json (make large): the curve goes without 30 h"; fi
-run "$PY" tools/scaling_curve.py --runs "${runs[@]}" --png docs/scaling.png --out "$RUNS/scaling.json" \
+else echo "=== $RUNS/large has no summary.json (make large): the curve takes 30 h from $REPORT, if it is there"; fi
+recorded=()
+if [ -f "$REPORT" ]; then recorded=(--recorded "$REPORT"); fi
+run "$PY" tools/scaling_curve.py --runs "${runs[@]}" "${recorded[@]}" --png docs/scaling.png --out "$REPORT" \
   --target storycloze_parity=0.9
 for r in $COMPARE_AT; do
   hours=${r##*/scale-}; hours=${hours%h}; [ "$r" = "$RUNS/large" ] && hours=30.0

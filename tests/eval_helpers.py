@@ -1,4 +1,5 @@
-"""Tiny models for the evaluation tests: a word-level tokenizer, a rigged unigram Llama, oracle speech."""
+"""Tiny models for the evaluation tests: a word-level tokenizer, a rigged unigram Llama, oracle speech, a fake
+Whisper."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from speechlm.eval.scoring import SpeechInput, text_ids
+from speechlm.eval.scoring import SpeechFrontEnd, SpeechInput, text_ids
 from speechlm.models.connectors import build_connector
 from speechlm.models.speechlm import SpeechLM, SpeechSegment
 
@@ -96,18 +97,41 @@ def speech_model(llm, tokenizer) -> SpeechLM:
     return SpeechLM(conn, llm, tokenizer=tokenizer)
 
 
-class OracleFrontEnd:
-    """Speech vectors = the LLM's own embeddings of the transcript tokens (a perfect stage-1 connector)."""
+class OracleFrontEnd(SpeechFrontEnd):
+    """Speech vectors = the LLM's own embeddings of the transcript tokens (a perfect stage-1 connector); the
+    front end's own ``embed`` (and its ``memo``) around them. ``embedded`` lists every transcript it embedded."""
 
     uses_boundaries = True
     label = "oracle"
 
-    def __init__(self, model: SpeechLM):
+    def __init__(self, model: SpeechLM):  # no encoder, no aligner: the transcripts are the speech
         self.model = model
+        self.memo = None
+        self.embedded: list[str | None] = []
 
-    def embed(self, inputs: list[SpeechInput]) -> list[SpeechSegment]:
+    def _embed(self, inputs: list[SpeechInput]) -> list[SpeechSegment]:
         out = []
+        self.embedded += [x.text for x in inputs]
         for x in inputs:
             ids = text_ids(self.model.tokenizer, x.text)
             out.append(SpeechSegment(self.model.llm_embed(torch.tensor(ids)).detach(), ids=ids))
         return out
+
+
+def fake_whisper(monkeypatch, hear) -> list[int]:
+    """The Whisper cascade replaced by one that "hears" ``hear(waveform)``; returns the sizes of the batches it
+    was asked to transcribe (appended as they come)."""
+    from speechlm.eval import asr
+
+    calls: list[int] = []
+
+    class FakeWhisper:
+        def __init__(self, folder, device, transcripts=None):
+            pass
+
+        def transcribe(self, waves, batch_size):
+            calls.append(len(waves))
+            return [hear(w) for w in waves]
+
+    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    return calls

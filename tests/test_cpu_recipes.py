@@ -4,6 +4,7 @@ flow refuses an unknown preset or step before it does any work."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -174,6 +175,17 @@ def test_scaling_recipe_keeps_the_amounts_already_run(tmp_path):
     assert "bench_quality.py" not in out  # COMPARE_AT="": no comparison
     assert f"tools/summarize_run.py --run {tmp_path}/scale-5.0h" in _scaling_dry_run(tmp_path, HOURS_LIST="5.0",
                                                                                       RERUN="1")
+
+
+def test_scaling_recipe_joins_the_points_recorded_before(tmp_path):
+    """An amount whose point the report holds (its run folder gone) is not run again; the curve reads the report
+    back and writes its points into it."""
+    report = tmp_path / "scaling.json"
+    report.write_text(json.dumps({"points": [{"run": f"{tmp_path}/scale-2.0h", "hours": 1.9, "values": {}}]}))
+    out = _scaling_dry_run(tmp_path, HOURS_LIST="2.0 5.0", COMPARE_AT="", REPORT=str(report))
+    assert f"{tmp_path}/scale-2.0h has its point in {report}: not run again" in out
+    assert f"tools/summarize_run.py --run {tmp_path}/scale-2.0h" not in out
+    assert f"--runs {tmp_path}/scale-5.0h --recorded {report} --png docs/scaling.png --out {report} " in out
 
 
 def test_until_stops_before_the_summary(tmp_path):

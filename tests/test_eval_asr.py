@@ -2,7 +2,6 @@
 the text oracle; LibriVox inputs; the recipe's summary keys and per-engine WER."""
 
 import json
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -22,7 +21,15 @@ from speechlm.eval.asr import (
 )
 from speechlm.eval.scoring import SpeechInput, start_ids, text_ids
 from speechlm.models.speechlm import TextSegment
-from tests.eval_helpers import OracleFrontEnd, bigram_llm, speech_model, tiny_llm, unigram_llm, word_tokenizer
+from tests.eval_helpers import (
+    OracleFrontEnd,
+    bigram_llm,
+    fake_whisper,
+    speech_model,
+    tiny_llm,
+    unigram_llm,
+    word_tokenizer,
+)
 from tests.test_eval_recipes import run_recipe
 
 TEXTS = ["a cat", "tom was late", "he ran to the bus and the bus had left", "the dog was very happy so he walked home"]
@@ -193,18 +200,6 @@ def test_installed_librivox_set():
 
 
 # -------------------------------------------------------------------------------------------- recipe
-class FakeWhisper:
-    """"Hears" a fixed transcript per clip length."""
-
-    heard: ClassVar[dict[int, str]] = {}
-
-    def __init__(self, folder, device, transcripts=None):
-        pass
-
-    def transcribe(self, waves, batch_size):
-        return [self.heard[w.numel()] for w in waves]
-
-
 def test_asr_recipe_per_engine_wer_and_librivox_key(tmp_path, monkeypatch):
     from speechlm.data.manifest import Utterance, write_manifest
 
@@ -212,17 +207,15 @@ def test_asr_recipe_per_engine_wer_and_librivox_key(tmp_path, monkeypatch):
             ("b", "a dog ran home", "en-us+m3/r175/p50", 24000, "a dog ran home"),
             ("c", "he was late", "piper:en_US-joe-medium/r175/p50", 20000, "he was"),
             ("d", "tom ran", "festival:ked_diphone/r160/p40", 12000, "tom ran")]
-    rows = []
+    rows, heard_as = [], {}  # clip length -> what the fake Whisper hears
     for uid, text, speaker, n, heard in utts:
         sf.write(tmp_path / f"{uid}.wav", np.zeros(n, dtype=np.float32), 16000)
         rows.append(Utterance(uid, f"{uid}.wav", 16000, n / 16000, text, "test", speaker=speaker))
-        FakeWhisper.heard[n] = heard
+        heard_as[n] = heard
     write_manifest(tmp_path / "m.jsonl", rows)
     lv = write_librivox(tmp_path / "lv", [("book-1", "a cat"), ("book-2", "tom was late")], n=4000)
-    FakeWhisper.heard[4000] = "a cat"
-    from speechlm.eval import asr
-
-    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    heard_as[4000] = "a cat"
+    fake_whisper(monkeypatch, lambda w: heard_as[w.numel()])
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"storycloze": {"text_acc": 1.0}, "asr": {"old_key": 1}}))
     out = run_recipe("eval_asr", [f"manifest={tmp_path / 'm.jsonl'}", "whisper_baseline=true", "librivox=true",

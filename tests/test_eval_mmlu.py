@@ -106,3 +106,29 @@ def test_next_token_logprobs_equal_one_token_scores():
     for b, p in enumerate(prefixes):
         want = torch.stack([x[0] for x in model.score([p] * 4, letters)])
         torch.testing.assert_close(dist[b, [c[0] for c in letters]], want, atol=1e-5, rtol=1e-5)
+
+
+def spoken_item(subject: str, k: int, question: str) -> mm.SpokenMCItem:
+    it = mm.MCItem(f"{subject}{k}", subject, question, ["five", "six", "three", "seven"], k % 4)
+    return mm.SpokenMCItem(it, SpeechInput(torch.zeros(1), question, f"{subject}{k}-q"),
+                           [SpeechInput(torch.zeros(1), o) for o in it.options])
+
+
+def test_another_questions_speech_is_the_control_for_what_the_question_adds():
+    spoken = {"maths": [spoken_item("maths", k, f"what is {w} ?") for k, w in enumerate(("two", "four", "six"))],
+              "sky": [spoken_item("sky", 0, "what color is the sky ?")]}
+    others = mm.other_questions(spoken)
+    assert list(others) == ["maths", "sky"] and [len(v) for v in others.values()] == [3, 1]
+    flat, got = [s for v in spoken.values() for s in v], [s for v in others.values() for s in v]
+    # each item keeps its own text, options and answer; its question is the one half the set (two) further on
+    assert [o.item for o in got] == [s.item for s in flat]
+    assert all(o.options is s.options for o, s in zip(got, flat))
+    assert [o.question for o in got] == [flat[2].question, flat[3].question, flat[0].question, flat[1].question]
+    # a partner asking the same question (word for word) is passed over for the next one
+    same = {"maths": [spoken_item("maths", 0, "what is two ?"), spoken_item("maths", 1, "what is four ?"),
+                      spoken_item("maths", 2, "what is two ?")]}
+    assert [o.question.id for o in mm.other_questions(same)["maths"]] == ["maths1-q", "maths2-q", "maths1-q"]
+    with pytest.raises(ValueError, match="at least two questions"):
+        mm.other_questions({"maths": same["maths"][:1]})
+    with pytest.raises(ValueError, match="question maths/maths0: every other question is the same text"):
+        mm.other_questions({"maths": [same["maths"][0], same["maths"][2]]})

@@ -12,7 +12,7 @@ from speechlm.config import load_config
 from speechlm.errors import ConfigError, ManifestError
 from speechlm.eval import run_asr, run_speech_mmlu, run_storycloze
 from speechlm.eval.report import wilson_interval
-from tests.eval_helpers import unigram_llm, word_tokenizer
+from tests.eval_helpers import fake_whisper, unigram_llm, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"eval_storycloze": (run_storycloze, run_storycloze.StoryClozeEvalConfig),
@@ -135,21 +135,10 @@ def test_speech_mmlu_recipe_text_only(tmp_path):
 def test_storycloze_cascade_transcribes_each_waveform_once(tmp_path, monkeypatch):
     import torch
 
-    from speechlm.eval import asr
     from speechlm.eval import storycloze as sc
     from speechlm.eval.scoring import SpeechInput
 
-    calls = []
-
-    class FakeWhisper:  # "hears" each clip as its length in words, and counts what it is asked
-        def __init__(self, folder, device, transcripts=None):
-            pass
-
-        def transcribe(self, waves, batch_size):
-            calls.append(len(waves))
-            return [" ".join(["tom"] * w.numel()) for w in waves]
-
-    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    calls = fake_whisper(monkeypatch, lambda w: " ".join(["tom"] * w.numel()))  # a clip's length in words
     mod = recipe("eval_storycloze")
     tok = word_tokenizer()
     llm = unigram_llm(tok, {"tom": 4.0})
@@ -174,21 +163,12 @@ def test_asr_recipe_reports_wer_and_cer_per_system(tmp_path, monkeypatch):
     texts = {"a": "the cat sat", "b": "a dog ran home"}
     heard = {16000: "the cat sad", 24000: "a dog ran home"}  # one character wrong in the first clip
 
-    class FakeWhisper:  # "hears" a fixed transcript per clip length
-        def __init__(self, folder, device, transcripts=None):
-            pass
-
-        def transcribe(self, waves, batch_size):
-            return [heard[w.numel()] for w in waves]
-
     rows = []
     for (uid, text), n in zip(texts.items(), heard):
         sf.write(tmp_path / f"{uid}.wav", np.zeros(n, dtype=np.float32), 16000)
         rows.append(Utterance(uid, f"{uid}.wav", 16000, n / 16000, text, "test"))
     write_manifest(tmp_path / "m.jsonl", rows)
-    from speechlm.eval import asr
-
-    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    fake_whisper(monkeypatch, lambda w: heard[w.numel()])  # a fixed transcript per clip length
     out = run_recipe("eval_asr", [f"manifest={tmp_path / 'm.jsonl'}", "whisper_baseline=true", f"out_dir={tmp_path / 'out'}"])
     (row,) = out["results"]
     assert row["system"] == "whisper" and row["n"] == 2
@@ -218,15 +198,20 @@ def test_storycloze_text_only_in_bf16_picks_the_same_endings(tmp_path):
 
 
 # ------------------------------------------------------------------------------- per-engine breakdowns
-def fake_front_end(monkeypatch, mod):
-    """The recipe's connector loader replaced by the oracle front end (speech vectors = text embeddings)."""
+def fake_front_end(monkeypatch, mod) -> list:
+    """The recipe's connector loader replaced by the oracle front end (speech vectors = text embeddings); returns
+    the front ends it makes (each lists the transcripts it embedded)."""
     from tests.eval_helpers import OracleFrontEnd, speech_model
+
+    made = []
 
     def load(folder, llm, tok, *args):
         model = speech_model(llm, tok)
-        return model, OracleFrontEnd(model)
+        made.append(OracleFrontEnd(model))
+        return model, made[-1]
 
     monkeypatch.setattr(mod, "load_front_end", load)
+    return made
 
 
 def silent_wav(path, n=1600):
@@ -239,16 +224,7 @@ def silent_wav(path, n=1600):
 
 
 def test_storycloze_reports_every_spoken_figure_per_engine(tmp_path, monkeypatch):
-    from speechlm.eval import asr
-
-    class FakeWhisper:  # hears every clip as "tom was sad"
-        def __init__(self, folder, device, transcripts=None):
-            pass
-
-        def transcribe(self, waves, batch_size):
-            return ["tom was sad ."] * len(waves)
-
-    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    fake_whisper(monkeypatch, lambda w: "tom was sad .")
     llm = saved_llm(tmp_path, {"sad": 4.0})
     endings = [("tom was sad .", "tom was happy ."), ("he was sad .", "he was very happy ."),
                ("tom was happy .", "tom was sad .")]  # the third: the rigged LLM picks the wrong ending
@@ -397,17 +373,9 @@ def test_storycloze_control_with_another_storys_speech_is_reported_and_paired(tm
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = tmp_path / "summary.json"
     mod = recipe("eval_storycloze")
-    fake_front_end(monkeypatch, mod)
-    from speechlm.eval import asr
-
-    class FakeWhisper:  # the cascade beside the connector: the control has no cascade row to compare with
-        def __init__(self, folder, device, transcripts=None):
-            pass
-
-        def transcribe(self, waves, batch_size):
-            return ["tom was late ."] * len(waves)
-
-    monkeypatch.setattr(asr, "WhisperCascade", FakeWhisper)
+    fronts = fake_front_end(monkeypatch, mod)
+    fake_whisper(monkeypatch, lambda w: "tom was late .")  # the cascade beside the connector: the control has no
+    # cascade row to compare with
     run_recipe("eval_storycloze", [f"llm={folder}", f"data={data}", "connectors=[x/conn]", "wrong_styles=[adversarial]",
                                    "conditions=[text,endings,s2t,s2t_other]", "cascade=true", "whisper=unused",
                                    f"out_dir={tmp_path / 'out'}", f"summary={summary}"])
@@ -420,3 +388,29 @@ def test_storycloze_control_with_another_storys_speech_is_reported_and_paired(tm
         ("text", "llm"), ("endings", "llm"), ("s2t", "x/conn"), ("s2t_other", "x/conn"), ("s2t", "cascade-whisper"),
         ("s", "cascade-whisper")}
     assert "s2t_other_vs_cascade" not in s and s["s2t_vs_cascade"]["n"] == 2
+    # the control reuses the contexts' vectors: each spoken context went through the front end once
+    assert sorted(t for f in fronts for t in f.embedded) == sorted(" ".join(r["context"]) for r in rows)
+
+
+def test_speech_mmlu_control_with_another_questions_speech_is_reported_and_paired(tmp_path, monkeypatch):
+    """other_question=true: speech_other rows for the connector, the summary's paired figures, and every question
+    and option embedded once for all methods, shots and the control."""
+    llm = saved_llm(tmp_path, {"six": 3.0, "blue": 3.0, "B": 3.0})
+    speech = spoken_mmlu_set(tmp_path / "speech", "astro", ASTRO)
+    spoken_mmlu_set(speech, "astro", ASTRO[:1], split="dev")
+    fronts = fake_front_end(monkeypatch, recipe("eval_speech_mmlu"))
+    out = run_recipe("eval_speech_mmlu", [f"llm={llm}", f"data={tmp_path / 'none'}", f"speech={speech}",
+                                          "connectors=[x/conn]", "shots=[0,1]", "other_question=true",
+                                          f"out_dir={tmp_path / 'out'}", f"summary={tmp_path / 's.json'}"])
+    s = json.loads((tmp_path / "s.json").read_text())["speech_mmlu"]
+    # the unigram LLM ignores the question: another question's speech scores as the right one's, item by item
+    assert s["speech_other_acc_0shot"] == s["speech_acc_0shot"] == 0.6667 and s["speech_other_0shot_n"] == 3
+    for k in (0, 1):
+        assert s[f"speech_{k}shot_vs_speech_other"]["n"] == 3 and s[f"speech_{k}shot_vs_speech_other"]["diff"] == 0.0
+        assert s[f"speech_other_{k}shot_vs_noquestion"]["n"] == 3
+    assert s["by_engine"]["festival"]["speech_other_acc_0shot"] == 0.5
+    conds = {(r["condition"], r["scoring"]) for r in out["rows"] if r["connector"] == "x/conn"}
+    assert conds == {(f"{c}_{k}shot", m) for c in ("speech", "speech_other") for k in (0, 1) for m in ("cloze", "letter")}
+    (front,) = fronts
+    texts = [q for q, *_ in ASTRO] + [o for _, opts, *_ in ASTRO for o in opts]
+    assert sorted(front.embedded) == sorted(texts)  # 3 questions and 12 options, each once

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from speechlm.errors import SpeechLMError
-from speechlm.eval.scaling import fit, fits, hours_text, load_points, markdown, point_from_summary
+from speechlm.eval.scaling import (
+    fit,
+    fits,
+    hours_text,
+    load_points,
+    markdown,
+    point_from_summary,
+    recorded_points,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +104,30 @@ def test_command_line_writes_the_png_and_the_json(tmp_path):
     missing = _cli("--runs", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "no summary.json" in missing.stderr
     assert _cli("--runs", *runs, "--target", "nonsense=1").returncode == 2
+
+
+def test_points_recorded_in_an_earlier_report_join_the_runs(tmp_path):
+    """Amounts measured before (their run folders gone) come back from the report the curve wrote; a run measured
+    again replaces its recorded point."""
+    runs = _runs(tmp_path, [(2, 0.43, 0.7, 0.95), (20, 0.53, 0.8, 0.9)])
+    report = tmp_path / "curve.json"
+    assert _cli("--runs", *runs, "--out", str(report)).returncode == 0
+    back = recorded_points(report)
+    assert [(p.run, p.hours) for p in back] == [(runs[0], 2), (runs[1], 20)]
+    assert back[0].values["token_acc"] == 0.43 and back[0].ci95["storycloze_parity"] == pytest.approx((0.6, 0.8))
+    (tmp_path / "run-200h").mkdir()
+    (tmp_path / "run-200h" / "summary.json").write_text(json.dumps(_summary(200, 0.63, 0.9, 0.6)))
+    (tmp_path / "run-20h" / "summary.json").write_text(json.dumps(_summary(20, 0.55, 0.8, 0.9)))  # measured again
+    points = load_points([str(tmp_path / "run-200h"), runs[1]], recorded=report)
+    assert [(p.hours, p.values["token_acc"]) for p in points] == [(2, 0.43), (20, 0.55), (200, 0.63)]
+    # the command line with the report alone redraws the curve; the report may be its own --out
+    proc = _cli("--recorded", str(report), "--runs", str(tmp_path / "run-200h"), "--out", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert [p["hours"] for p in json.loads(report.read_text())["points"]] == [2, 20, 200]
+    assert _cli("--png", str(tmp_path / "x.png")).returncode == 2  # neither runs nor a report
+    (tmp_path / "bad.json").write_text(json.dumps({"fits": {}}))
+    with pytest.raises(SpeechLMError, match="bad.json: not a scaling report with points"):
+        recorded_points(tmp_path / "bad.json")
 
 
 def test_share_of_the_context_from_the_summary_and_from_reports(tmp_path):

@@ -44,6 +44,9 @@ class SpeechMMLUEvalConfig(SpokenEvalConfig):
     # also each method with the question left out ("Question:" then "Answer:"): the options' own likelihood, the
     # floor a spoken question is measured from (the LLM alone, cheap)
     no_question: bool = True
+    # also each connector with another question's speech (speech_other_<k>shot; not by default): the control for
+    # what the question's content adds (speechlm.eval.speech_mmlu.other_questions)
+    other_question: bool = False
     name: str = "speech_mmlu"  # report file stem and summary key
 
 
@@ -132,14 +135,35 @@ def engine_split(task: str, cond: str, connector: str, bnd: str, method: str, re
 
 
 def _shots_key(row: ResultRow, cascade: bool) -> str:
-    shots = row.condition.split("_", 1)[-1]  # "0shot"
-    return f"cascade_acc_{shots}" if cascade else f"speech_acc_{shots}"
+    cond, shots = row.condition.rsplit("_", 1)  # "speech" / "speech_other", "0shot"
+    return f"cascade_acc_{shots}" if cascade else f"{cond}_acc_{shots}"
 
 
 def mmlu_engine_summary(by_engine: dict[str, list[ResultRow]], method: str, text_cond: str,
                         connector: str | None) -> dict:
     """``{engine: {n, text_acc, speech_acc_<k>shot, cascade_acc_<k>shot}}`` for the headline method."""
     return engine_summary(by_engine, text_cond, connector, key=_shots_key, keep=lambda r: r.scoring == method)
+
+
+def mmlu_speech_summary(alls: dict[str, ResultRow], rows: list[ResultRow], floor: ResultRow | None, method: str,
+                        k: int) -> dict:
+    """The summary figures of the first connector's ``k``-shot rows (``alls``: condition -> all-subjects row):
+    accuracy and paired gains over the cascade and the floor; with the control, its own and the right question's
+    gain over it."""
+    speech, other = alls["speech"], alls.get("speech_other")
+    out = headline_entry(speech, f"speech_{k}shot", acc_key=f"speech_acc_{k}shot")
+    casc = [x for x in rows if (x.task, x.condition, x.connector, x.scoring)
+            == (f"{TASK}/all", f"speech_{k}shot", CASCADE, method)]
+    if casc:  # the connector against the Whisper cascade on the same questions
+        out[f"speech_{k}shot_vs_cascade"] = compare(speech.items, casc[0].items).to_json()
+    if floor is not None:  # what the spoken question adds over no question
+        out[f"speech_{k}shot_vs_noquestion"] = compare(speech.items, floor.items).to_json()
+    if other is not None:  # the control, and what the right question adds over another
+        out |= headline_entry(other, f"speech_other_{k}shot", acc_key=f"speech_other_acc_{k}shot")
+        out[f"speech_{k}shot_vs_speech_other"] = compare(speech.items, other.items).to_json()
+        if floor is not None:
+            out[f"speech_other_{k}shot_vs_noquestion"] = compare(other.items, floor.items).to_json()
+    return out
 
 
 def run(cfg: SpeechMMLUEvalConfig) -> dict:
@@ -187,26 +211,26 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
     if spoken:
         if cfg.cascade:
             rows += cascade_rows(cfg, llm, tok, spoken, dev, text_res, engines, by_engine)
+        # the spoken questions and, with other_question, the control: the same items, another question's speech
+        sets = {"speech": spoken} | ({"speech_other": mm.other_questions(spoken)} if cfg.other_question else {})
         for folder in cfg.connectors:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
+            front.memo = {}  # each question and option embedded once for all methods, shots and the control
+            label = connector_label(folder, cfg.connectors)
             for method in cfg.methods:
                 for k in cfg.shots:
-                    res = mm.eval_speech(model, front, spoken, dev, method, k, cfg.batch_size)
-                    r, total = per_subject_rows(TASK, f"speech_{k}shot", connector_label(folder, cfg.connectors), front.label,
-                                                method, res, text_res[(method, k)])
-                    rows += r
-                    engine_split(TASK, f"speech_{k}shot", connector_label(folder, cfg.connectors), front.label, method, res,
-                                 text_res[(method, k)], engines, by_engine)
-                    log.info("%s %s %d-shot: %d/%d", connector_label(folder, cfg.connectors), method, k, total.correct, total.total)
+                    alls: dict[str, ResultRow] = {}  # condition -> its all-subjects row
+                    for cond, items in sets.items():
+                        res = mm.eval_speech(model, front, items, dev, method, k, cfg.batch_size)
+                        r, total = per_subject_rows(TASK, f"{cond}_{k}shot", label, front.label, method, res,
+                                                    text_res[(method, k)])
+                        rows += r
+                        alls[cond] = r[0]
+                        engine_split(TASK, f"{cond}_{k}shot", label, front.label, method, res, text_res[(method, k)],
+                                     engines, by_engine)
+                        log.info("%s %s %s %d-shot: %d/%d", label, cond, method, k, total.correct, total.total)
                     if method == cfg.headline_method and folder == cfg.connectors[0]:
-                        summary |= headline_entry(r[0], f"speech_{k}shot", acc_key=f"speech_acc_{k}shot")
-                        casc = [x for x in rows if (x.task, x.condition, x.connector, x.scoring)
-                                == (f"{TASK}/all", f"speech_{k}shot", CASCADE, method)]
-                        if casc:  # the connector against the Whisper cascade on the same questions
-                            summary[f"speech_{k}shot_vs_cascade"] = compare(r[0].items, casc[0].items).to_json()
-                        if (method, k) in floors:  # what the spoken question adds over no question
-                            summary[f"speech_{k}shot_vs_noquestion"] = compare(r[0].items,
-                                                                               floors[(method, k)].items).to_json()
+                        summary |= mmlu_speech_summary(alls, rows, floors.get((method, k)), method, k)
 
     meta = {"data": data, "voices": ",".join(voices), "boundaries": cfg.boundaries, "llm": cfg.llm or "smollm2-135m",
             "split": cfg.split, "headline_method": cfg.headline_method}

@@ -95,6 +95,9 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
     base = sc.read_story_items(data)
     base = base[:cfg.limit] if cfg.limit else base  # random wrong endings are drawn inside this subset
     spoken_cache: list[sc.SpokenStory] = []  # audio of the first style, reused by the others
+    # per connector, its vectors of every clip: the styles share their audio and the control reuses the contexts,
+    # so each clip goes through the encoder, aligner and connector once (a few tens of MB for the whole set)
+    memos: dict[str, dict] = {}
     transcripts: dict[int, str] = {}  # the cascade's Whisper output per waveform, reused likewise
     for style in cfg.wrong_styles:
         items = base if style == "adversarial" else sc.random_wrong_endings(base, seed=0)
@@ -121,6 +124,7 @@ def run(cfg: StoryClozeEvalConfig) -> dict:
             rows += cascade_rows(cfg, llm, tok, task, stories, text, transcripts, by_engine)
         for folder in cfg.connectors:
             model, front = load_front_end(folder, llm, tok, cfg.aligner, cfg.boundaries, cfg.encoder, cfg.device)
+            front.memo = memos.setdefault(folder, {})
             conds = [c for c in cfg.conditions if c in ("s2t", "s") and (c != "s" or front.uses_boundaries)]
             res = sc.score_speech_conditions(model, front, stories, conds, cfg.batch_size) if conds else {}
             if "s2t_other" in cfg.conditions:

@@ -158,9 +158,27 @@ def shares_from_reports(p: Point, eval_dir: Path, floors: Path) -> None:
         _share(p, name, pair.diff, list(pair.diff_ci95), acc(written) - acc(alone))
 
 
-def load_points(runs: list[str | Path], floors: str | Path | None = None) -> list[Point]:
+def recorded_points(path: str | Path) -> list[Point]:
+    """The points of an earlier curve's report (:func:`report`, the JSON ``tools/scaling_curve.py --out`` writes):
+    amounts measured before, whose run folders are gone, join a curve as they were measured. A file that is not
+    such a report is named."""
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["points"]
+        return [Point(run=str(r["run"]), hours=float(r["hours"]),
+                      values={k: float(v) for k, v in r.get("values", {}).items() if k in FIGURES},
+                      ci95={k: (float(v[0]), float(v[1])) for k, v in r.get("ci95", {}).items() if k in FIGURES})
+                for r in rows]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise SpeechLMError(f"{path}: not a scaling report with points ({type(e).__name__}: {e})") from e
+
+
+def load_points(runs: list[str | Path], floors: str | Path | None = None,
+                recorded: str | Path | None = None) -> list[Point]:
     """One point per run folder (its summary.json), sorted by hours; a missing or unreadable summary is named.
-    ``floors``: a text-only evaluation's folder for the share figures of runs whose summaries lack the floors."""
+    ``floors``: a text-only evaluation's folder for the share figures of runs whose summaries lack the floors.
+    ``recorded``: an earlier report (:func:`recorded_points`) whose points join these; a run given in ``runs``
+    replaces the recorded point of the same name (it was measured again)."""
     points = []
     for run in runs:
         path = Path(run) / "summary.json"
@@ -176,6 +194,9 @@ def load_points(runs: list[str | Path], floors: str | Path | None = None) -> lis
         if floors:
             shares_from_reports(point, Path(run) / "eval", Path(floors))
         points.append(point)
+    if recorded:
+        given = {str(Path(p.run)) for p in points}
+        points += [p for p in recorded_points(recorded) if str(Path(p.run)) not in given]
     return sorted(points, key=lambda p: p.hours)
 
 

@@ -145,6 +145,9 @@ class SpeechFrontEnd:
         self.mode = mode
         self.uses_boundaries = model.connector.cfg.name == "ssr"
         self.failures: list[str] = []  # utterances that got no boundaries (see _align)
+        # None, or a dict: then every input is embedded once, its segment kept for the next call that passes the
+        # same SpeechInput object (an evaluation that scores the same audio under several conditions sets it)
+        self.memo: dict[int, tuple[SpeechInput, Any]] | None = None
         if self.uses_boundaries and aligner is None:
             raise ValueError("the SSR connector needs an aligner for test-time boundaries")
 
@@ -180,9 +183,18 @@ class SpeechFrontEnd:
             out.append(r)
         return out
 
-    @torch.no_grad()
     def embed(self, inputs: Sequence[SpeechInput]) -> list[Any]:
-        """One SpeechSegment per input (ids = the aligned transcript tokens for SSR, else None)."""
+        """One SpeechSegment per input (ids = the aligned transcript tokens for SSR, else None); with ``memo``
+        set, only the inputs it has not seen go through the encoder, aligner and connector."""
+        if self.memo is None:
+            return self._embed(inputs)
+        todo = list({id(x): x for x in inputs if id(x) not in self.memo}.values())
+        if todo:  # the input is kept with its segment, so its id() cannot be reused while the memo holds it
+            self.memo.update((id(x), (x, seg)) for x, seg in zip(todo, self._embed(todo)))
+        return [self.memo[id(x)][1] for x in inputs]
+
+    @torch.no_grad()
+    def _embed(self, inputs: Sequence[SpeechInput]) -> list[Any]:
         from speechlm.models.speechlm import SpeechSegment
 
         enc = self.model.encoder([x.wave for x in inputs])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,32 @@ def read_speech_mmlu(split_dir: str | Path, sample_rate: int = 16000, subjects: 
 
 
 # ------------------------------------------------------------------------------------- speech eval
+def other_questions(spoken: dict[str, list[SpokenMCItem]]) -> dict[str, list[SpokenMCItem]]:
+    """Each item with the spoken question of the item half the set away, its own options and answer kept.
+
+    The ``speech_other`` control of Speech-MMLU: speech of the same kind (voices, lengths, the connector's own
+    vectors) that asks something else. ``speech`` minus ``speech_other`` on the same items is what the *right*
+    question's speech adds; a gain over no question that survives another question is not the question's content.
+    The set is taken in order over all subjects and every item gets the question ``n // 2`` further on (mostly
+    another subject's, deterministic), or the next one after it whose text differs from its own."""
+    flat = [it for items in spoken.values() for it in items]
+    n = len(flat)
+    if n < 2:
+        raise ValueError(f"another question's speech needs at least two questions, got {n}")
+    out: dict[str, list[SpokenMCItem]] = {}
+    k = 0
+    for subject, items in spoken.items():
+        out[subject] = []
+        for it in items:
+            partners = (flat[j % n] for j in range(k + n // 2, k + n // 2 + n) if j % n != k)
+            other = next((o for o in partners if o.item.question.strip() != it.item.question.strip()), None)
+            if other is None:
+                raise ValueError(f"question {subject}/{it.item.id}: every other question is the same text")
+            out[subject].append(replace(it, question=other.question))
+            k += 1
+    return out
+
+
 def eval_speech(model: Any, front: SpeechFrontEnd, test: dict[str, list[SpokenMCItem]],
                 dev: dict[str, list[MCItem]] | None, method: str, shots: int = 0, batch_size: int = 4
                 ) -> dict[str, list[bool]]:
