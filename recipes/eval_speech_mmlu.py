@@ -26,7 +26,10 @@ per TTS engine of the item's voice (:func:`speechlm.data.tts.engine_of`), over a
 ``other_question=true`` adds the control for what the question's content adds: each connector again with every
 item's options after another item's spoken question (``speech_other_<k>shot`` rows; in the summary
 ``speech_other_acc_<k>shot``, its gain over no question and ``speech_<k>shot_vs_speech_other``, paired on the same
-items). Every question and option is embedded once per connector, whatever the methods, shots and control.
+items), and its written twin, the LLM alone with each item's options after another item's question text
+(``text_other_<k>shot``; ``text_other_acc`` and ``text_other_vs_noquestion``): how much any question, not this one,
+lifts the options. Every question and option is embedded once per connector, whatever the methods, shots and
+control.
 
 The run: speechlm/eval/run_speech_mmlu.py (config fields shared by all three: speechlm/eval/config.py).
 """

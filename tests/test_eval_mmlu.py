@@ -124,11 +124,16 @@ def test_another_questions_speech_is_the_control_for_what_the_question_adds():
     assert [o.item for o in got] == [s.item for s in flat]
     assert all(o.options is s.options for o, s in zip(got, flat))
     assert [o.question for o in got] == [flat[2].question, flat[3].question, flat[0].question, flat[1].question]
+    # the written twin: the same partners, the question text swapped, the rest of the item kept
+    texts = mm.other_question_texts({s: [x.item for x in v] for s, v in spoken.items()})
+    assert [t.question for v in texts.values() for t in v] == [o.question.text for o in got]
+    assert [(t.id, t.options, t.answer) for v in texts.values() for t in v] == [
+        (s.item.id, s.item.options, s.item.answer) for s in flat]
     # a partner asking the same question (word for word) is passed over for the next one
     same = {"maths": [spoken_item("maths", 0, "what is two ?"), spoken_item("maths", 1, "what is four ?"),
                       spoken_item("maths", 2, "what is two ?")]}
     assert [o.question.id for o in mm.other_questions(same)["maths"]] == ["maths1-q", "maths2-q", "maths1-q"]
     with pytest.raises(ValueError, match="at least two questions"):
         mm.other_questions({"maths": same["maths"][:1]})
-    with pytest.raises(ValueError, match="question maths/maths0: every other question is the same text"):
+    with pytest.raises(ValueError, match=r"question 0 \('what is two \?'\): every other question is the same text"):
         mm.other_questions({"maths": [same["maths"][0], same["maths"][2]]})

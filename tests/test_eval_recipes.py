@@ -409,6 +409,10 @@ def test_speech_mmlu_control_with_another_questions_speech_is_reported_and_paire
         assert s[f"speech_{k}shot_vs_speech_other"]["n"] == 3 and s[f"speech_{k}shot_vs_speech_other"]["diff"] == 0.0
         assert s[f"speech_other_{k}shot_vs_noquestion"]["n"] == 3
     assert s["by_engine"]["festival"]["speech_other_acc_0shot"] == 0.5
+    # the written twin: the LLM alone after another question's text (the unigram LLM: the same answers again)
+    assert s["text_other_acc"] == s["text_acc"] and s["text_other_vs_noquestion"]["n"] == 3
+    assert {(r["condition"], r["scoring"]) for r in out["rows"] if r["condition"].startswith("text_other")} == {
+        (f"text_other_{k}shot", m) for k in (0, 1) for m in ("cloze", "letter")}
     conds = {(r["condition"], r["scoring"]) for r in out["rows"] if r["connector"] == "x/conn"}
     assert conds == {(f"{c}_{k}shot", m) for c in ("speech", "speech_other") for k in (0, 1) for m in ("cloze", "letter")}
     (front,) = fronts

@@ -45,7 +45,8 @@ class SpeechMMLUEvalConfig(SpokenEvalConfig):
     # floor a spoken question is measured from (the LLM alone, cheap)
     no_question: bool = True
     # also each connector with another question's speech (speech_other_<k>shot; not by default): the control for
-    # what the question's content adds (speechlm.eval.speech_mmlu.other_questions)
+    # what the question's content adds (speechlm.eval.speech_mmlu.other_questions); and its written twin, the LLM
+    # alone with another question's text (text_other_<k>shot): what any question, not this one, adds
     other_question: bool = False
     name: str = "speech_mmlu"  # report file stem and summary key
 
@@ -188,6 +189,7 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
     text_res: dict[tuple[str, int], dict[str, list[bool]]] = {}
     floors: dict[tuple[str, int], ResultRow] = {}  # (method, shots) -> the all-subjects row without the question
     blank = {subject: [replace(it, question="") for it in items] for subject, items in test.items()}
+    others_text = mm.other_question_texts(test) if cfg.other_question else {}
     for method in cfg.methods:
         for k in cfg.shots:
             res = mm.eval_text(llm, tok, test, dev, method, k, cfg.batch_size)
@@ -207,6 +209,17 @@ def run(cfg: SpeechMMLUEvalConfig) -> dict:
                 log.info("no question %s %d-shot: %d/%d", method, k, floor_total.correct, floor_total.total)
                 if method == cfg.headline_method and k == cfg.shots[0]:
                     summary |= headline_entry(floor[0], "noquestion")
+            if cfg.other_question:  # the LLM alone, each item's options after another item's question text
+                other, other_total = per_subject_rows(TASK, f"text_other_{k}shot", LLM_ALONE, "none", method,
+                                                      mm.eval_text(llm, tok, others_text, dev, method, k,
+                                                                   cfg.batch_size), res)
+                rows += other
+                log.info("another question's text %s %d-shot: %d/%d", method, k, other_total.correct,
+                         other_total.total)
+                if method == cfg.headline_method and k == cfg.shots[0]:
+                    summary |= headline_entry(other[0], "text_other")
+                    if (method, k) in floors:
+                        summary["text_other_vs_noquestion"] = compare(other[0].items, floors[(method, k)].items).to_json()
 
     if spoken:
         if cfg.cascade:

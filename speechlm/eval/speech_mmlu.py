@@ -281,30 +281,44 @@ def read_speech_mmlu(split_dir: str | Path, sample_rate: int = 16000, subjects: 
 
 
 # ------------------------------------------------------------------------------------- speech eval
+def other_question_partners(questions: Sequence[str]) -> list[int]:
+    """For each question (the set in order, over all subjects), the index of the one whose question replaces it in
+    the control: ``n // 2`` further on (mostly another subject's, deterministic), or the next one after it whose
+    text differs (word for word, ignoring outer spaces)."""
+    n = len(questions)
+    if n < 2:
+        raise ValueError(f"another question needs at least two questions, got {n}")
+    out = []
+    for k, q in enumerate(questions):
+        j = next((j % n for j in range(k + n // 2, k + n // 2 + n)
+                  if j % n != k and questions[j % n].strip() != q.strip()), None)
+        if j is None:
+            raise ValueError(f"question {k} ({q!r}): every other question is the same text")
+        out.append(j)
+    return out
+
+
 def other_questions(spoken: dict[str, list[SpokenMCItem]]) -> dict[str, list[SpokenMCItem]]:
-    """Each item with the spoken question of the item half the set away, its own options and answer kept.
+    """Each item with another item's spoken question (:func:`other_question_partners`), its own options and
+    answer kept.
 
     The ``speech_other`` control of Speech-MMLU: speech of the same kind (voices, lengths, the connector's own
     vectors) that asks something else. ``speech`` minus ``speech_other`` on the same items is what the *right*
     question's speech adds; a gain over no question that survives another question is not the question's content.
-    The set is taken in order over all subjects and every item gets the question ``n // 2`` further on (mostly
-    another subject's, deterministic), or the next one after it whose text differs from its own."""
+    """
     flat = [it for items in spoken.values() for it in items]
-    n = len(flat)
-    if n < 2:
-        raise ValueError(f"another question's speech needs at least two questions, got {n}")
-    out: dict[str, list[SpokenMCItem]] = {}
-    k = 0
-    for subject, items in spoken.items():
-        out[subject] = []
-        for it in items:
-            partners = (flat[j % n] for j in range(k + n // 2, k + n // 2 + n) if j % n != k)
-            other = next((o for o in partners if o.item.question.strip() != it.item.question.strip()), None)
-            if other is None:
-                raise ValueError(f"question {subject}/{it.item.id}: every other question is the same text")
-            out[subject].append(replace(it, question=other.question))
-            k += 1
-    return out
+    partners = iter(other_question_partners([it.item.question for it in flat]))
+    return {subject: [replace(it, question=flat[next(partners)].question) for it in items]
+            for subject, items in spoken.items()}
+
+
+def other_question_texts(test: dict[str, list[MCItem]]) -> dict[str, list[MCItem]]:
+    """The written twin of :func:`other_questions` (the same partners): each item's options after another item's
+    question text, for the LLM alone. It says how much any question, not this one, lifts the options."""
+    flat = [it for items in test.values() for it in items]
+    partners = iter(other_question_partners([it.question for it in flat]))
+    return {subject: [replace(it, question=flat[next(partners)].question) for it in items]
+            for subject, items in test.items()}
 
 
 def eval_speech(model: Any, front: SpeechFrontEnd, test: dict[str, list[SpokenMCItem]],
