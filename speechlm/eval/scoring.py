@@ -13,7 +13,7 @@ mode; ``forced``: the reference transcript is aligned, a labelled upper bound) -
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 
 SCORINGS = ("summed", "length_norm")
 BOUNDARY_MODES = ("free", "forced")
+
+
+def rotation_partner(n: int, k: int, acceptable: Callable[[int], bool]) -> int | None:
+    """The control conditions' pairing of item ``k`` of ``n``: the item half the set further on (deterministic,
+    and away from neighbours in the set's order, which may share a topic), or the next one after it that
+    ``acceptable(j)`` accepts; ``None`` when no other item is acceptable."""
+    return next((j % n for j in range(k + n // 2, k + n // 2 + n) if j % n != k and acceptable(j % n)), None)
 
 
 # ------------------------------------------------------------------------------------------ text

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -31,6 +31,7 @@ from speechlm.eval.scoring import (
     SpeechInput,
     aggregate,
     next_token_logprobs,
+    rotation_partner,
     score_text,
     start_ids,
     text_ids,
@@ -283,19 +284,26 @@ def read_speech_mmlu(split_dir: str | Path, sample_rate: int = 16000, subjects: 
 # ------------------------------------------------------------------------------------- speech eval
 def other_question_partners(questions: Sequence[str]) -> list[int]:
     """For each question (the set in order, over all subjects), the index of the one whose question replaces it in
-    the control: ``n // 2`` further on (mostly another subject's, deterministic), or the next one after it whose
-    text differs (word for word, ignoring outer spaces)."""
+    the control (:func:`~speechlm.eval.scoring.rotation_partner`: half the set further on, mostly another subject's)
+    or the next one after it whose text differs (word for word, ignoring outer spaces)."""
     n = len(questions)
     if n < 2:
         raise ValueError(f"another question needs at least two questions, got {n}")
     out = []
     for k, q in enumerate(questions):
-        j = next((j % n for j in range(k + n // 2, k + n // 2 + n)
-                  if j % n != k and questions[j % n].strip() != q.strip()), None)
+        j = rotation_partner(n, k, lambda j, q=q: questions[j].strip() != q.strip())
         if j is None:
             raise ValueError(f"question {k} ({q!r}): every other question is the same text")
         out.append(j)
     return out
+
+
+def _swap_questions(sets: dict[str, list[Any]], text_of: Callable[[Any], str]) -> dict[str, list[Any]]:
+    """Each item (``question`` replaced) with its partner's question, the partners from ``text_of`` each item."""
+    flat = [it for items in sets.values() for it in items]
+    partners = iter(other_question_partners([text_of(it) for it in flat]))
+    return {subject: [replace(it, question=flat[next(partners)].question) for it in items]
+            for subject, items in sets.items()}
 
 
 def other_questions(spoken: dict[str, list[SpokenMCItem]]) -> dict[str, list[SpokenMCItem]]:
@@ -306,19 +314,13 @@ def other_questions(spoken: dict[str, list[SpokenMCItem]]) -> dict[str, list[Spo
     vectors) that asks something else. ``speech`` minus ``speech_other`` on the same items is what the *right*
     question's speech adds; a gain over no question that survives another question is not the question's content.
     """
-    flat = [it for items in spoken.values() for it in items]
-    partners = iter(other_question_partners([it.item.question for it in flat]))
-    return {subject: [replace(it, question=flat[next(partners)].question) for it in items]
-            for subject, items in spoken.items()}
+    return _swap_questions(spoken, lambda it: it.item.question)
 
 
 def other_question_texts(test: dict[str, list[MCItem]]) -> dict[str, list[MCItem]]:
     """The written twin of :func:`other_questions` (the same partners): each item's options after another item's
     question text, for the LLM alone. It says how much any question, not this one, lifts the options."""
-    flat = [it for items in test.values() for it in items]
-    partners = iter(other_question_partners([it.question for it in flat]))
-    return {subject: [replace(it, question=flat[next(partners)].question) for it in items]
-            for subject, items in test.items()}
+    return _swap_questions(test, lambda it: it.question)
 
 
 def eval_speech(model: Any, front: SpeechFrontEnd, test: dict[str, list[SpokenMCItem]],

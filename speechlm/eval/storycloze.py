@@ -36,6 +36,7 @@ from speechlm.eval.scoring import (
     SpeechFrontEnd,
     SpeechInput,
     aggregate,
+    rotation_partner,
     score_text,
     start_ids,
     text_ids,
@@ -356,11 +357,10 @@ def other_story_contexts(stories: Sequence[SpokenStory]) -> list[SpokenStory]:
         raise ValueError(f"another story's context needs at least two stories, got {n}")
     out = []
     for k, s in enumerate(stories):
-        partners = (stories[j % n] for j in range(k + n // 2, k + n // 2 + n) if j % n != k)
-        other = next((o for o in partners if o.item.right_ending != s.item.wrong_ending), None)
-        if other is None:
+        j = rotation_partner(n, k, lambda j, s=s: stories[j].item.right_ending != s.item.wrong_ending)
+        if j is None:
             raise ValueError(f"story {s.item.id}: every other story's right ending is its wrong ending")
-        out.append(SpokenStory(s.item, other.context, s.right, s.wrong, s.voice))
+        out.append(SpokenStory(s.item, stories[j].context, s.right, s.wrong, s.voice))
     return out
 
 
